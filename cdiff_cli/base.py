@@ -1,0 +1,105 @@
+"""Loading a base model: a hub id, a local diffusers folder, or a single-file checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cdiff_cli.errors import CdiffError
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_base() -> str:
+    return os.environ.get("CDIFF_BASE") or DEFAULT_BASE
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """A base as the user named it, resolved: `ref` is an absolute path for local bases."""
+
+    ref: str
+    kind: str  # "hub", "folder" or "single_file"
+
+
+def resolve_base(spec: str | None) -> BaseSpec:
+    spec = spec or default_base()
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise CdiffError(f"{p} is not a diffusers model folder (no model_index.json)")
+        return BaseSpec(str(p.resolve()), "folder")
+    if p.is_file():
+        if p.suffix not in SINGLE_FILE_EXTS:
+            raise CdiffError(f"{p}: a single-file base must be .safetensors or .ckpt")
+        return BaseSpec(str(p.resolve()), "single_file")
+    if p.suffix in SINGLE_FILE_EXTS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise CdiffError(f"base not found: {spec}")
+    return BaseSpec(spec, "hub")
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own loading bars and advice: cdiff reports progress itself."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    if not os.environ.get("CDIFF_DEBUG"):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CdiffError(f"unknown device {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CdiffError("--device cuda was asked for but no CUDA GPU is available")
+    return dev
+
+
+def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Load a StableDiffusionPipeline (SD 1.x / 2.x) with the safety checker off, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
+    quiet_libraries()
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    try:
+        if base.kind == "single_file":
+            # from_single_file needs the matching diffusers config; CDIFF_BASE_CONFIG may point at a local one.
+            extra = {"config": os.environ["CDIFF_BASE_CONFIG"]} if os.environ.get("CDIFF_BASE_CONFIG") else {}
+            pipe = StableDiffusionPipeline.from_single_file(base.ref, **common, **extra)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(base.ref, **common)
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = ""
+        if base.kind == "hub" and (os.environ.get("HF_HUB_OFFLINE") or "offline" in first.lower() or "connect" in first.lower()):
+            hint = " (the hub is unreachable: pass --base with a local folder or file)"
+        raise CdiffError(f"cannot load base model {base.ref}: {first}{hint}") from e
+    pipe.set_progress_bar_config(disable=True)
+    if not any(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()):
+        raise CdiffError(f"base model {base.ref} has no cross-attention layers")
+    return pipe.to(device)
+
+
+def default_resolution(pipe) -> int:
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

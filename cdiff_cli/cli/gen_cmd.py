@@ -1,0 +1,59 @@
+"""cdiff gen: sample images; concept tokens in the prompt are resolved from the registry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cdiff_cli.cli._app import command
+from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
+from cdiff_cli.cli._term import term
+from cdiff_cli.generate import SCHEDULERS, sample, save_pngs, set_scheduler
+from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
+
+
+@command("gen")
+def gen_cmd(
+    prompt: Annotated[str, typer.Argument(help='Prompt, e.g. "<mycat> cat on <mychair> chair".')],
+    n: Annotated[int, typer.Option("-n", "--num", help="Number of images.")] = 1,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the base's native size).", show_default=False)] = None,
+    negative: Annotated[Optional[str], typer.Option(help="Negative prompt.", show_default=False)] = None,
+    scheduler: Annotated[str, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)}.")] = "dpm",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cdiff-out"),
+    concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    base: Base = None,
+    precision: Annotated[Precision, typer.Option(help="Weights precision on a GPU.")] = Precision.fp16,
+    device: Device = "auto",
+    as_json: Json = False,
+):
+    """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
+    from cdiff_cli.errors import CdiffError
+
+    if n < 1 or steps < 1:
+        raise CdiffError("-n and --steps must be at least 1")
+    reg = registry()
+    entries = resolve_prompt(reg, prompt, concept)
+    t0 = time.perf_counter()
+    spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value, progress=term.progress())
+    set_scheduler(pipe, scheduler)
+    params = {"steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,
+              "negative": negative, "scheduler": scheduler, "base": spec.ref,
+              "concepts": [e.name for e in entries], "tokens": [t for e in entries for t in e.tokens]}
+    with term.progress().task("generating", n) as bar:
+        images = sample(pipe, prompt, n=n, steps=steps, guidance=guidance, seed=seed, height=height, width=width,
+                        negative=negative, batch_size=batch_size, on_image=bar.advance)
+    paths = save_pngs(images, out, prompt, params)
+    if as_json:
+        term.json({"prompt": prompt, "concepts": params["concepts"], "images": [str(p) for p in paths],
+                   "seconds": round(time.perf_counter() - t0, 2)})
+    else:
+        for p in paths:
+            term.data(str(p))

@@ -1,0 +1,105 @@
+"""Registry verbs: list, show, rm, path."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cdiff_cli.cli._app import command
+from cdiff_cli.cli._options import Json, registry
+from cdiff_cli.cli._term import term
+from cdiff_cli.registry import Entry
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def summary(e: Entry) -> dict:
+    m = e.manifest
+    return {
+        "name": e.name,
+        "id": e.id,
+        "kind": e.kind,
+        "tokens": e.tokens,
+        "classes": e.classes,
+        "base": e.base.get("ref"),
+        "base_fingerprint": e.base.get("fingerprint"),
+        "mode": m.get("mode"),
+        "size_bytes": m.get("size_bytes"),
+        "created": m.get("created"),
+        "parents": [p["name"] for p in m.get("parents", [])],
+        "metrics": m.get("metrics"),
+    }
+
+
+@command("list")
+def list_cmd(as_json: Json = False):
+    """List the concepts in the registry."""
+    entries = registry().entries()
+    if as_json:
+        term.json([summary(e) for e in entries])
+        return
+    if not entries:
+        term.info("no concepts yet: train one with `cdiff train NAME IMAGES_DIR --class WORD`")
+        return
+    rows = [
+        [e.name, e.id, str(e.base.get("ref", "")), " ".join(e.tokens), human_size(e.manifest.get("size_bytes", 0)),
+         str(e.manifest.get("created", ""))[:19].replace("T", " ")]
+        for e in entries
+    ]
+    term.table(["NAME", "ID", "BASE", "TOKENS", "SIZE", "CREATED"], rows)
+
+
+@command("show")
+def show_cmd(name: Annotated[str, typer.Argument(help="Concept name.")], as_json: Json = False):
+    """Show one concept's manifest: tokens, classes, base, training arguments, parents."""
+    e = registry().get(name)
+    if as_json:
+        term.json(e.manifest)
+        return
+    m = e.manifest
+    lines = [
+        ("name", e.name), ("id", e.id), ("kind", e.kind), ("tokens", " ".join(e.tokens)),
+        ("classes", " ".join(e.classes)), ("mode", m.get("mode", "")),
+        ("base", f"{e.base.get('ref')} (fingerprint {e.base.get('fingerprint')})"),
+        ("size", human_size(m.get("size_bytes", 0))), ("created", m.get("created", "")),
+        ("path", str(e.path)),
+    ]
+    if m.get("parents"):
+        lines.append(("parents", ", ".join(p["name"] for p in m["parents"])))
+    if m.get("train"):
+        t = m["train"]
+        lines.append(("training", f"{t.get('steps')} steps, batch {t.get('batch_size')}, lr {t.get('effective_lr')}, "
+                                  f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}"))
+    if m.get("source"):
+        lines.append(("imported from", f"{m['source']['path']} ({m['source']['format']})"))
+    term.table(["FIELD", "VALUE"], [[k, str(v)] for k, v in lines])
+
+
+@command("rm")
+def rm_cmd(
+    names: Annotated[list[str], typer.Argument(help="Concept name(s).")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+):
+    """Remove concepts from the registry."""
+    reg = registry()
+    entries = [reg.get(n) for n in names]  # all must exist before anything is removed
+    if not yes:
+        if not typer.confirm(f"Remove {', '.join(e.name for e in entries)}?", err=True):
+            raise typer.Exit(1)
+    for e in entries:
+        reg.remove(e.name)
+        term.ok(f"removed {e.name}")
+
+
+@command("path")
+def path_cmd(name: Annotated[str, typer.Argument(help="Concept name; omit for the registry home.")] = ""):
+    """Print the registry home, or one concept's folder."""
+    reg = registry()
+    term.data(str(reg.get(name).path if name else reg.home))

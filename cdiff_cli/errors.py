@@ -1,0 +1,13 @@
+"""The one exception type the CLI turns into a single clear line on stderr."""
+
+
+class CdiffError(Exception):
+    """A problem the user can fix (bad input, missing file, mismatched base...)."""
+
+    exit_code = 1
+
+
+class NotFoundError(CdiffError):
+    """A named registry entry, token or file does not exist."""
+
+    exit_code = 2

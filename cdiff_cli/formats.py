@@ -1,0 +1,499 @@
+"""Import and export of concept deltas in the layouts of other Custom Diffusion tools.
+
+Formats (names as `detect_format` returns them):
+
+- "cdiff": cdiff's own `delta.safetensors` (see `cdiff_cli.delta`).
+- "diffusers": the output folder of diffusers' `train_custom_diffusion.py` (and of
+  `export_diffusers`): `pytorch_custom_diffusion_weights.safetensors` (or `.bin`) holding the
+  Custom Diffusion attention-processor weights, plus one `<token>.safetensors` / `<token>.bin` per
+  token holding `{token: embedding}`.
+- "reference": the `delta.bin` of adobe-research/custom-diffusion's diffusers scripts,
+  `{"unet": {diffusers param name: tensor}, "modifier_token": {token: embedding}}`.
+- "reference-ckpt": the CompVis `delta_epoch=*.ckpt` of the same repository,
+  `{"state_dict": {LDM param name: tensor, "embed": [n_new, dim]}}`.
+
+All of them store full fine-tuned weights (not differences), so importing is a renaming job.
+Pickled files are only ever opened with `torch.load(..., weights_only=True)`: a delta downloaded
+from somewhere must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cdiff_cli.delta import FORMAT as CDIFF_FORMAT
+from cdiff_cli.delta import Delta
+from cdiff_cli.errors import CdiffError
+
+FORMATS = ("cdiff", "diffusers", "reference", "reference-ckpt")
+
+CDIFF_FILE = "delta.safetensors"
+WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
+WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME
+EXPORT_MANIFEST = "cdiff_export.json"
+REFERENCE_FILE = "delta.bin"
+LDM_PREFIX = "model.diffusion_model."
+CKPT_EMBED_KEY = "embed"
+
+# Attention parameter (relative to `...attn2.`) -> key inside diffusers' CustomDiffusionAttnProcessor.
+# The processor's state dict is saved under `<attention module>.processor.<key>`.
+_PROCESSOR_KEYS = {
+    "to_k.weight": "to_k_custom_diffusion.weight",
+    "to_v.weight": "to_v_custom_diffusion.weight",
+    "to_q.weight": "to_q_custom_diffusion.weight",
+    "to_out.0.weight": "to_out_custom_diffusion.0.weight",
+    "to_out.0.bias": "to_out_custom_diffusion.0.bias",
+}
+_PARAM_KEYS = {v: k for k, v in _PROCESSOR_KEYS.items()}
+_KV_SUFFIXES = ("to_k.weight", "to_v.weight")
+_QOUT_SUFFIXES = ("to_q.weight", "to_out.0.weight", "to_out.0.bias")
+
+
+# --------------------------------------------------------------------------- name mappings
+
+
+def to_processor_key(name: str) -> str:
+    """`X.attn2.to_k.weight` -> `X.attn2.processor.to_k_custom_diffusion.weight` (diffusers' layout)."""
+    for suffix, key in _PROCESSOR_KEYS.items():
+        if name.endswith("." + suffix):
+            return f"{name[: -len(suffix)]}processor.{key}"
+    raise CdiffError(f"{name} is not a parameter a Custom Diffusion processor can hold")
+
+
+def from_processor_key(key: str) -> str:
+    """Inverse of `to_processor_key`."""
+    module, sep, sub = key.rpartition(".processor.")
+    if not sep or sub not in _PARAM_KEYS:
+        raise CdiffError(f"{key} is not a Custom Diffusion processor weight")
+    return f"{module}.{_PARAM_KEYS[sub]}"
+
+
+# LDM (CompVis) UNet: input_blocks[0] is conv_in, then each level has L (resnet, transformer) blocks
+# and one downsample; output_blocks have L+1 blocks per level. The transformer is sub-module 1.
+_LDM_IN = re.compile(r"input_blocks\.(\d+)\.1\.(transformer_blocks\.\d+\..+)")
+_LDM_MID = re.compile(r"middle_block\.1\.(transformer_blocks\.\d+\..+)")
+_LDM_OUT = re.compile(r"output_blocks\.(\d+)\.1\.(transformer_blocks\.\d+\..+)")
+_DIF_DOWN = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(transformer_blocks\.\d+\..+)")
+_DIF_MID = re.compile(r"mid_block\.attentions\.0\.(transformer_blocks\.\d+\..+)")
+_DIF_UP = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(transformer_blocks\.\d+\..+)")
+
+
+def ldm_to_diffusers(name: str, layers_per_block: int = 2) -> str:
+    """Map an LDM transformer-block parameter name (with or without `model.diffusion_model.`) to diffusers'."""
+    short = name[len(LDM_PREFIX) :] if name.startswith(LDM_PREFIX) else name
+    per_level = layers_per_block + 1
+    if m := _LDM_IN.fullmatch(short):
+        n, rest = int(m.group(1)), m.group(2)
+        if n >= 1:
+            level, j = divmod(n - 1, per_level)
+            if j < layers_per_block:  # j == L is the downsample block, which has no attention
+                return f"down_blocks.{level}.attentions.{j}.{rest}"
+    elif m := _LDM_MID.fullmatch(short):
+        return f"mid_block.attentions.0.{m.group(1)}"
+    elif m := _LDM_OUT.fullmatch(short):
+        level, j = divmod(int(m.group(1)), per_level)
+        return f"up_blocks.{level}.attentions.{j}.{m.group(2)}"
+    raise CdiffError(f"{name} is not a transformer-block parameter of an LDM UNet")
+
+
+def diffusers_to_ldm(name: str, layers_per_block: int = 2) -> str:
+    """Map a diffusers transformer-block parameter name to the LDM name (with `model.diffusion_model.`)."""
+    per_level = layers_per_block + 1
+    if m := _DIF_DOWN.fullmatch(name):
+        level, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if j < layers_per_block:
+            return f"{LDM_PREFIX}input_blocks.{1 + level * per_level + j}.1.{rest}"
+    elif m := _DIF_MID.fullmatch(name):
+        return f"{LDM_PREFIX}middle_block.1.{m.group(1)}"
+    elif m := _DIF_UP.fullmatch(name):
+        level, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        if j < per_level:
+            return f"{LDM_PREFIX}output_blocks.{level * per_level + j}.1.{rest}"
+    raise CdiffError(
+        f"{name} is not a transformer-block parameter of a diffusers UNet with {layers_per_block} layers per block"
+    )
+
+
+def _layers_per_block(unet) -> int:
+    lpb = unet.config.layers_per_block
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise CdiffError("LDM checkpoints cannot be mapped onto a UNet with a different layers_per_block per level")
+        lpb = lpb[0]
+    return int(lpb)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _is_safetensors(path: Path) -> bool:
+    # A safetensors file starts with an 8-byte little-endian header length and a JSON header. Sniff
+    # instead of trusting the suffix: diffusers saves safetensors token files as `<token>.bin`.
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_tensor_file(path: Path) -> dict:
+    """Load a safetensors file or a pickle (weights_only) as a dict."""
+    if _is_safetensors(path):
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises several types for a corrupt file
+            raise CdiffError(f"cannot read {path}: {e}") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden objects, others for corrupt files
+        raise CdiffError(
+            f"{path} is not a plain tensor file ({_pickle_refusal(e)}); cdiff loads pickles only with weights_only=True"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CdiffError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    return obj
+
+
+def _pickle_refusal(e: Exception) -> str:
+    # torch's message is long and suggests weights_only=False; keep only what the file contained.
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
+        return f"it refers to {m.group(1)}, which is not a tensor type"
+    return "it is not a readable torch.save file"
+
+
+def _safetensors_metadata(path: Path) -> tuple[dict, list[str]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, list(f.keys())
+    except Exception as e:
+        raise CdiffError(f"cannot read {path}: {e}") from e
+
+
+def _single_token_error(path: Path) -> CdiffError:
+    return CdiffError(f"{path} is a single token embedding: pass the folder that also holds the Custom Diffusion weights")
+
+
+def _classify(path: Path, obj: dict) -> str:
+    """Which format a loaded dict is in."""
+    if "state_dict" in obj:
+        return "reference-ckpt"
+    if "unet" in obj or "modifier_token" in obj:
+        return "reference"
+    if any(isinstance(k, str) and "custom_diffusion" in k for k in obj):
+        return "diffusers"
+    if len(obj) == 1 and isinstance(next(iter(obj.values())), torch.Tensor):
+        raise _single_token_error(path)
+    raise CdiffError(f"{path}: unknown layout (not a cdiff, diffusers or reference Custom Diffusion delta)")
+
+
+def _sniff_file(path: Path) -> tuple[str, dict | None]:
+    """(format, loaded dict) for a file; the dict is None for cdiff files, which Delta.load reads."""
+    if _is_safetensors(path):
+        meta, keys = _safetensors_metadata(path)
+        if meta.get("format") == CDIFF_FORMAT:
+            return "cdiff", None
+        if any("custom_diffusion" in k for k in keys):
+            return "diffusers", _read_tensor_file(path)
+        if len(keys) == 1:
+            raise _single_token_error(path)
+        raise CdiffError(f"{path}: unknown layout (a safetensors file that is neither a cdiff delta nor Custom Diffusion weights)")
+    obj = _read_tensor_file(path)
+    return _classify(path, obj), obj
+
+
+def _main_file(folder: Path) -> Path:
+    """The file that identifies a folder's format."""
+    for name in (CDIFF_FILE, WEIGHTS_SAFE, WEIGHTS_BIN, REFERENCE_FILE):
+        if (folder / name).is_file():
+            return folder / name
+    ckpts = sorted(folder.glob("delta*.ckpt"))
+    if len(ckpts) == 1:
+        return ckpts[0]
+    if len(ckpts) > 1:
+        names = ", ".join(p.name for p in ckpts)
+        raise CdiffError(f"{folder} holds several checkpoints ({names}): pass one of them")
+    raise CdiffError(
+        f"{folder}: unknown folder layout: expected {CDIFF_FILE} (cdiff), {WEIGHTS_SAFE} or {WEIGHTS_BIN} "
+        f"(diffusers), {REFERENCE_FILE} or delta*.ckpt (reference)"
+    )
+
+
+def _locate(path) -> tuple[str, Path, dict | None]:
+    p = Path(path)
+    if not p.exists():
+        raise CdiffError(f"{p}: no such file or folder")
+    file = _main_file(p) if p.is_dir() else p
+    fmt, obj = _sniff_file(file)
+    return fmt, file, obj
+
+
+def detect_format(path) -> str:
+    """One of FORMATS for a delta file or folder; CdiffError if it is none of them."""
+    return _locate(path)[0]
+
+
+# --------------------------------------------------------------------------- importing
+
+
+def _as_weight(path: Path, name, value) -> torch.Tensor:
+    if isinstance(value, dict) and {"u", "v"} & set(value):
+        raise CdiffError(f"{path}: compressed reference deltas are not supported ({name} is stored as u/v factors)")
+    if not isinstance(value, torch.Tensor):
+        raise CdiffError(f"{path}: entry {name} is a {type(value).__name__}, not a tensor")
+    return value.detach().to(torch.float32)
+
+
+def _as_embedding(path: Path, token, value) -> torch.Tensor:
+    if isinstance(value, (list, tuple)):  # the reference SDXL script stores one vector per text encoder
+        raise CdiffError(f"{path}: token {token} has {len(value)} embeddings (an SDXL delta?); only SD 1.x/2.x is supported")
+    if not isinstance(value, torch.Tensor) or not (value.ndim == 1 or (value.ndim == 2 and value.shape[0] == 1)):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise CdiffError(f"{path}: token {token} does not hold one embedding vector (found {shape})")
+    return value.detach().reshape(-1).to(torch.float32)
+
+
+def _stack(path: Path, vectors: list[torch.Tensor]) -> torch.Tensor:
+    if len({v.shape[0] for v in vectors}) != 1:
+        raise CdiffError(f"{path}: the token embeddings have different widths")
+    return torch.stack(vectors)
+
+
+def _natural_key(p: Path):
+    # <new2> before <new10>
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]
+
+
+def _token_files(folder: Path, weights_file: Path) -> list[Path]:
+    """Token files beside the weights, in the manifest's order if we exported them."""
+    manifest = folder / EXPORT_MANIFEST
+    if manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))["tokens"]
+            return [folder / e["file"] for e in entries]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CdiffError(f"{manifest} is not a valid cdiff export manifest: {e}") from e
+    skip = {weights_file.name, WEIGHTS_SAFE, WEIGHTS_BIN, CDIFF_FILE, REFERENCE_FILE}
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.name not in skip and p.is_file()]
+    return sorted(files, key=_natural_key)
+
+
+def _read_token_file(file: Path) -> tuple[str, torch.Tensor]:
+    if not file.is_file():
+        raise CdiffError(f"{file}: token file is missing")
+    d = _read_tensor_file(file)
+    if len(d) != 1:
+        raise CdiffError(f"{file}: a token file must hold exactly one {{token: embedding}} entry, found {len(d)}")
+    token, value = next(iter(d.items()))
+    return str(token), _as_embedding(file, token, value)
+
+
+def _load_diffusers(file: Path, state: dict) -> Delta:
+    weights = {}
+    for key, value in state.items():
+        if isinstance(value, dict) and not value:
+            continue  # diffusers' .bin keeps an empty entry for every untrained (attn1) processor
+        try:
+            name = from_processor_key(key)
+        except CdiffError as e:
+            raise CdiffError(f"{file}: {e}") from e
+        weights[name] = _as_weight(file, key, value)
+    pairs = [_read_token_file(f) for f in _token_files(file.parent, file)]
+    if not pairs:
+        raise CdiffError(f"{file.parent}: no token embedding found (expected <token>.safetensors or <token>.bin files)")
+    tokens = [t for t, _ in pairs]
+    return _make_delta(file, weights, tokens, _stack(file, [e for _, e in pairs]))
+
+
+def _load_reference(file: Path, obj: dict) -> Delta:
+    if "text_encoder" in obj:
+        raise CdiffError(f"{file} also holds a fine-tuned text encoder, which cdiff deltas cannot carry")
+    unet, mods = obj.get("unet"), obj.get("modifier_token")
+    if not isinstance(unet, dict):
+        raise CdiffError(f"{file}: the reference delta has no 'unet' weights")
+    weights = {str(k): _as_weight(file, k, v) for k, v in unet.items()}
+    if not isinstance(mods, dict) or not mods:
+        raise CdiffError(f"{file}: no token embedding found (the 'modifier_token' entry is missing or empty)")
+    tokens = [str(t) for t in mods]
+    return _make_delta(file, weights, tokens, _stack(file, [_as_embedding(file, t, v) for t, v in mods.items()]))
+
+
+def _load_reference_ckpt(file: Path, obj: dict, layers_per_block: int) -> Delta:
+    sd = obj["state_dict"]
+    if not isinstance(sd, dict):
+        raise CdiffError(f"{file}: 'state_dict' is not a dict of tensors")
+    weights = {}
+    for key, value in sd.items():
+        if key == CKPT_EMBED_KEY:
+            continue
+        try:
+            name = ldm_to_diffusers(str(key), layers_per_block)
+        except CdiffError as e:
+            raise CdiffError(f"{file}: {e}") from e
+        weights[name] = _as_weight(file, key, value)
+    embed = sd.get(CKPT_EMBED_KEY)
+    if not isinstance(embed, torch.Tensor) or embed.numel() == 0:
+        raise CdiffError(f"{file}: no token embedding found (no '{CKPT_EMBED_KEY}' entry: trained without new tokens?)")
+    embed = embed.detach().to(torch.float32)
+    embed = embed.unsqueeze(0) if embed.ndim == 1 else embed
+    tokens = [f"<new{i + 1}>" for i in range(embed.shape[0])]  # the checkpoint does not store token strings
+    return _make_delta(file, weights, tokens, embed)
+
+
+def _make_delta(file: Path, weights: dict, tokens: list[str], embeddings: torch.Tensor) -> Delta:
+    if not any(n.endswith(_KV_SUFFIXES) for n in weights):
+        raise CdiffError(f"{file}: no cross-attention k/v weights found")
+    mode = "crossattn" if any(n.endswith(_QOUT_SUFFIXES) for n in weights) else "kv"
+    return Delta(weights, tokens, embeddings, mode)
+
+
+def _renamed(delta: Delta, token_rename, path) -> Delta:
+    """Apply a dict old->new or a list of new names (in order) to the delta's tokens."""
+    if token_rename is None:
+        return delta
+    if isinstance(token_rename, dict):
+        unknown = [t for t in token_rename if t not in delta.tokens]
+        if unknown:
+            raise CdiffError(f"{path}: cannot rename {unknown[0]!r}: the delta's tokens are {', '.join(delta.tokens)}")
+        new = [token_rename.get(t, t) for t in delta.tokens]
+    else:
+        new = [str(t) for t in token_rename]
+        if len(new) != len(delta.tokens):
+            raise CdiffError(
+                f"{path}: {len(new)} new token name(s) given for {len(delta.tokens)} token(s) ({', '.join(delta.tokens)})"
+            )
+    if len({t.lower() for t in new}) != len(new):
+        raise CdiffError(f"{path}: renaming would give two tokens the same name: {', '.join(new)}")
+    return Delta(delta.weights, new, delta.embeddings, delta.mode, dict(delta.extra))
+
+
+def load_delta_file(path, base_unet=None, token_rename: dict | list | None = None) -> Delta:
+    """Import a delta from any supported format (file or folder; see the module doc).
+
+    `base_unet` gives layers_per_block for LDM checkpoints and, when given, the delta is checked
+    against it. `token_rename` is a dict old->new or a list of new names in order.
+    """
+    fmt, file, obj = _locate(path)
+    if fmt == "cdiff":
+        delta = Delta.load(file)
+    elif fmt == "diffusers":
+        delta = _load_diffusers(file, obj)
+    elif fmt == "reference":
+        delta = _load_reference(file, obj)
+    else:
+        lpb = _layers_per_block(base_unet) if base_unet is not None else 2
+        delta = _load_reference_ckpt(file, obj, lpb)
+    delta.extra["source_format"] = fmt
+    delta = _renamed(delta, token_rename, path)
+    if base_unet is not None:
+        check_against_base(delta, base_unet)
+    return delta
+
+
+def check_against_base(delta: Delta, unet, text_encoder=None) -> None:
+    """Refuse a delta whose layers are missing from / shaped differently than the base model's."""
+    params = dict(unet.named_parameters())
+    for name, value in delta.weights.items():
+        if name not in params:
+            raise CdiffError(f"the delta's layer {name} does not exist in this base UNet")
+        if tuple(params[name].shape) != tuple(value.shape):
+            raise CdiffError(
+                f"the delta's layer {name} has shape {tuple(value.shape)} but the base's has "
+                f"{tuple(params[name].shape)}: was it trained on another base model?"
+            )
+    if text_encoder is not None:
+        width = text_encoder.get_input_embeddings().weight.shape[1]
+        if width != delta.token_dim:
+            raise CdiffError(
+                f"the delta's token embeddings are {delta.token_dim} wide but the base's text encoder uses {width}"
+            )
+
+
+# --------------------------------------------------------------------------- exporting
+
+
+def _token_file_name(token: str) -> str:
+    """`<token>.safetensors`, refusing tokens that cannot be a file name."""
+    name = f"{token}.safetensors"
+    if (
+        not token
+        or token in (".", "..")
+        or any(c in token for c in "/\\\0")
+        or any(ord(c) < 32 for c in token)
+        or len(name.encode("utf-8")) > 255
+        or name in (WEIGHTS_SAFE, CDIFF_FILE)
+    ):
+        raise CdiffError(f"token {token!r} cannot be used as a file name for the diffusers export; rename it first")
+    return name
+
+
+def export_diffusers(delta: Delta, out_dir) -> list[Path]:
+    """Write the delta as diffusers' train_custom_diffusion.py would: processor weights + token files.
+
+    Returns the written files. See `load_diffusers_export_into` for using them in plain diffusers.
+    """
+    names = [_token_file_name(t) for t in delta.tokens]
+    if len({n.lower() for n in names}) != len(names):  # tokens are case-insensitive; so are some file systems
+        raise CdiffError(f"the delta has two tokens that differ only in case: {', '.join(delta.tokens)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {to_processor_key(n): v.detach().to("cpu").contiguous() for n, v in delta.weights.items()}
+    save_file(weights, str(out / WEIGHTS_SAFE), metadata={"format": "pt"})
+    written = [out / WEIGHTS_SAFE]
+    for token, name in zip(delta.tokens, names):
+        emb = delta.embedding_of(token).detach().to("cpu", torch.float32).clone()  # a row, not a view
+        save_file({token: emb}, str(out / name), metadata={"format": "pt"})
+        written.append(out / name)
+    manifest = {
+        "format": "cdiff-diffusers-export",
+        "version": 1,
+        "mode": delta.mode,
+        "weights": WEIGHTS_SAFE,
+        "tokens": [{"token": t, "file": n} for t, n in zip(delta.tokens, names)],
+    }
+    (out / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    written.append(out / EXPORT_MANIFEST)
+    return written
+
+
+def export_reference(delta: Delta, out_dir) -> list[Path]:
+    """Write the reference diffusers scripts' `delta.bin` ({"unet": ..., "modifier_token": ...})."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "unet": {n: v.detach().to("cpu").clone() for n, v in delta.weights.items()},
+        "modifier_token": {t: delta.embedding_of(t).detach().to("cpu", torch.float32).clone() for t in delta.tokens},
+    }
+    torch.save(payload, out / REFERENCE_FILE)
+    return [out / REFERENCE_FILE]
+
+
+def load_diffusers_export_into(pipe, folder) -> list[str]:
+    """Load an `export_diffusers` folder into a plain diffusers StableDiffusionPipeline; returns the tokens.
+
+    Uses only the exported files and public diffusers/safetensors calls, so the README can show it
+    as-is. The processor weights are full fine-tuned values, so copying them over the UNet's own
+    attn2 weights gives exactly the fine-tuned model with the stock attention processors.
+    (`pipe.unet.load_attn_procs` is not used: in diffusers 0.42, called on a bare UNet it builds
+    the processors but never installs them, and with `_pipeline=pipe` it wants an entry for every
+    attention layer, which a safetensors file cannot store for the untrained attn1 ones.)
+    """
+    folder = Path(folder)
+    params = dict(pipe.unet.named_parameters())
+    with torch.no_grad():
+        for key, value in load_file(str(folder / WEIGHTS_SAFE)).items():
+            # "X.attn2.processor.to_k_custom_diffusion.weight" -> "X.attn2.to_k.weight"
+            module, _, sub = key.rpartition(".processor.")
+            p = params[f"{module}.{sub.replace('_custom_diffusion', '')}"]
+            p.copy_(value.to(p.device, p.dtype))
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    tokens = []
+    for entry in manifest["tokens"]:
+        pipe.load_textual_inversion(str(folder / entry["file"]), token=entry["token"])
+        tokens.append(entry["token"])
+    return tokens

@@ -1,0 +1,104 @@
+"""Sampling with a loaded pipeline, and PNGs that carry their generation parameters."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from cdiff_cli.errors import CdiffError
+
+# Name -> diffusers scheduler class name. "default" keeps the base's own scheduler.
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "default": None,
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise CdiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls_name = SCHEDULERS[name]
+    if cls_name is not None and type(pipe.scheduler).__name__ != cls_name:
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
+
+
+def generators(seed: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per image: image i of seed s is the same whatever the batch size."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    prompt: str,
+    *,
+    n: int = 1,
+    steps: int = 25,
+    guidance: float = 6.0,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    negative: str | None = None,
+    batch_size: int = 4,
+    on_image=None,
+):
+    """Generate `n` images of `prompt`; `on_image(i)` is called as each batch finishes."""
+    factor = int(pipe.vae_scale_factor)
+    for v, what in ((height, "--height"), (width, "--width")):
+        if v is not None and (v <= 0 or v % factor):
+            raise CdiffError(f"{what} must be a positive multiple of {factor}")
+    images = []
+    gens = generators(seed, n)
+    for s in range(0, n, batch_size):
+        k = min(batch_size, n - s)
+        out = pipe(
+            prompt,
+            negative_prompt=negative,
+            num_images_per_prompt=k,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gens[s : s + k],
+            height=height,
+            width=width,
+        ).images
+        images.extend(out)
+        if on_image is not None:
+            on_image(len(out))
+    return images
+
+
+def slug(text: str, limit: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:limit].rstrip("-")) or "image"
+
+
+def save_pngs(images, out_dir: str | Path, prompt: str, params: dict) -> list[Path]:
+    """Save images as PNGs with a `parameters` text chunk (JSON); never overwrite existing files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = slug(prompt)
+    paths = []
+    for i, img in enumerate(images):
+        meta = PngInfo()
+        meta.add_text("parameters", json.dumps({**params, "prompt": prompt, "index": i, "seed": params["seed"] + i}))
+        k = 0
+        while True:
+            p = out / f"{base}-{params['seed'] + i}{f'-{k}' if k else ''}.png"
+            if not p.exists():
+                break
+            k += 1
+        img.save(p, pnginfo=meta)
+        paths.append(p)
+    return paths

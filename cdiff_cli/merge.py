@@ -1,0 +1,170 @@
+"""Closed-form multi-concept merge (Custom Diffusion, Sec. 3.2).
+
+For each k/v layer, with W0 the base matrix and W_n concept n's fine-tuned one:
+
+    minimise ||C_reg (W - W0)^T||_F   subject to   C W^T = V
+
+C_reg holds text features of ordinary captions (only G = C_reg^T C_reg is needed), C the feature
+rows of every concept's own prompts, V those rows mapped by their concept's W_n. Lagrange gives
+
+    W = W0 + (V^T - W0 C^T) (C G^-1 C^T)^-1 C G^-1.
+
+Stability (documented in the README): G gets a relative ridge `ridge * trace(G) / d` so it is always
+invertible, rows of C that are duplicates (the shared "photo of a" prefix is identical for every
+concept, since the text encoder is causal) are kept once with the mean of their targets, and the
+small system is solved in float64 with a tiny relative jitter. The merge is computed on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cdiff_cli.delta import Delta
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.layers import kv_names
+from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.tokens import add_tokens, canonical
+
+DEFAULT_RIDGE = 1e-3
+_JITTER = 1e-9
+_DUP_TOL = 1e-6
+
+
+def dedupe_rows(C: torch.Tensor, V: torch.Tensor, tol: float = _DUP_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each (near-)duplicate row of C once; its target is the mean of the duplicates' targets."""
+    keep_c, keep_v, counts = [], [], []
+    for c, v in zip(C, V):
+        for k, kc in enumerate(keep_c):
+            if torch.linalg.vector_norm(c - kc) <= tol * max(1.0, float(torch.linalg.vector_norm(kc))):
+                keep_v[k] = keep_v[k] + v
+                counts[k] += 1
+                break
+        else:
+            keep_c.append(c.clone())
+            keep_v.append(v.clone())
+            counts.append(1)
+    Vd = torch.stack([v / n for v, n in zip(keep_v, counts)])
+    return torch.stack(keep_c), Vd
+
+
+def constrained_merge(
+    W0: torch.Tensor,
+    C: torch.Tensor,
+    V: torch.Tensor,
+    G: torch.Tensor,
+    ridge: float = DEFAULT_RIDGE,
+) -> torch.Tensor:
+    """Solve the merge for one layer. W0 [out, in]; C [m, in]; V [m, out]; G [in, in]. Pure function."""
+    dt = torch.float64
+    W0d, Cd, Vd, Gd = W0.to(dt), C.to(dt), V.to(dt), G.to(dt)
+    Cd, Vd = dedupe_rows(Cd, Vd)
+    d = Gd.shape[0]
+    Gr = Gd + (ridge * torch.trace(Gd) / d + _JITTER) * torch.eye(d, dtype=dt)
+    GinvCt = torch.linalg.solve(Gr, Cd.T)  # [in, m]
+    K = Cd @ GinvCt  # [m, m], symmetric positive definite when C has full row rank
+    K = K + _JITTER * torch.trace(K) / K.shape[0] * torch.eye(K.shape[0], dtype=dt)
+    R = Vd.T - W0d @ Cd.T  # [out, m]: what the constraints still need
+    W = W0d + torch.linalg.solve(K, R.T).T @ GinvCt.T
+    return W.to(W0.dtype)
+
+
+# -- text features ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def feature_rows(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+    """For each prompt, final text-encoder features from after the start token up to and including
+    the first end token (no padding rows). Returns float32 CPU tensors [n_i, dim]."""
+    out = []
+    eos = tokenizer.eos_token_id
+    device = next(text_encoder.parameters()).device
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        enc = tokenizer(chunk, padding="longest", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        feats = text_encoder(enc.input_ids.to(device))[0].float().cpu()
+        for ids, f in zip(enc.input_ids, feats):
+            end = int((ids == eos).nonzero()[0]) if bool((ids == eos).any()) else len(ids) - 1
+            out.append(f[1 : end + 1])
+    return out
+
+
+def gram(rows: list[torch.Tensor]) -> torch.Tensor:
+    X = torch.cat(rows).double()
+    return X.T @ X
+
+
+def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerprint: str) -> torch.Tensor:
+    """G = C_reg^T C_reg over the shipped captions, cached per (base, caption set)."""
+    key = hashlib.sha256(("\n".join(captions) + fingerprint).encode()).hexdigest()[:16]
+    path = cache_dir / f"gram-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return load_file(str(path))["gram"]
+    G = gram(feature_rows(pipe.tokenizer, pipe.text_encoder, captions))
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        save_file({"gram": G.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return G
+
+
+def concept_prompts(token: str, class_word: str) -> list[str]:
+    return [f"{token} {class_word}", f"photo of a {token} {class_word}"]
+
+
+def merge_deltas(
+    pipe,
+    deltas: list[Delta],
+    classes: list[list[str]],
+    *,
+    G: torch.Tensor,
+    ridge: float = DEFAULT_RIDGE,
+    progress: Progress = SILENT,
+) -> tuple[Delta, list[str]]:
+    """Merge several deltas of the same base. `pipe` must hold the base weights; its tokenizer and
+    text encoder get every concept's token. Returns the merged delta and notes for the user."""
+    if len(deltas) < 2:
+        raise CdiffError("a merge needs at least two concepts")
+    seen: dict[str, int] = {}
+    for i, d in enumerate(deltas):
+        for t in d.tokens:
+            if canonical(t) in seen:
+                raise CdiffError(f"token {t!r} is used by two of the concepts being merged; rename one (cdiff add --token)")
+            seen[canonical(t)] = i
+    tokens = [t for d in deltas for t in d.tokens]
+    embeddings = torch.cat([d.embeddings for d in deltas])
+    add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, embeddings)
+
+    # C_n, the rows of concept n's own prompts, each computed with all tokens present.
+    C_parts = []
+    for d, cls in zip(deltas, classes):
+        prompts = [p for t, c in zip(d.tokens, cls) for p in concept_prompts(t, c)]
+        C_parts.append(torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, prompts)).double())
+    base = {n: p.detach().cpu().float() for n, p in pipe.unet.named_parameters()}
+    names = sorted({n for d in deltas for n in d.weights})
+    notes: list[str] = []
+    merged: dict[str, torch.Tensor] = {}
+    with progress.task("merging layers", len(names)) as bar:
+        for name in names:
+            W0 = base[name]
+            if name in kv_names([name]):
+                C = torch.cat(C_parts)
+                V = torch.cat([Cn @ d.weights.get(name, W0).double().T for Cn, d in zip(C_parts, deltas)])
+                merged[name] = constrained_merge(W0, C, V, G, ridge).float()
+            else:
+                # q/out projections never see text features: no constraint applies, sum the deltas.
+                merged[name] = W0 + sum(d.weights.get(name, W0).float() - W0 for d in deltas)
+            bar.advance(1)
+    if any(n not in kv_names([n]) for n in names):
+        notes.append("to_q/to_out weights (crossattn mode) were combined by summing their deltas")
+    mode = "crossattn" if any(d.mode == "crossattn" for d in deltas) else "kv"
+    return Delta(merged, tokens, embeddings, mode), notes
+
+
+def constraint_residual(W: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> float:
+    """max |C W^T - V| / max |V| over the deduplicated constraints (for tests and reports)."""
+    Cd, Vd = dedupe_rows(C.double(), V.double())
+    return float((Cd @ W.double().T - Vd).abs().max() / Vd.abs().max())

@@ -1,0 +1,24 @@
+"""A minimal progress interface the engine reports to; the CLI renders it with Rich."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+class Task:
+    def advance(self, n: int = 1, **fields) -> None:  # fields: loss=..., etc.
+        pass
+
+
+class Progress:
+    """No-op progress: library callers get silence unless they pass their own."""
+
+    @contextmanager
+    def task(self, description: str, total: int):
+        yield Task()
+
+    def note(self, message: str) -> None:
+        pass
+
+
+SILENT = Progress()

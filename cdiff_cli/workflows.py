@@ -1,0 +1,330 @@
+"""The engine's public operations: what each CLI command calls (and what scripts can import).
+
+Each function takes a `Registry`, plain arguments and an optional `Progress`, and returns data; none
+of them prints. Errors the user can fix are `CdiffError`s with one clear line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base
+from cdiff_cli.captions import load_captions
+from cdiff_cli.data import file_sha256, list_images
+from cdiff_cli.delta import Delta, apply_delta
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.layers import fingerprint
+from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
+from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    token: str
+    class_word: str
+    images_dir: Path
+
+
+def parse_concept(spec: str) -> ConceptSpec:
+    """`TOKEN:CLASS:DIR` (the folder comes last so it may itself contain ':')."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise CdiffError(f"--concept {spec!r}: expected TOKEN:CLASS:DIR, e.g. '<mycat>:cat:./cat_photos'")
+    return ConceptSpec(parts[0].strip(), parts[1].strip(), Path(parts[2].strip()))
+
+
+@dataclass
+class RegOptions:
+    kind: str = "generated"  # "generated", "none" or "dir"
+    folder: Path | None = None
+    count: int = 200
+
+
+def _load_base(base: str | None, device: str | None, precision: str = "fp32"):
+    spec = resolve_base(base)
+    dev = pick_device(device)
+    # Frozen weights may be half precision on a GPU; on CPU half is slower, so stay fp32 there.
+    dtype = DTYPES[precision] if dev.type != "cpu" else torch.float32
+    pipe = load_pipeline(spec, dtype=dtype, device=dev)
+    return spec, pipe, dev
+
+
+def train_entry(
+    registry: Registry,
+    name: str,
+    specs: list[ConceptSpec],
+    cfg,
+    *,
+    base: str | None = None,
+    reg: RegOptions | None = None,
+    device: str | None = "auto",
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> tuple[Entry, "object"]:
+    """Train one or several concepts jointly into a new registry entry. Returns (entry, TrainResult)."""
+    from cdiff_cli.regset import generated_regularisation, real_regularisation
+    from cdiff_cli.train import Concept, config_dict, train
+
+    reg = reg or RegOptions()
+    validate_name(name)
+    if registry.exists(name) and not force:
+        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+    if not specs:
+        raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise CdiffError("--steps, --batch-size and --lr must be positive")
+    if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
+        raise CdiffError(f"regularisation folder not found: {reg.folder}")
+    images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    spec, pipe, dev = _load_base(base, device, cfg.precision)
+    if not cfg.resolution:
+        cfg.resolution = default_resolution(pipe)
+    for s in specs:
+        validate_token(s.token, pipe.tokenizer)
+        if not s.class_word.strip():
+            raise CdiffError(f"concept {s.token}: --class must not be empty")
+    registry.check_tokens_free([s.token for s in specs], replacing=name if force else None)
+    fp = fingerprint(pipe.unet)
+
+    concepts = []
+    reg_by_class: dict[str, list] = {}
+    for s in specs:
+        reg_items = []
+        if reg.kind == "generated" and reg.count > 0:
+            if s.class_word not in reg_by_class:
+                reg_by_class[s.class_word] = generated_regularisation(
+                    pipe,
+                    class_word=s.class_word,
+                    count=reg.count,
+                    seed=cfg.seed,
+                    resolution=cfg.resolution,
+                    fingerprint=fp,
+                    cache_root=registry.cache_dir("reg"),
+                    progress=progress,
+                )
+            reg_items = reg_by_class[s.class_word]
+        elif reg.kind == "dir":
+            reg_items = real_regularisation(reg.folder, s.class_word, reg.count)
+        concepts.append(Concept(s.token, s.class_word, images[s.token], reg_items))
+
+    result = train(pipe, concepts, cfg, device=dev, progress=progress)
+    manifest = {
+        "kind": "trained",
+        "classes": [s.class_word for s in specs],
+        "base": base_record(spec.ref, fp),
+        "train": {
+            **config_dict(cfg),
+            "effective_lr": result.effective_lr,
+            "regularisation": {"kind": reg.kind, "count": reg.count if reg.kind != "none" else 0,
+                               "folder": str(reg.folder) if reg.folder else None},
+            "seconds": round(result.seconds, 2),
+            "final_loss": result.losses[-1] if result.losses else None,
+        },
+        "concepts": [
+            {"token": s.token, "class": s.class_word, "images_dir": str(Path(s.images_dir).resolve()),
+             "images": [{"file": it.path.name, "sha256": file_sha256(it.path)} for it in images[s.token]]}
+            for s in specs
+        ],
+        "parents": [],
+    }
+    entry = registry.create(name, result.delta, manifest, overwrite=force)
+    return entry, result
+
+
+# -- merge -----------------------------------------------------------------------------------------
+
+
+def _gram(registry: Registry, pipe, fp: str):
+    from cdiff_cli.merge import regulariser_gram
+
+    return regulariser_gram(pipe, list(load_captions()), registry.cache_dir("gram"), fp)
+
+
+def _merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress):
+    from cdiff_cli.merge import merge_deltas
+
+    G = _gram(registry, pipe, fp)
+    deltas = [e.load_delta() for e in entries]
+    classes = [e.classes or ["" for _ in e.tokens] for e in entries]
+    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, progress=progress)
+
+
+def merge_entries(
+    registry: Registry,
+    names: list[str],
+    out_name: str | None = None,
+    *,
+    base: str | None = None,
+    ridge: float | None = None,
+    device: str | None = "cpu",
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> tuple[Entry, list[str]]:
+    from cdiff_cli.merge import DEFAULT_RIDGE
+
+    if len(names) < 2:
+        raise CdiffError("give at least two concepts to merge")
+    if len(set(names)) != len(names):
+        raise CdiffError("each concept may be named only once")
+    out_name = out_name or "+".join(names)
+    validate_name(out_name)
+    if registry.exists(out_name) and not force:
+        raise CdiffError(f"concept {out_name!r} already exists (use --force to replace it)")
+    entries = [registry.get(n) for n in names]
+    check_same_base(entries)
+    _check_token_collisions(entries)
+    spec, pipe, _ = _load_base(base or entries[0].base.get("ref"), device)
+    fp = fingerprint(pipe.unet)
+    check_same_base(entries, fp)
+    ridge = DEFAULT_RIDGE if ridge is None else ridge
+    delta, notes = _merge_loaded(registry, pipe, fp, entries, ridge, progress)
+    manifest = {
+        "kind": "merged",
+        "classes": [c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
+        "base": base_record(spec.ref, fp),
+        "merge": {"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
+        "parents": [{"name": e.name, "id": e.id} for e in entries],
+    }
+    return registry.create(out_name, delta, manifest, overwrite=force), notes
+
+
+def _check_token_collisions(entries: list[Entry]) -> None:
+    seen: dict[str, str] = {}
+    for e in entries:
+        for t in e.tokens:
+            if canonical(t) in seen:
+                raise CdiffError(f"token {t!r} is used by both {seen[canonical(t)]!r} and {e.name!r}")
+            seen[canonical(t)] = e.name
+
+
+# -- gen -------------------------------------------------------------------------------------------
+
+
+def resolve_prompt(registry: Registry, prompt: str, concepts: list[str] | None = None) -> list[Entry]:
+    """The registry entries a prompt needs: named with --concept, else found from its tokens."""
+    if concepts:
+        return [registry.get(n) for n in concepts]
+    owners = registry.token_owners()
+    used = find_tokens(prompt, list(owners))
+    unknown = [t for t in angle_tokens(prompt) if canonical(t) not in owners]
+    if unknown:
+        raise CdiffError(f"unknown concept token(s) in the prompt: {', '.join(unknown)} (see `cdiff list`)")
+    entries: list[Entry] = []
+    for t in used:
+        if owners[t] not in entries:
+            entries.append(owners[t])
+    # Prefer an explicit merge of exactly these entries, if the user made one.
+    if len(entries) > 1:
+        wanted = {e.name for e in entries}
+        for e in registry.entries():
+            if e.kind == "merged" and {p["name"] for p in e.manifest.get("parents", [])} == wanted:
+                return [e]
+    return entries
+
+
+def prepare_pipeline(
+    registry: Registry,
+    entries: list[Entry],
+    *,
+    base: str | None = None,
+    device: str | None = "auto",
+    precision: str = "fp32",
+    ridge: float | None = None,
+    progress: Progress = SILENT,
+):
+    """Load the base and write the entries' delta into it (merging several on the fly, cached)."""
+    from cdiff_cli.merge import DEFAULT_RIDGE
+
+    if entries:
+        check_same_base(entries)
+        _check_token_collisions(entries)
+    ref = base or (entries[0].base.get("ref") if entries else None)
+    spec, pipe, dev = _load_base(ref, device, precision)
+    if not entries:
+        return spec, pipe, None
+    fp = fingerprint(pipe.unet)
+    check_same_base(entries, fp)
+    if len(entries) == 1:
+        delta = entries[0].load_delta()
+    else:
+        ridge = DEFAULT_RIDGE if ridge is None else ridge
+        key = hashlib.sha256(json.dumps([sorted(e.manifest.get("content_hash", e.id) for e in entries), ridge]).encode())
+        cached = registry.cache_dir("merges") / f"{key.hexdigest()[:20]}.safetensors"
+        if cached.is_file():
+            delta = Delta.load(cached)
+        else:
+            delta, _ = _merge_loaded(registry, pipe, fp, entries, ridge, progress)
+            tmp = cached.with_suffix(".tmp")
+            delta.save(tmp)
+            tmp.replace(cached)
+    apply_delta(pipe, delta)
+    return spec, pipe, delta
+
+
+# -- add / export ----------------------------------------------------------------------------------
+
+
+def import_entry(
+    registry: Registry,
+    name: str,
+    path: Path,
+    *,
+    base: str | None = None,
+    tokens: list[str] | None = None,
+    classes: list[str] | None = None,
+    force: bool = False,
+) -> Entry:
+    from cdiff_cli.formats import check_against_base, detect_format, load_delta_file
+
+    validate_name(name)
+    if registry.exists(name) and not force:
+        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+    if not Path(path).exists():
+        raise CdiffError(f"not found: {path}")
+    fmt = detect_format(path)
+    delta = load_delta_file(path, token_rename=tokens or None)
+    spec, pipe, _ = _load_base(base, "cpu")
+    check_against_base(delta, pipe.unet, pipe.text_encoder)
+    for t in delta.tokens:
+        validate_token(t, pipe.tokenizer)
+    registry.check_tokens_free(delta.tokens, replacing=name if force else None)
+    if classes and len(classes) != len(delta.tokens):
+        raise CdiffError(f"--class was given {len(classes)} time(s) but the delta has {len(delta.tokens)} token(s)")
+    manifest = {
+        "kind": "imported",
+        "classes": classes or ["" for _ in delta.tokens],
+        "base": base_record(spec.ref, fingerprint(pipe.unet)),
+        "source": {"path": str(Path(path).resolve()), "format": fmt},
+        "parents": [],
+    }
+    return registry.create(name, delta, manifest, overwrite=force)
+
+
+EXPORT_FORMATS = ("diffusers", "reference", "cdiff")
+
+
+def export_entry(registry: Registry, name: str, fmt: str, out_dir: Path) -> list[Path]:
+    from cdiff_cli.formats import export_diffusers, export_reference
+
+    entry = registry.get(name)
+    delta = entry.load_delta()
+    out_dir = Path(out_dir)
+    if fmt == "diffusers":
+        return export_diffusers(delta, out_dir)
+    if fmt == "reference":
+        return export_reference(delta, out_dir)
+    if fmt == "cdiff":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        delta.save(out_dir / "delta.safetensors")
+        (out_dir / "manifest.json").write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
+        return [out_dir / "delta.safetensors", out_dir / "manifest.json"]
+    raise CdiffError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
