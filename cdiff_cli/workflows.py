@@ -291,8 +291,8 @@ def import_entry(
     if not Path(path).exists():
         raise CdiffError(f"not found: {path}")
     fmt = detect_format(path)
-    delta = load_delta_file(path, token_rename=tokens or None)
     spec, pipe, _ = _load_base(base, "cpu")
+    delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None)
     check_against_base(delta, pipe.unet, pipe.text_encoder)
     for t in delta.tokens:
         validate_token(t, pipe.tokenizer)

@@ -1,0 +1,1 @@
+complete --command cdiff --no-files --arguments "(env _CDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) cdiff)" --condition "env _CDIFF_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) cdiff"

@@ -1,0 +1,71 @@
+"""Registry: names, atomic writes, token ownership, manifests."""
+
+import json
+
+import pytest
+import torch
+
+from cdiff_cli.delta import Delta
+from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.registry import Registry, validate_name
+from cdiff_cli.tokens import validate_token
+
+
+def _delta(tokens=("<a1>",)):
+    return Delta({"x.attn2.to_k.weight": torch.randn(4, 3)}, list(tokens), torch.randn(len(tokens), 3))
+
+
+def test_names():
+    for ok in ("mycat", "A+B", "cat_2.v1", "x"):
+        assert validate_name(ok) == ok
+    for bad in ("", "../evil", ".hidden", "a b", "a/b", "x" * 65):
+        with pytest.raises(CdiffError):
+            validate_name(bad)
+
+
+def test_create_get_remove_roundtrip(tmp_path):
+    reg = Registry(tmp_path)
+    e = reg.create("mycat", _delta(), {"classes": ["cat"], "base": {"ref": "b", "fingerprint": "f"}})
+    m = json.loads((e.path / "manifest.json").read_text())
+    assert m["name"] == "mycat" and m["tokens"] == ["<a1>"] and m["content_hash"].startswith("sha256:")
+    assert m["size_bytes"] == (e.path / "delta.safetensors").stat().st_size and len(m["id"]) == 8
+    d = reg.get("mycat").load_delta()
+    assert d.tokens == ["<a1>"]
+    with pytest.raises(CdiffError, match="already exists"):
+        reg.create("mycat", _delta(), {})
+    reg.remove("mycat")
+    with pytest.raises(NotFoundError):
+        reg.get("mycat")
+    assert [p.name for p in (tmp_path / "concepts").iterdir()] == []
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    reg = Registry(tmp_path)
+
+    def boom(self, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Delta, "save", boom)
+    with pytest.raises(OSError):
+        reg.create("mycat", _delta(), {})
+    assert list((tmp_path / "concepts").iterdir()) == []
+
+
+def test_tokens_are_owned_once_case_insensitively(tmp_path):
+    reg = Registry(tmp_path)
+    reg.create("a", _delta(["<A1>"]), {})
+    with pytest.raises(CdiffError, match="already used"):
+        reg.check_tokens_free(["<a1>"])
+    reg.check_tokens_free(["<a1>"], replacing="a")
+    reg.create("a+b", _delta(["<A1>", "V2"]), {"kind": "merged"})
+    assert set(reg.token_owners()) == {"<a1>"}  # merges own no tokens
+
+
+def test_token_validation(sd1_pipe):
+    tok = sd1_pipe.tokenizer
+    for ok in ("<mycat>", "V1", "v2", "<MyChair>", "zqxj9", "sksx1"):
+        assert validate_token(ok, tok) == ok
+    for bad, why in (("cat", "too short"), ("chair", "ordinary word"), ("photo", "ordinary word"), ("a b", "invalid"),
+                     ("", "invalid"), ("tree", "ordinary word")):
+        with pytest.raises(CdiffError, match=why):
+            validate_token(bad, tok)
