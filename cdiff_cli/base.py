@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, NotFoundError
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
@@ -39,7 +39,7 @@ def resolve_base(spec: str | None) -> BaseSpec:
             raise CdiffError(f"{p}: a single-file base must be .safetensors or .ckpt")
         return BaseSpec(str(p.resolve()), "single_file")
     if p.suffix in SINGLE_FILE_EXTS or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise CdiffError(f"base not found: {spec}")
+        raise NotFoundError(f"base not found: {spec}")
     return BaseSpec(spec, "hub")
 
 

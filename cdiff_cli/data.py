@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, NotFoundError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 FAR_PREFIXES = ("a far away ", "very small ")
@@ -32,7 +32,7 @@ def list_images(folder: str | Path, *, with_captions: bool = False) -> list[Imag
     """Images of a folder, sorted; with_captions reads `NAME.txt` beside each image if present."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CdiffError(f"image folder not found: {folder}")
+        raise NotFoundError(f"image folder not found: {folder}")
     items = []
     for p in sorted(folder.iterdir()):
         if p.suffix.lower() in IMAGE_EXTS and p.is_file():

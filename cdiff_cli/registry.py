@@ -114,20 +114,25 @@ class Registry:
         return (self.concepts / name / MANIFEST_FILE).is_file()
 
     def token_owners(self) -> dict[str, Entry]:
-        """Canonical token -> the trained/imported entry that owns it (merges own no tokens)."""
+        """Canonical token -> the entry that owns it: its trained/imported entry, else a merge holding it."""
         owners: dict[str, Entry] = {}
-        for e in self.entries():
+        entries = self.entries()
+        for e in entries:
+            if e.kind != "merged":
+                for t in e.tokens:
+                    owners.setdefault(canonical(t), e)
+        # A merge whose parents were removed still serves its tokens.
+        for e in entries:
             if e.kind == "merged":
-                continue
-            for t in e.tokens:
-                owners.setdefault(canonical(t), e)
+                for t in e.tokens:
+                    owners.setdefault(canonical(t), e)
         return owners
 
     def check_tokens_free(self, tokens: list[str], *, replacing: str | None = None) -> None:
         owners = self.token_owners()
         for t in tokens:
             owner = owners.get(canonical(t))
-            if owner is not None and owner.name != replacing:
+            if owner is not None and owner.name != replacing and owner.kind != "merged":
                 raise CdiffError(f"token {t!r} is already used by concept {owner.name!r}; pick another with --token")
 
     # -- writing -------------------------------------------------------------------------------

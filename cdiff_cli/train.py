@@ -4,10 +4,16 @@ What trains, and nothing else:
 - the UNet's `attn2.to_k/to_v` weights (mode "kv"), or also `attn2.to_q/to_out` (mode "crossattn");
 - one embedding row per concept token, held in a separate fp32 parameter that a forward hook swaps
   into the embedding output, so every other row of the embedding table stays bit-identical and the
-  optimizer state is a few vectors instead of the whole table.
+  optimizer state is a few vectors instead of the whole 49,408-row table.
 Trainable weights and optimizer state stay fp32 under bf16/fp16 autocast. Key and value at the
 start-of-text position are detached, as in the reference. Target batches use the method's
 augmentation and a loss masked to the pasted box; regularisation batches use a plain MSE (weight 1).
+
+Speed: nothing that does not change is recomputed. Every regularisation image (both flips) and a
+pool of `aug_pool` augmented variants of every target image are VAE-encoded once, in batches, before
+the first step; the VAE then leaves the accelerator. Caption features of regularisation images are
+cached. Under `accelerate launch` each process trains on its own draws and the trainable gradients
+are all-reduced directly (no wrapper module around the UNet).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,7 +53,7 @@ class Concept:
 @dataclass
 class TrainConfig:
     steps: int = 250
-    batch_size: int = 8  # images per step, split between target and regularisation images
+    batch_size: int = 8  # images per step and process, split between target and regularisation images
     lr: float = 1e-5  # per image; the optimizer gets lr * batch_size * processes when scale_lr
     scale_lr: bool = True
     mode: str = "kv"
@@ -59,6 +65,7 @@ class TrainConfig:
     prior_weight: float = 1.0
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
+    aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
 
     def effective_lr(self, processes: int = 1) -> float:
         return self.lr * self.batch_size * processes if self.scale_lr else self.lr
@@ -70,6 +77,7 @@ class TrainResult:
     losses: list[float]
     seconds: float
     effective_lr: float
+    processes: int = 1
 
 
 def split_batch(batch_size: int, with_reg: bool) -> tuple[int, int]:
@@ -107,18 +115,46 @@ class _TokenRows(torch.nn.Module):
         self.rows = torch.nn.Parameter(init.clone().float())
 
     def hook(self, module, inputs, output):
-        input_ids = inputs[0]
-        out = output
-        for k in range(len(self.ids)):
-            hit = (input_ids == self.ids[k]).unsqueeze(-1)
-            if bool(hit.any()):
-                out = torch.where(hit, self.rows[k].to(out.dtype), out)
-        return out
+        hits = inputs[0].unsqueeze(-1) == self.ids  # [B, L, n_tokens]; no host sync
+        which = hits.to(torch.long).argmax(-1)
+        return torch.where(hits.any(-1, keepdim=True), self.rows[which].to(output.dtype), output)
 
 
 def _detach_first_hook(module, inputs, output):
     # The reference detaches k and v at the start-of-text position: it is the same for every prompt.
     return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+
+@dataclass
+class _Latent:
+    mean: torch.Tensor
+    std: torch.Tensor
+    mask: torch.Tensor | None = None
+    prefix: str = ""
+
+    def sample(self) -> torch.Tensor:
+        return self.mean + self.std * torch.randn_like(self.std)
+
+
+class _Encoder:
+    """VAE encoding in batches, returning the latent distribution per image."""
+
+    def __init__(self, vae, device, batch: int = 8):
+        self.vae, self.device, self.batch = vae, device, batch
+        self.dtype = next(vae.parameters()).dtype
+
+    @torch.no_grad()
+    def __call__(self, images: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for s in range(0, len(images), self.batch):
+            x = torch.stack(images[s : s + self.batch]).to(self.device, self.dtype)
+            dist = self.vae.encode(x).latent_dist
+            out += list(zip(dist.mean.float(), dist.std.float()))
+        return out
+
+
+def _distributed(accelerator) -> bool:
+    return accelerator is not None and accelerator.num_processes > 1
 
 
 def train(
@@ -137,12 +173,15 @@ def train(
     if len({t.lower() for t in toks}) != len(toks):
         raise CdiffError(f"each concept needs its own token, got {toks}")
     device = torch.device(device)
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rank = accelerator.process_index if _distributed(accelerator) else 0
+    processes = accelerator.num_processes if _distributed(accelerator) else 1
+    rng = random.Random(cfg.seed * 1009 + rank)  # each process draws its own data
+    torch.manual_seed(cfg.seed * 1009 + rank)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     noise_sched = _training_scheduler(pipe)
     factor = int(pipe.vae_scale_factor)
-    if cfg.resolution % factor:
+    res = cfg.resolution or int(unet.config.sample_size) * factor
+    if res % factor:
         raise CdiffError(f"--resolution must be a multiple of {factor}")
 
     # New tokens: added to the tokenizer, initialised from their class word.
@@ -156,128 +195,170 @@ def train(
     names = trainable_names(unet, cfg.mode)
     params = dict(unet.named_parameters())
     for n in names:
-        p = params[n]
-        p.data = p.data.float()
-        p.requires_grad_(True)
+        params[n].data = params[n].data.float()
+        params[n].requires_grad_(True)
+    trainable = [params[n] for n in names] + [token_rows.rows]
+
+    # -- cache latents: target pools and every regularisation image, both flips -------------------
+    encode = _Encoder(vae, device)
+    pixels = _PixelCache(res)
+    with_reg = any(c.reg for c in concepts)
+    pool_size = cfg.aug_pool if (cfg.aug or cfg.hflip) else 1
+    pools: list[list[list[_Latent]]] = []
+    reg_lat: list[list[list[_Latent]]] = []
+    if pool_size > 0:
+        jobs = []  # (concept, image, augmentation)
+        for ci, c in enumerate(concepts):
+            for ii, item in enumerate(c.images):
+                for _ in range(pool_size):
+                    jobs.append((ci, ii, sample_augmentation(rng, res, aug=cfg.aug, hflip=cfg.hflip)))
+        reg_jobs = [(ci, j, flip) for ci, c in enumerate(concepts) for j in range(len(c.reg)) for flip in ((False, True) if cfg.hflip else (False,))]
+        pools = [[[] for _ in c.images] for c in concepts]
+        reg_lat = [[[] for _ in c.reg] for c in concepts]
+        with progress.task("encoding latents", len(jobs) + len(reg_jobs)) as bar:
+            for s in range(0, len(jobs), encode.batch):
+                chunk = jobs[s : s + encode.batch]
+                imgs = [apply_augmentation(pixels.get(concepts[ci].images[ii].path), a) for ci, ii, a in chunk]
+                for (ci, ii, a), (m, sd) in zip(chunk, encode(imgs)):
+                    pools[ci][ii].append(_Latent(m, sd, latent_mask(a, res, factor).to(device), a.prefix))
+                bar.advance(len(chunk))
+            for s in range(0, len(reg_jobs), encode.batch):
+                chunk = reg_jobs[s : s + encode.batch]
+                imgs = []
+                for ci, j, flip in chunk:
+                    img = pixels.get(concepts[ci].reg[j].path)
+                    imgs.append(img.flip(-1) if flip else img)
+                for (ci, j, flip), (m, sd) in zip(chunk, encode(imgs)):
+                    reg_lat[ci][j].append(_Latent(m, sd))
+                bar.advance(len(chunk))
+        pixels.items.clear()
+        if device.type != "cpu":
+            vae.to("cpu")  # not needed any more: give its memory to the UNet's activations
+
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
 
-    processes = accelerator.num_processes if accelerator is not None else 1
     lr = cfg.effective_lr(processes)
-    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(
         [
-            {"params": [params[n] for n in names], "weight_decay": cfg.weight_decay},
+            {"params": trainable[:-1], "weight_decay": cfg.weight_decay},
             {"params": [token_rows.rows], "weight_decay": 0.0},
         ],
         lr=lr,
-        **opt_kwargs,
+        **({"fused": True} if device.type == "cuda" else {}),
     )
-
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
 
-    with_reg = any(c.reg for c in concepts)
     n_target, n_reg = split_batch(cfg.batch_size, with_reg)
     target_cycles = [_Cycler(len(c.images), rng) for c in concepts]
     reg_concepts = [i for i, c in enumerate(concepts) if c.reg]
     reg_cycles = {i: _Cycler(len(concepts[i].reg), rng) for i in reg_concepts}
-    pixels = _PixelCache(cfg.resolution)
-    reg_latents: dict[tuple[int, int, bool], tuple[torch.Tensor, torch.Tensor]] = {}
     reg_text: dict[str, torch.Tensor] = {}
-    vae_dtype = next(vae.parameters()).dtype
-
-    def encode_latents(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            dist = vae.encode(images.to(device, vae_dtype)).latent_dist
-        return dist.mean, dist.std
+    unet_dtype = unet.conv_in.weight.dtype
 
     def encode_text(prompts: list[str], grad: bool) -> torch.Tensor:
         ids_ = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         with torch.set_grad_enabled(grad):
             return te(ids_.input_ids.to(device))[0]
 
-    hooks = []
+    def draw_target(ci: int) -> _Latent:
+        ii = target_cycles[ci].next()
+        if pools:
+            return rng.choice(pools[ci][ii])
+        a = sample_augmentation(rng, res, aug=cfg.aug, hflip=cfg.hflip)
+        (m, sd), = encode([apply_augmentation(pixels.get(concepts[ci].images[ii].path), a)])
+        return _Latent(m, sd, latent_mask(a, res, factor).to(device), a.prefix)
+
+    def draw_reg(ci: int) -> tuple[_Latent, str]:
+        j = reg_cycles[ci].next()
+        caption = concepts[ci].reg[j].caption or f"photo of a {concepts[ci].class_word}"
+        if reg_lat:
+            return rng.choice(reg_lat[ci][j]), caption
+        img = pixels.get(concepts[ci].reg[j].path)
+        flip = cfg.hflip and rng.random() < 0.5
+        (m, sd), = encode([img.flip(-1) if flip else img])
+        return _Latent(m, sd), caption
+
+    hooks = [te.get_input_embeddings().register_forward_hook(token_rows.hook)]
+    hooks += [mod.register_forward_hook(_detach_first_hook) for n, mod in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
     losses: list[float] = []
     t0 = time.perf_counter()
-    with ExitStack() as stack:
-        hooks.append(te.get_input_embeddings().register_forward_hook(token_rows.hook))
-        for n, mod in unet.named_modules():
-            if n.endswith(("attn2.to_k", "attn2.to_v")):
-                hooks.append(mod.register_forward_hook(_detach_first_hook))
-        stack.callback(lambda: [h.remove() for h in hooks])
+    try:
         with progress.task("training", cfg.steps) as bar:
             for step in range(cfg.steps):
-                # -- target half: augmented images, caption prefixes, masked loss --------------------
-                imgs, masks, prompts = [], [], []
-                for ci in balanced_slots(step, n_target, len(concepts)):
-                    c = concepts[ci]
-                    item = c.images[target_cycles[ci].next()]
-                    a = sample_augmentation(rng, cfg.resolution, aug=cfg.aug, hflip=cfg.hflip)
-                    imgs.append(apply_augmentation(pixels.get(item.path), a))
-                    masks.append(latent_mask(a, cfg.resolution, factor))
-                    prompts.append(a.prefix + c.prompt)
-                mean, std = encode_latents(torch.stack(imgs))
-                latents = [mean + std * torch.randn_like(std)]
-                # -- regularisation half: fixed images, latents and caption features cached ---------
-                reg_prompts = []
-                if n_reg:
-                    for k, slot in enumerate(balanced_slots(step, n_reg, len(reg_concepts))):
-                        ci = reg_concepts[slot]
-                        j = reg_cycles[ci].next()
-                        flip = cfg.hflip and rng.random() < 0.5
-                        key = (ci, j, flip)
-                        if key not in reg_latents:
-                            img = pixels.get(concepts[ci].reg[j].path)
-                            reg_latents[key] = encode_latents((img.flip(-1) if flip else img)[None])
-                        m_, s_ = reg_latents[key]
-                        latents.append(m_ + s_ * torch.randn_like(s_))
-                        reg_prompts.append(concepts[ci].reg[j].caption or f"photo of a {concepts[ci].class_word}")
-                latents = torch.cat(latents) * vae.config.scaling_factor
+                targets = [(ci, draw_target(ci)) for ci in balanced_slots(step, n_target, len(concepts))]
+                regs = [draw_reg(reg_concepts[s]) for s in balanced_slots(step, n_reg, len(reg_concepts))] if n_reg else []
+                latents = torch.stack([lt.sample() for _, lt in targets] + [lt.sample() for lt, _ in regs])
+                latents = latents * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=device)
                 noisy = noise_sched.add_noise(latents, noise, t)
-                target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+                if noise_sched.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_sched.get_velocity(latents, noise, t)
 
                 with autocast:
-                    text = [encode_text(prompts, grad=True)]
-                    for p in reg_prompts:
-                        if p not in reg_text:
-                            reg_text[p] = encode_text([p], grad=False).detach()
-                        text.append(reg_text[p])
+                    text = [encode_text([lt.prefix + concepts[ci].prompt for ci, lt in targets], grad=True)]
+                    for _, caption in regs:
+                        if caption not in reg_text:
+                            reg_text[caption] = encode_text([caption], grad=False).detach()
+                        text.append(reg_text[caption])
                     enc = torch.cat([x.to(text[0].dtype) for x in text])
-                    pred = unet(noisy.to(next(unet.parameters()).dtype), t, enc).sample
-                mask = torch.stack(masks).to(device)
+                    pred = unet(noisy.to(unet_dtype), t, enc).sample
+                mask = torch.stack([lt.mask for _, lt in targets])
                 loss = masked_mse(pred[:n_target], target[:n_target], mask)
                 if n_reg:
                     loss = loss + cfg.prior_weight * F.mse_loss(pred[n_target:].float(), target[n_target:].float())
                 optimizer.zero_grad(set_to_none=True)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if processes > 1:
+                    _all_reduce_mean(trainable, processes)
                 if scaler is not None:
-                    scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
                 else:
-                    (accelerator.backward(loss) if accelerator is not None else loss.backward())
                     optimizer.step()
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise CdiffError(f"training diverged at step {step + 1} (loss {value}); try a lower --lr")
                 losses.append(value)
                 bar.advance(1, loss=value)
-    unet.eval()
-    if cfg.gradient_checkpointing:
-        unet.disable_gradient_checkpointing()
-    for n in names:
-        params[n].requires_grad_(False)
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.eval()
+        if cfg.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        for n in names:
+            params[n].requires_grad_(False)
+        if device.type != "cpu":
+            vae.to(device)
 
     # Write the learned rows into the table so the pipeline can be used right away.
     with torch.no_grad():
         table = te.get_input_embeddings().weight
         table[torch.tensor(ids, device=table.device)] = token_rows.rows.detach().to(table.dtype)
     delta = Delta(read_weights(unet, names), toks, token_rows.rows.detach().cpu().float().clone(), cfg.mode)
-    return TrainResult(delta, losses, time.perf_counter() - t0, lr)
+    return TrainResult(delta, losses, time.perf_counter() - t0, lr, processes)
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], processes: int) -> None:
+    """Average gradients over processes: one flat all-reduce, no DDP wrapper around the UNet."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= processes
+    offset = 0
+    for p, g in zip(tensors, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
 
 
 class _PixelCache:

@@ -17,7 +17,7 @@ from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_devic
 from cdiff_cli.captions import load_captions
 from cdiff_cli.data import file_sha256, list_images
 from cdiff_cli.delta import Delta, apply_delta
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.layers import fingerprint
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
@@ -83,8 +83,14 @@ def train_entry(
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise CdiffError("--steps, --batch-size and --lr must be positive")
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
-        raise CdiffError(f"regularisation folder not found: {reg.folder}")
+        raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    accelerator = _launched_accelerator()
+    main = accelerator is None or accelerator.is_main_process
+    if accelerator is not None:
+        device = str(accelerator.device)
+        if not main:
+            progress = SILENT
     spec, pipe, dev = _load_base(base, device, cfg.precision)
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
@@ -97,6 +103,8 @@ def train_entry(
 
     concepts = []
     reg_by_class: dict[str, list] = {}
+    if accelerator is not None and not main:
+        accelerator.wait_for_everyone()  # the main process generates (and caches) regularisation images
     for s in specs:
         reg_items = []
         if reg.kind == "generated" and reg.count > 0:
@@ -116,7 +124,11 @@ def train_entry(
             reg_items = real_regularisation(reg.folder, s.class_word, reg.count)
         concepts.append(Concept(s.token, s.class_word, images[s.token], reg_items))
 
-    result = train(pipe, concepts, cfg, device=dev, progress=progress)
+    if accelerator is not None and main:
+        accelerator.wait_for_everyone()
+    result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator)
+    if not main:
+        return None, result
     manifest = {
         "kind": "trained",
         "classes": [s.class_word for s in specs],
@@ -124,6 +136,8 @@ def train_entry(
         "train": {
             **config_dict(cfg),
             "effective_lr": result.effective_lr,
+            "processes": result.processes,
+            "effective_batch_size": cfg.batch_size * result.processes,
             "regularisation": {"kind": reg.kind, "count": reg.count if reg.kind != "none" else 0,
                                "folder": str(reg.folder) if reg.folder else None},
             "seconds": round(result.seconds, 2),
@@ -138,6 +152,22 @@ def train_entry(
     }
     entry = registry.create(name, result.delta, manifest, overwrite=force)
     return entry, result
+
+
+def _launched_accelerator():
+    """An Accelerator when running under `accelerate launch` with several processes, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "1")  # several CPU processes: gloo data parallel
+    acc = Accelerator()
+    if acc.num_processes <= 1:
+        raise CdiffError("WORLD_SIZE > 1 but accelerate did not start a process group; launch with `accelerate launch`")
+    return acc
 
 
 # -- merge -----------------------------------------------------------------------------------------
@@ -217,7 +247,7 @@ def resolve_prompt(registry: Registry, prompt: str, concepts: list[str] | None =
     used = find_tokens(prompt, list(owners))
     unknown = [t for t in angle_tokens(prompt) if canonical(t) not in owners]
     if unknown:
-        raise CdiffError(f"unknown concept token(s) in the prompt: {', '.join(unknown)} (see `cdiff list`)")
+        raise NotFoundError(f"unknown concept token(s) in the prompt: {', '.join(unknown)} (see `cdiff list`)")
     entries: list[Entry] = []
     for t in used:
         if owners[t] not in entries:
@@ -289,7 +319,7 @@ def import_entry(
     if registry.exists(name) and not force:
         raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
     if not Path(path).exists():
-        raise CdiffError(f"not found: {path}")
+        raise NotFoundError(f"not found: {path}")
     fmt = detect_format(path)
     spec, pipe, _ = _load_base(base, "cpu")
     delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None)

@@ -1,4 +1,3 @@
-
 #compdef cdiff
 
 _cdiff_completion() {

@@ -58,7 +58,9 @@ def test_tokens_are_owned_once_case_insensitively(tmp_path):
         reg.check_tokens_free(["<a1>"])
     reg.check_tokens_free(["<a1>"], replacing="a")
     reg.create("a+b", _delta(["<A1>", "V2"]), {"kind": "merged"})
-    assert set(reg.token_owners()) == {"<a1>"}  # merges own no tokens
+    owners = reg.token_owners()
+    assert owners["<a1>"].name == "a"  # the trained entry owns its token, not the merge
+    assert owners["v2"].name == "a+b"  # a merge serves tokens nobody else owns
 
 
 def test_token_validation(sd1_pipe):

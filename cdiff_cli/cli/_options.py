@@ -19,6 +19,15 @@ Base = Annotated[
         show_default=False,
     ),
 ]
+NewBase = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base",
+        help="Base model: hub id, local diffusers folder or single-file .safetensors/.ckpt. "
+        "Default: $CDIFF_BASE, else stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        show_default=False,
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing concept of the same name.")]
 

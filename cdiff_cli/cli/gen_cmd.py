@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +14,8 @@ from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.generate import SCHEDULERS, sample, save_pngs, set_scheduler
 from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
+
+Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULERS}, type=str)
 
 
 @command("gen")
@@ -25,7 +28,7 @@ def gen_cmd(
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the base's native size).", show_default=False)] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.", show_default=False)] = None,
-    scheduler: Annotated[str, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)}.")] = "dpm",
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (default: DPM-Solver++ multistep).")] = Scheduler.dpm,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cdiff-out"),
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
@@ -43,6 +46,7 @@ def gen_cmd(
     entries = resolve_prompt(reg, prompt, concept)
     t0 = time.perf_counter()
     spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value, progress=term.progress())
+    scheduler = scheduler.value
     set_scheduler(pipe, scheduler)
     params = {"steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,
               "negative": negative, "scheduler": scheduler, "base": spec.ref,

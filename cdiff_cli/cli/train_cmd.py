@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdiff_cli.cli._app import command
-from cdiff_cli.cli._options import Base, Device, Force, Json, Precision, registry
+from cdiff_cli.cli._options import Device, Force, Json, NewBase, Precision, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.train import TrainConfig
@@ -37,12 +37,12 @@ def train_cmd(
         typer.Option(
             "--concept",
             help="Joint training: TOKEN:CLASS:DIR, repeat once per concept "
-            "(e.g. --concept '<mycat>:cat:./cat' --concept '<mychair>:chair:./chair'). "
+            "(e.g. --concept '<myvase>:vase:./vase' --concept '<mysofa>:sofa:./sofa'). "
             "Replaces IMAGES_DIR/--class/--token.",
             show_default=False,
         ),
     ] = None,
-    base: Base = None,
+    base: NewBase = None,
     steps: Annotated[int, typer.Option(help="Optimisation steps (reference: 250 for one concept, 500 for two).")] = 250,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step, half target and half regularisation.")] = 8,
     lr: Annotated[float, typer.Option(help="Learning rate per image: the optimiser gets lr x batch size x processes (1e-5 x 8 = 8e-5).")] = 1e-5,
@@ -57,6 +57,7 @@ def train_cmd(
     no_hflip: Annotated[bool, typer.Option("--no-hflip", help="Turn off horizontal flips.")] = False,
     precision: Annotated[Precision, typer.Option(help="Autocast precision on a GPU; trainable weights stay fp32.")] = Precision.fp32,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
+    aug_pool: Annotated[int, typer.Option("--aug-pool", help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
     force: Force = False,
     as_json: Json = False,
@@ -81,18 +82,22 @@ def train_cmd(
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, scale_lr=not no_scale_lr, mode=mode.value,
         resolution=resolution, seed=seed, aug=not no_aug, hflip=not no_hflip, precision=precision.value,
-        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool,
     )
     entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
                                 force=force, progress=term.progress())
+    if entry is None:
+        return  # a secondary process under `accelerate launch`: the main process reports
     info = {
         "name": entry.name, "id": entry.id, "tokens": entry.tokens, "path": str(entry.path),
-        "steps": cfg.steps, "effective_lr": result.effective_lr, "seconds": round(result.seconds, 2),
+        "steps": cfg.steps, "effective_lr": result.effective_lr, "processes": result.processes,
+        "effective_batch_size": cfg.batch_size * result.processes, "seconds": round(result.seconds, 2),
         "final_loss": result.losses[-1],
     }
     if as_json:
         term.json(info)
     else:
         term.ok(f"trained {entry.name} ({', '.join(entry.tokens)}) in {result.seconds:.1f} s, "
+                f"batch {cfg.batch_size * result.processes} ({result.processes} process(es)), "
                 f"lr {result.effective_lr:g}, final loss {result.losses[-1]:.4f}")
         term.info(f"use it: cdiff gen \"photo of a {entry.tokens[0]} {entry.classes[0]}\"")

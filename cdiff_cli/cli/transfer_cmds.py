@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdiff_cli.cli._app import command
-from cdiff_cli.cli._options import Base, Force, Json, registry
+from cdiff_cli.cli._options import Force, Json, NewBase, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.workflows import export_entry, import_entry
 
@@ -26,7 +26,7 @@ def add_cmd(
     path: Annotated[Path, typer.Argument(help="A diffusers output folder, a reference delta.bin / delta_epoch=*.ckpt, or a cdiff export.")],
     token: Annotated[Optional[list[str]], typer.Option("--token", help="Rename the tokens, in order (repeat for several).", show_default=False)] = None,
     class_word: Annotated[Optional[list[str]], typer.Option("--class", help="Class word of each token, in order (used by merge).", show_default=False)] = None,
-    base: Base = None,
+    base: NewBase = None,
     force: Force = False,
     as_json: Json = False,
 ):
