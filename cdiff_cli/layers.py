@@ -41,13 +41,37 @@ def write_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
         p.copy_(value.to(p.device, p.dtype))
 
 
-def fingerprint(unet: torch.nn.Module) -> str:
-    """A short hash of the base's cross-attention k/v weights: identifies the base a delta belongs to."""
-    h = hashlib.sha256()
+def base_probe(unet: torch.nn.Module) -> list[float]:
+    """Per k/v layer: RMS and two fixed random-sign projections (scaled by 1/sqrt(n)), in float64.
+
+    These statistics barely move when the same base is loaded in fp32, fp16 or bf16 (rounding errors
+    average out), but any real change of the weights moves them: see `same_base_probe`.
+    """
     params = dict(unet.named_parameters())
+    out: list[float] = []
     for name in sorted(kv_names(params)):
-        # Hash in fp16 so a base loaded in fp16 or fp32 gets the same fingerprint.
-        t = params[name].detach().to("cpu", torch.float16).contiguous()
-        h.update(name.encode())
-        h.update(t.numpy().tobytes())
+        w = params[name].detach().to("cpu", torch.float64).flatten()
+        g = torch.Generator().manual_seed(1234)
+        signs = torch.randint(0, 2, (2, w.numel()), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+        n = w.numel() ** 0.5
+        out += [float(w.pow(2).mean().sqrt()), float(signs[0] @ w) / n, float(signs[1] @ w) / n]
+    return out
+
+
+def same_base_probe(a: list[float], b: list[float], rms_tol: float = 5e-4, proj_tol: float = 5e-3) -> bool:
+    """Same base? bf16 rounding (2^-9 per weight) moves the RMS by ~1e-4 and a projection by ~1e-3 RMS
+    even on a 32x32 layer; a real change (a rescale, a fine-tune moving weights by 1 %) moves them more."""
+    if len(a) != len(b) or not a:
+        return False
+    for i in range(0, len(a), 3):
+        rms = max(abs(a[i]), 1e-12)
+        if abs(a[i] - b[i]) > rms_tol * rms or any(abs(a[i + k] - b[i + k]) > proj_tol * rms for k in (1, 2)):
+            return False
+    return True
+
+
+def fingerprint(unet: torch.nn.Module, probe: list[float] | None = None) -> str:
+    """A short id of the base's cross-attention k/v weights (for display and cache keys)."""
+    probe = probe if probe is not None else base_probe(unet)
+    h = hashlib.sha256(" ".join(f"{v:.3g}" for v in probe).encode())
     return h.hexdigest()[:16]

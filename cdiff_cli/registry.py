@@ -191,19 +191,31 @@ class Registry:
         return d
 
 
-def base_record(spec_ref: str, fingerprint: str) -> dict:
-    return {"ref": spec_ref, "fingerprint": fingerprint}
+def base_record(spec_ref: str, unet) -> dict:
+    """What an entry remembers of its base: where it came from, an id, and the probe used to compare."""
+    from cdiff_cli.layers import base_probe, fingerprint
+
+    probe = base_probe(unet)
+    return {"ref": spec_ref, "fingerprint": fingerprint(unet, probe), "probe": probe}
 
 
-def check_same_base(entries: list[Entry], fingerprint: str | None = None) -> None:
-    """Refuse entries trained on different bases (or on a base other than `fingerprint`)."""
-    fps = {e.base.get("fingerprint") for e in entries}
-    if len(fps) > 1:
-        desc = ", ".join(f"{e.name} ({e.base.get('ref')})" for e in entries)
-        raise CdiffError(f"these concepts were trained on different base models: {desc}")
-    if fingerprint is not None and fps and fingerprint not in fps:
+def _same(a: dict, b: dict) -> bool:
+    from cdiff_cli.layers import same_base_probe
+
+    if a.get("probe") and b.get("probe"):
+        return same_base_probe(a["probe"], b["probe"])
+    return a.get("fingerprint") == b.get("fingerprint")
+
+
+def check_same_base(entries: list[Entry], base: dict | None = None) -> None:
+    """Refuse entries trained on different bases (or on a base other than `base`, a base_record)."""
+    for e in entries[1:]:
+        if not _same(entries[0].base, e.base):
+            desc = ", ".join(f"{x.name} ({x.base.get('ref')})" for x in entries)
+            raise CdiffError(f"these concepts were trained on different base models: {desc}")
+    if base is not None and entries and not _same(entries[0].base, base):
         e = entries[0]
         raise CdiffError(
             f"concept {e.name!r} belongs to base {e.base.get('ref')} (fingerprint {e.base.get('fingerprint')}), "
-            f"not to the base given (fingerprint {fingerprint})"
+            f"not to the base given, {base.get('ref')} (fingerprint {base.get('fingerprint')})"
         )

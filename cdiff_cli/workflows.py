@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base
+from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
 from cdiff_cli.data import file_sha256, list_images
 from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError
-from cdiff_cli.layers import fingerprint
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
@@ -50,11 +49,10 @@ class RegOptions:
 
 
 def _load_base(base: str | None, device: str | None, precision: str = "fp32"):
+    """Load the base with its frozen weights in `precision` (already resolved, see resolve_precision)."""
     spec = resolve_base(base)
     dev = pick_device(device)
-    # Frozen weights may be half precision on a GPU; on CPU half is slower, so stay fp32 there.
-    dtype = DTYPES[precision] if dev.type != "cpu" else torch.float32
-    pipe = load_pipeline(spec, dtype=dtype, device=dev)
+    pipe = load_pipeline(spec, dtype=DTYPES[resolve_precision(precision, dev)], device=dev)
     return spec, pipe, dev
 
 
@@ -85,6 +83,7 @@ def train_entry(
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    cfg.precision = resolve_precision(cfg.precision, pick_device(device))
     accelerator = _launched_accelerator()
     main = accelerator is None or accelerator.is_main_process
     if accelerator is not None:
@@ -99,7 +98,8 @@ def train_entry(
         if not s.class_word.strip():
             raise CdiffError(f"concept {s.token}: --class must not be empty")
     registry.check_tokens_free([s.token for s in specs], replacing=name if force else None)
-    fp = fingerprint(pipe.unet)
+    base_rec = base_record(spec.ref, pipe.unet)
+    fp = base_rec["fingerprint"]
 
     concepts = []
     reg_by_class: dict[str, list] = {}
@@ -132,7 +132,7 @@ def train_entry(
     manifest = {
         "kind": "trained",
         "classes": [s.class_word for s in specs],
-        "base": base_record(spec.ref, fp),
+        "base": base_rec,
         "train": {
             **config_dict(cfg),
             "effective_lr": result.effective_lr,
@@ -213,14 +213,15 @@ def merge_entries(
     check_same_base(entries)
     _check_token_collisions(entries)
     spec, pipe, _ = _load_base(base or entries[0].base.get("ref"), device)
-    fp = fingerprint(pipe.unet)
-    check_same_base(entries, fp)
+    base_rec = base_record(spec.ref, pipe.unet)
+    fp = base_rec["fingerprint"]
+    check_same_base(entries, base_rec)
     ridge = DEFAULT_RIDGE if ridge is None else ridge
     delta, notes = _merge_loaded(registry, pipe, fp, entries, ridge, progress)
     manifest = {
         "kind": "merged",
         "classes": [c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
-        "base": base_record(spec.ref, fp),
+        "base": base_rec,
         "merge": {"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
         "parents": [{"name": e.name, "id": e.id} for e in entries],
     }
@@ -281,8 +282,9 @@ def prepare_pipeline(
     spec, pipe, dev = _load_base(ref, device, precision)
     if not entries:
         return spec, pipe, None
-    fp = fingerprint(pipe.unet)
-    check_same_base(entries, fp)
+    base_rec = base_record(spec.ref, pipe.unet)
+    fp = base_rec["fingerprint"]
+    check_same_base(entries, base_rec)
     if len(entries) == 1:
         delta = entries[0].load_delta()
     else:
@@ -332,7 +334,7 @@ def import_entry(
     manifest = {
         "kind": "imported",
         "classes": classes or ["" for _ in delta.tokens],
-        "base": base_record(spec.ref, fingerprint(pipe.unet)),
+        "base": base_record(spec.ref, pipe.unet),
         "source": {"path": str(Path(path).resolve()), "format": fmt},
         "parents": [],
     }

@@ -33,6 +33,7 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing 
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"

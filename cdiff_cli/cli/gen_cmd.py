@@ -33,7 +33,7 @@ def gen_cmd(
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
     base: Base = None,
-    precision: Annotated[Precision, typer.Option(help="Weights precision on a GPU.")] = Precision.fp16,
+    precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision.fp16,
     device: Device = "auto",
     as_json: Json = False,
 ):

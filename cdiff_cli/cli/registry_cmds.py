@@ -53,7 +53,46 @@ def list_cmd(as_json: Json = False):
          str(e.manifest.get("created", ""))[:19].replace("T", " ")]
         for e in entries
     ]
-    term.table(["NAME", "ID", "BASE", "TOKENS", "SIZE", "CREATED"], rows)
+    columns = ["NAME", "ID", "BASE", "TOKENS", "SIZE", "CREATED"]
+    if any(isinstance(e.manifest.get("metrics"), dict) for e in entries):
+        # Scores from `cdiff eval`: text alignment (CLIPScore) and image alignment (CLIP), '-' if never evaluated.
+        columns += ["TEXT", "IMAGE"]
+        for e, row in zip(entries, rows):
+            m = e.manifest.get("metrics") if isinstance(e.manifest.get("metrics"), dict) else {}
+            row += [_score(m.get("text_alignment")), _score(m.get("image_alignment"))]
+    term.table(columns, rows)
+
+
+def _score(x, signed: bool = False) -> str:
+    if not isinstance(x, (int, float)):
+        return "-"
+    x = x if round(x, 3) != 0 else 0.0  # no "-0.000"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def metrics_lines(m: dict) -> list[tuple[str, str]]:
+    """`cdiff show` rows for the scores `cdiff eval` stored in a manifest."""
+    base, delta = m.get("baseline") or {}, m.get("delta") or {}
+    lines = [("text alignment", f"{_score(m.get('text_alignment'))} (base {_score(base.get('text_alignment'))}, "
+                                f"delta {_score(delta.get('text_alignment'), True)})"),
+             ("image alignment", f"{_score(m.get('image_alignment'))} (CLIP; base {_score(base.get('image_alignment'))}, "
+                                 f"delta {_score(delta.get('image_alignment'), True)})")]
+    if m.get("image_alignment_dino") is not None:
+        lines.append(("image alignment", f"{_score(m.get('image_alignment_dino'))} (DINO; base "
+                                         f"{_score(base.get('image_alignment_dino'))}, delta {_score(delta.get('image_alignment_dino'), True)})"))
+    for c in m.get("per_concept") or []:
+        if len(m.get("per_concept") or []) > 1:
+            lines.append((f"  {c.get('token')}", f"image alignment {_score(c.get('image_alignment'))} CLIP"
+                                                 + (f", {_score(c.get('image_alignment_dino'))} DINO" if c.get("image_alignment_dino") is not None else "")))
+    kid = m.get("kid")
+    lines.append(("forgetting", f"KID x1000 {kid:.2f} (CLIP features)" if isinstance(kid, (int, float)) else "not measured"))
+    s, models = m.get("settings") or {}, m.get("models") or {}
+    lines.append(("evaluated", f"{str(m.get('date', ''))[:19].replace('T', ' ')}: {m.get('prompts')} prompts ({m.get('prompt_set')}), "
+                               f"{s.get('n')} image(s) each, {s.get('steps')} steps, guidance {s.get('guidance')}, seed {s.get('seed')}; "
+                               f"CLIP {models.get('clip')}" + (f", DINO {models['dino']}" if models.get("dino") else "")))
+    if m.get("report"):
+        lines.append(("report", str(m["report"])))
+    return lines
 
 
 @command("show")
@@ -79,6 +118,8 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Concept name.")], as_json
                                   f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}"))
     if m.get("source"):
         lines.append(("imported from", f"{m['source']['path']} ({m['source']['format']})"))
+    if isinstance(m.get("metrics"), dict):
+        lines += metrics_lines(m["metrics"])
     term.table(["FIELD", "VALUE"], [[k, str(v)] for k, v in lines])
 
 

@@ -55,7 +55,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option(help="Random seed (data order, augmentation, noise, generated regularisation).")] = 0,
     no_aug: Annotated[bool, typer.Option("--no-aug", help="Turn off the zoom-in/zoom-out augmentation (e.g. for faces).")] = False,
     no_hflip: Annotated[bool, typer.Option("--no-hflip", help="Turn off horizontal flips.")] = False,
-    precision: Annotated[Precision, typer.Option(help="Autocast precision on a GPU; trainable weights stay fp32.")] = Precision.fp32,
+    precision: Annotated[Precision, typer.Option(help="Frozen weights and autocast precision. auto: bf16 where the GPU/CPU computes it natively, else fp16 (GPU) or fp32. Trainable weights and optimizer state always stay fp32.")] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
     aug_pool: Annotated[int, typer.Option("--aug-pool", help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
