@@ -65,7 +65,10 @@ def eval_cmd(
     dino_on = any(r["image_alignment_dino"] is not None for r in run["entries"])
 
     def f(x, nd=3, signed=False):
-        return "-" if x is None else (f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}")
+        if x is None:
+            return "-"
+        x = x if round(x, nd) != 0 else 0.0  # no "-0.000"
+        return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
     cols = ["NAME", "TEXT", "IMAGE"] + (["DINO"] if dino_on else []) + ["KIDx1000", "BASE TEXT", "BASE IMAGE", "ΔTEXT", "ΔIMAGE"]
     rows = []
