@@ -149,8 +149,13 @@ def latent_mask(a: Augmentation, size: int, factor: int) -> torch.Tensor:
     return mask
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sample sum(mse * mask) / sum(mask), averaged over the batch. mask: [B, 1, h, w]."""
+def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(mse * mask) / sum(mask) for each sample: [B]. mask: [B, 1, h, w]."""
     mse = (pred.float() - target.float()) ** 2
     mask = mask.expand_as(mse)
-    return ((mse * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)).mean()
+    return (mse * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp_min(1.0)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The method's masked loss: per-sample sum(mse * mask) / sum(mask), averaged over the batch."""
+    return masked_mse_per_sample(pred, target, mask).mean()

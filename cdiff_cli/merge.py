@@ -34,21 +34,53 @@ _JITTER = 1e-9
 _DUP_TOL = 1e-6
 
 
-def dedupe_rows(C: torch.Tensor, V: torch.Tensor, tol: float = _DUP_TOL) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep each (near-)duplicate row of C once; its target is the mean of the duplicates' targets."""
-    keep_c, keep_v, counts = [], [], []
-    for c, v in zip(C, V):
-        for k, kc in enumerate(keep_c):
+def duplicate_groups(C: torch.Tensor, tol: float = _DUP_TOL) -> list[list[int]]:
+    """Indices of C's rows grouped by (near-)equality, in order of first appearance."""
+    groups: list[list[int]] = []
+    for i, c in enumerate(C):
+        for g in groups:
+            kc = C[g[0]]
             if torch.linalg.vector_norm(c - kc) <= tol * max(1.0, float(torch.linalg.vector_norm(kc))):
-                keep_v[k] = keep_v[k] + v
-                counts[k] += 1
+                g.append(i)
                 break
         else:
-            keep_c.append(c.clone())
-            keep_v.append(v.clone())
-            counts.append(1)
-    Vd = torch.stack([v / n for v, n in zip(keep_v, counts)])
-    return torch.stack(keep_c), Vd
+            groups.append([i])
+    return groups
+
+
+def dedupe_rows(C: torch.Tensor, V: torch.Tensor, tol: float = _DUP_TOL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each (near-)duplicate row of C once; its target is the mean of the duplicates' targets."""
+    groups = duplicate_groups(C, tol)
+    return torch.stack([C[g[0]] for g in groups]), torch.stack([V[g].mean(0) for g in groups])
+
+
+class MergeSystem:
+    """The parts of the solve shared by every layer: they depend only on C and G, not on W0 or V.
+
+    Factorising once and reusing for all 32 k/v layers of SD 1.x makes a merge a few matrix products
+    per layer instead of two dense solves.
+    """
+
+    def __init__(self, C: torch.Tensor, G: torch.Tensor, ridge: float = DEFAULT_RIDGE):
+        dt = torch.float64
+        C, G = C.to(dt), G.to(dt)
+        self.groups = duplicate_groups(C)
+        Cd = torch.stack([C[g[0]] for g in self.groups])
+        d = G.shape[0]
+        Gr = G + (ridge * torch.trace(G) / d + _JITTER) * torch.eye(d, dtype=dt)
+        self.GinvCt = torch.linalg.solve(Gr, Cd.T)  # [in, m]
+        K = Cd @ self.GinvCt  # [m, m], symmetric positive definite when Cd has full row rank
+        K = K + _JITTER * torch.trace(K) / K.shape[0] * torch.eye(K.shape[0], dtype=dt)
+        self.K_chol = torch.linalg.cholesky(K)
+        self.Cd = Cd
+
+    def solve(self, W0: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """W = W0 + (V^T - W0 C^T) K^-1 C G^-1 for one layer; V holds C's targets ([m, out])."""
+        W0d = W0.to(torch.float64)
+        Vd = torch.stack([V[g].to(torch.float64).mean(0) for g in self.groups])
+        R = Vd.T - W0d @ self.Cd.T  # [out, m]: what the constraints still need
+        X = torch.cholesky_solve(R.T, self.K_chol)  # K^-1 R^T: [m, out]
+        return (W0d + X.T @ self.GinvCt.T).to(W0.dtype)
 
 
 def constrained_merge(
@@ -59,17 +91,7 @@ def constrained_merge(
     ridge: float = DEFAULT_RIDGE,
 ) -> torch.Tensor:
     """Solve the merge for one layer. W0 [out, in]; C [m, in]; V [m, out]; G [in, in]. Pure function."""
-    dt = torch.float64
-    W0d, Cd, Vd, Gd = W0.to(dt), C.to(dt), V.to(dt), G.to(dt)
-    Cd, Vd = dedupe_rows(Cd, Vd)
-    d = Gd.shape[0]
-    Gr = Gd + (ridge * torch.trace(Gd) / d + _JITTER) * torch.eye(d, dtype=dt)
-    GinvCt = torch.linalg.solve(Gr, Cd.T)  # [in, m]
-    K = Cd @ GinvCt  # [m, m], symmetric positive definite when C has full row rank
-    K = K + _JITTER * torch.trace(K) / K.shape[0] * torch.eye(K.shape[0], dtype=dt)
-    R = Vd.T - W0d @ Cd.T  # [out, m]: what the constraints still need
-    W = W0d + torch.linalg.solve(K, R.T).T @ GinvCt.T
-    return W.to(W0.dtype)
+    return MergeSystem(C, G, ridge).solve(W0, V)
 
 
 # -- text features ----------------------------------------------------------------------------------
@@ -143,17 +165,19 @@ def merge_deltas(
     for d, cls in zip(deltas, classes):
         prompts = [p for t, c in zip(d.tokens, cls) for p in concept_prompts(t, c)]
         C_parts.append(torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, prompts)).double())
-    base = {n: p.detach().cpu().float() for n, p in pipe.unet.named_parameters()}
     names = sorted({n for d in deltas for n in d.weights})
+    params = dict(pipe.unet.named_parameters())
+    base = {n: params[n].detach().cpu().float() for n in names}  # only the merged layers, not all 860 M
+    C = torch.cat(C_parts)
+    system = MergeSystem(C, G, ridge)
     notes: list[str] = []
     merged: dict[str, torch.Tensor] = {}
     with progress.task("merging layers", len(names)) as bar:
         for name in names:
             W0 = base[name]
             if name in kv_names([name]):
-                C = torch.cat(C_parts)
                 V = torch.cat([Cn @ d.weights.get(name, W0).double().T for Cn, d in zip(C_parts, deltas)])
-                merged[name] = constrained_merge(W0, C, V, G, ridge).float()
+                merged[name] = system.solve(W0, V).float()
             else:
                 # q/out projections never see text features: no constraint applies, sum the deltas.
                 merged[name] = W0 + sum(d.weights.get(name, W0).float() - W0 for d in deltas)

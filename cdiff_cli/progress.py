@@ -20,5 +20,8 @@ class Progress:
     def note(self, message: str) -> None:
         pass
 
+    def warn(self, message: str) -> None:
+        pass
+
 
 SILENT = Progress()

@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from cdiff_cli.data import ImageItem, apply_augmentation, latent_mask, masked_mse, open_rgb, sample_augmentation, to_tensor
+from cdiff_cli.data import ImageItem, apply_augmentation, latent_mask, masked_mse_per_sample, open_rgb, sample_augmentation, to_tensor
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import read_weights, trainable_names
@@ -66,6 +65,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
     aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
+    micro_batch: int = 0  # images per forward/backward (gradients accumulate); 0 = the whole batch at once
+    low_memory: bool = False  # recorded for the manifest; see `low_memory_config`
 
     def effective_lr(self, processes: int = 1) -> float:
         return self.lr * self.batch_size * processes if self.scale_lr else self.lr
@@ -282,6 +283,37 @@ def train(
         (m, sd), = encode([img.flip(-1) if flip else img])
         return _Latent(m, sd), caption
 
+    def step_loss(part, n_target: int, n_reg: int) -> torch.Tensor:
+        """This micro-batch's share of the step loss: mean masked MSE over the step's target images
+        plus prior_weight x mean MSE over its regularisation images."""
+        latents = torch.stack([lt.sample() for lt, _, _ in part]) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
+        is_target = [kind == "target" for _, (kind, _), _ in part]
+        with autocast:
+            text = []
+            prompts = [p for _, (kind, p), _ in part if kind == "target"]
+            if prompts:
+                text.append(encode_text(prompts, grad=True))
+            for _, (kind, caption), _ in part:
+                if kind == "reg":
+                    if caption not in reg_text:
+                        reg_text[caption] = encode_text([caption], grad=False).detach()
+                    text.append(reg_text[caption])
+            enc = torch.cat([x.to(text[0].dtype) for x in text])
+            pred = unet(noisy.to(unet_dtype), t, enc).sample
+        loss = pred.new_zeros((), dtype=torch.float32)
+        k = sum(is_target)
+        if k:
+            mask = torch.stack([m for _, _, m in part[:k]])
+            loss = loss + masked_mse_per_sample(pred[:k], target[:k], mask).sum() / n_target
+        if len(part) > k:
+            per = ((pred[k:].float() - target[k:].float()) ** 2).mean(dim=(1, 2, 3))
+            loss = loss + cfg.prior_weight * per.sum() / n_reg
+        return loss
+
     hooks = [te.get_input_embeddings().register_forward_hook(token_rows.hook)]
     hooks += [mod.register_forward_hook(_detach_first_hook) for n, mod in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
     losses: list[float] = []
@@ -291,30 +323,18 @@ def train(
             for step in range(cfg.steps):
                 targets = [(ci, draw_target(ci)) for ci in balanced_slots(step, n_target, len(concepts))]
                 regs = [draw_reg(reg_concepts[s]) for s in balanced_slots(step, n_reg, len(reg_concepts))] if n_reg else []
-                latents = torch.stack([lt.sample() for _, lt in targets] + [lt.sample() for lt, _ in regs])
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],), device=device)
-                noisy = noise_sched.add_noise(latents, noise, t)
-                if noise_sched.config.prediction_type == "epsilon":
-                    target = noise
-                else:
-                    target = noise_sched.get_velocity(latents, noise, t)
-
-                with autocast:
-                    text = [encode_text([lt.prefix + concepts[ci].prompt for ci, lt in targets], grad=True)]
-                    for _, caption in regs:
-                        if caption not in reg_text:
-                            reg_text[caption] = encode_text([caption], grad=False).detach()
-                        text.append(reg_text[caption])
-                    enc = torch.cat([x.to(text[0].dtype) for x in text])
-                    pred = unet(noisy.to(unet_dtype), t, enc).sample
-                mask = torch.stack([lt.mask for _, lt in targets])
-                loss = masked_mse(pred[:n_target], target[:n_target], mask)
-                if n_reg:
-                    loss = loss + cfg.prior_weight * F.mse_loss(pred[n_target:].float(), target[n_target:].float())
+                # One sample per image: (latent, text source, mask or None). Targets first, then regs.
+                samples = [(lt, ("target", lt.prefix + concepts[ci].prompt), lt.mask) for ci, lt in targets]
+                samples += [(lt, ("reg", caption), None) for lt, caption in regs]
+                micro = cfg.micro_batch or len(samples)
                 optimizer.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                value = 0.0
+                # Micro-batches accumulate gradients: the same update as one big batch, less memory.
+                for s in range(0, len(samples), micro):
+                    part = samples[s : s + micro]
+                    loss = step_loss(part, n_target, n_reg)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    value += float(loss.detach())
                 if processes > 1:
                     _all_reduce_mean(trainable, processes)
                 if scaler is not None:
@@ -322,7 +342,6 @@ def train(
                     scaler.update()
                 else:
                     optimizer.step()
-                value = float(loss.detach())
                 if not math.isfinite(value):
                     raise CdiffError(f"training diverged at step {step + 1} (loss {value}); try a lower --lr")
                 losses.append(value)
@@ -377,6 +396,16 @@ def _training_scheduler(pipe):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def low_memory_config(cfg: TrainConfig) -> TrainConfig:
+    """--low-memory: gradient checkpointing and one image per forward/backward (gradients accumulate,
+    so the update is the same as the full batch's), on top of half-precision frozen weights and the
+    VAE leaving the GPU after latent caching. Fits SD 1.x at 512 px in about 3 GB by the estimate."""
+    from dataclasses import replace
+
+    return replace(cfg, gradient_checkpointing=True, micro_batch=1, low_memory=True,
+                   precision="auto" if cfg.precision == "fp32" else cfg.precision)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -93,6 +93,7 @@ def train_entry(
     spec, pipe, dev = _load_base(base, device, cfg.precision)
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
+    _preflight(pipe, cfg, dev, progress)
     for s in specs:
         validate_token(s.token, pipe.tokenizer)
         if not s.class_word.strip():
@@ -152,6 +153,18 @@ def train_entry(
     }
     entry = registry.create(name, result.delta, manifest, overwrite=force)
     return entry, result
+
+
+def _preflight(pipe, cfg, device, progress: Progress) -> None:
+    """Warn before training when the memory estimate exceeds what is free (see cdiff_cli.memory)."""
+    from cdiff_cli.layers import trainable_names
+    from cdiff_cli.memory import available_memory, estimate_for_pipe, preflight_warning
+
+    params = dict(pipe.unet.named_parameters())
+    n_train = sum(params[n].numel() for n in trainable_names(pipe.unet, cfg.mode))
+    warning = preflight_warning(estimate_for_pipe(pipe, cfg, n_train), available_memory(device), cfg.low_memory)
+    if warning:
+        progress.warn(warning)
 
 
 def _launched_accelerator():

@@ -12,7 +12,13 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+import torch  # noqa: E402
+
 from cdiff_cli.tiny import build_tiny_pipeline, save_tiny_base  # noqa: E402
+
+# Tiny models gain nothing from a second thread, and a spinning second thread slows them 5-10x
+# whenever anything else uses the CPU.
+torch.set_num_threads(1)
 
 RES = 64  # tiny bases are 64 px (8x8 latents)
 

@@ -2,6 +2,7 @@
 (Debian's chromium, headless; skipped only where /usr/bin/chromium is absent — CI installs it)."""
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -115,7 +116,8 @@ def _chromium(*args, tmp_path: Path):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+# In CI (CI=true) the browser is installed by .ci/run, so a missing browser fails instead of skipping.
+@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"), reason="needs Debian's chromium (apt-get install chromium)")
 def test_report_renders_in_a_browser(tmp_path):
     run = fake_run(tmp_path / "imgs")
     html_path, _ = write_report(run, tmp_path / "out")

@@ -125,3 +125,6 @@ class _RichProgress(Progress):
 
     def note(self, message: str) -> None:
         self.terminal.info(message)
+
+    def warn(self, message: str) -> None:
+        self.terminal.warn(message)

@@ -12,7 +12,7 @@ from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Device, Force, Json, NewBase, Precision, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.train import TrainConfig
+from cdiff_cli.train import TrainConfig, low_memory_config
 from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
 
 
@@ -57,6 +57,7 @@ def train_cmd(
     no_hflip: Annotated[bool, typer.Option("--no-hflip", help="Turn off horizontal flips.")] = False,
     precision: Annotated[Precision, typer.Option(help="Frozen weights and autocast precision. auto: bf16 where the GPU/CPU computes it natively, else fp16 (GPU) or fp32. Trainable weights and optimizer state always stay fp32.")] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
+    low_memory: Annotated[bool, typer.Option("--low-memory", help="Gradient checkpointing, one image per forward/backward (same update), half-precision frozen weights: SD 1.x at 512 px on an 8 GB GPU.")] = False,
     aug_pool: Annotated[int, typer.Option("--aug-pool", help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
     force: Force = False,
@@ -84,6 +85,8 @@ def train_cmd(
         resolution=resolution, seed=seed, aug=not no_aug, hflip=not no_hflip, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool,
     )
+    if low_memory:
+        cfg = low_memory_config(cfg)
     entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
                                 force=force, progress=term.progress())
     if entry is None:

@@ -1,0 +1,104 @@
+"""A preflight estimate of training memory, so an out-of-memory is predicted before minutes of work.
+
+The estimate is deliberately simple and errs high: weights at their storage precision, fp32
+trainable weights with their gradients and AdamW state, and UNet activations proportional to the
+number of latent pixels in one forward/backward. The activation constant was measured on the full
+SD 1.x UNet (k/v training, 256 px, CPU, fp32 and bf16: see benchmarks/bench_train.py); gradient
+checkpointing keeps roughly a third of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Bytes of saved activations per latent pixel per image, full SD 1.x UNet (fp32 measurement).
+ACT_BYTES_PER_LATENT_PIXEL_FP32 = 700e3
+HALF_ACTIVATION_FACTOR = 0.65  # autocast keeps some fp32 tensors, so half precision saves less than 2x
+CHECKPOINT_FACTOR = 0.35
+CUDA_CONTEXT_BYTES = 600e6
+
+
+@dataclass
+class Estimate:
+    weights: float
+    trainable: float
+    activations: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.trainable + self.activations + self.overhead
+
+    def describe(self) -> str:
+        gb = 1e9
+        return (f"{self.total / gb:.1f} GB (weights {self.weights / gb:.1f}, trainable+optimizer {self.trainable / gb:.2f}, "
+                f"activations {self.activations / gb:.1f})")
+
+
+def estimate_training_memory(
+    *,
+    frozen_params: int,
+    frozen_bytes_per_param: int,
+    trainable_params: int,
+    images_per_pass: int,
+    resolution: int,
+    vae_factor: int = 8,
+    unet_params: int = 860_000_000,
+    half: bool = False,
+    gradient_checkpointing: bool = False,
+    cuda: bool = False,
+) -> Estimate:
+    """Pure arithmetic; activations scale with the UNet's size relative to SD 1.x's."""
+    latent_pixels = (resolution // vae_factor) ** 2
+    act = ACT_BYTES_PER_LATENT_PIXEL_FP32 * latent_pixels * images_per_pass * (unet_params / 860e6)
+    if half:
+        act *= HALF_ACTIVATION_FACTOR
+    if gradient_checkpointing:
+        act *= CHECKPOINT_FACTOR
+    trainable = trainable_params * 4 * 4  # fp32 weight, gradient, two AdamW moments
+    return Estimate(frozen_params * frozen_bytes_per_param, trainable, act, CUDA_CONTEXT_BYTES if cuda else 0.0)
+
+
+def available_memory(device: torch.device) -> float | None:
+    """Free memory the run can use: free GPU memory, or MemAvailable on a Linux CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return float(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
+    unet = pipe.unet
+    frozen = sum(p.numel() for m in (unet, pipe.text_encoder) for p in m.parameters()) - trainable_params
+    dtype = unet.conv_in.weight.dtype
+    images = cfg.micro_batch or cfg.batch_size
+    return estimate_training_memory(
+        frozen_params=frozen,
+        frozen_bytes_per_param=torch.finfo(dtype).bits // 8,
+        trainable_params=trainable_params,
+        images_per_pass=images,
+        resolution=cfg.resolution,
+        vae_factor=int(pipe.vae_scale_factor),
+        unet_params=sum(p.numel() for p in unet.parameters()),
+        half=cfg.precision in ("bf16", "fp16"),
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        cuda=unet.device.type == "cuda",
+    )
+
+
+def preflight_warning(estimate: Estimate, available: float | None, low_memory: bool) -> str | None:
+    """A warning when the estimate exceeds 90 % of the memory available, with what to change."""
+    if available is None or estimate.total <= 0.9 * available:
+        return None
+    hint = "lower --batch-size or --resolution" if low_memory else "use --low-memory (or lower --batch-size)"
+    return (f"this run needs about {estimate.describe()}, but only {available / 1e9:.1f} GB are free: "
+            f"it will probably run out of memory; {hint}")
