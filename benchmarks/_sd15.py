@@ -14,11 +14,12 @@ from PIL import Image, ImageDraw
 
 
 def build_sd15(seed: int = 0):
+    import tempfile
+
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from cdiff_cli.tiny import write_tiny_tokenizer
-    import tempfile
 
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tempfile.mkdtemp())), model_max_length=77)

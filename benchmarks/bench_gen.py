@@ -108,13 +108,18 @@ def main():
         t0 = time.perf_counter()
         G = gram(feature_rows(base.tokenizer, base.text_encoder, list(load_captions())))
         results["gram_once_per_base_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        merge_deltas(base, [d1, d2], [["cat"], ["chair"]], G=G)
-        results["merge_two_s"] = time.perf_counter() - t0
+        merges = []
+        for _ in range(3):  # the first call also pages the base's k/v weights in from disk
+            t0 = time.perf_counter()
+            merge_deltas(base, [d1, d2], [["cat"], ["chair"]], G=G)
+            merges.append(time.perf_counter() - t0)
+        results["merge_two_first_call_s"] = merges[0]
+        results["merge_two_s"] = statistics.median(merges[1:])
     print(f"\nSD 1.x architecture, {args.resolution} px, {args.steps} DPM-Solver steps, device {args.device}")
     print(f"{'what':<42}{'seconds':>10}")
     for label, key in (("sample, plain diffusers pipeline", "sampling_plain_s"), ("sample, cdiff (delta written in)", "sampling_cdiff_s"),
                        ("apply a delta (16 k/v layers + token)", "apply_delta_s"), ("merge two concepts (Gram cached)", "merge_two_s"),
+                       ("  the same, first call in the process", "merge_two_first_call_s"),
                        ("Gram of 1,353 captions (once per base)", "gram_once_per_base_s")):
         if key in results:
             print(f"{label:<42}{results[key]:>10.3f}")

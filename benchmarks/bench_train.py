@@ -37,7 +37,6 @@ sys.path.insert(0, str(HERE))
 
 def _setup(args):
     import torch
-
     from _sd15 import write_images
 
     from cdiff_cli.base import load_pipeline
@@ -98,12 +97,11 @@ def worker_baseline(args) -> dict:
     torch, device, dtype, pipe, targets, regs, setup_s = _setup(args)
     import random
 
-    from _sd15 import PeakMemory
-
     import torch.nn.functional as F
+    from _sd15 import PeakMemory
     from diffusers import DDPMScheduler
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
     from diffusers.loaders import AttnProcsLayers
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
     from cdiff_cli.data import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
 

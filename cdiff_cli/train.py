@@ -27,7 +27,15 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.data import ImageItem, apply_augmentation, latent_mask, masked_mse_per_sample, open_rgb, sample_augmentation, to_tensor
+from cdiff_cli.data import (
+    ImageItem,
+    apply_augmentation,
+    latent_mask,
+    masked_mse_per_sample,
+    open_rgb,
+    sample_augmentation,
+    to_tensor,
+)
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import read_weights, trainable_names

@@ -22,7 +22,6 @@ from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
-
 # -- train -----------------------------------------------------------------------------------------
 
 

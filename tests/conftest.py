@@ -10,9 +10,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
 import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from cdiff_cli.tiny import build_tiny_pipeline, save_tiny_base  # noqa: E402
 

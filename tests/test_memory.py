@@ -43,4 +43,4 @@ def test_low_memory_training_trains_the_same_parameters(tmp_path):
     res = train(pipe, [Concept("<a1>", "cat", imgs, reg=imgs)], cfg)
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(trainable_names(pipe.unet, "kv"))
-    assert len(res.losses) == 3 and all(l > 0 for l in res.losses)
+    assert len(res.losses) == 3 and all(v > 0 for v in res.losses)

@@ -14,13 +14,16 @@ from typing import Annotated, Optional
 import typer
 
 from cdiff_cli import __version__
+
 # Importing a command module registers its commands; this order is the order of `cdiff --help`.
-from cdiff_cli.cli import train_cmd  # noqa: F401,I001
+# isort: off
+from cdiff_cli.cli import train_cmd  # noqa: F401
 from cdiff_cli.cli import merge_cmd  # noqa: F401
 from cdiff_cli.cli import gen_cmd  # noqa: F401
+from cdiff_cli.cli import eval_cmd  # noqa: F401
 from cdiff_cli.cli import transfer_cmds  # noqa: F401
 from cdiff_cli.cli import registry_cmds  # noqa: F401
-from cdiff_cli.cli import eval_cmd  # noqa: F401
+# isort: on
 from cdiff_cli.cli._app import app
 from cdiff_cli.cli._term import term
 
