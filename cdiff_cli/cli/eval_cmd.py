@@ -39,8 +39,10 @@ def eval_cmd(
     device: Device = "auto",
     as_json: Json = False,
 ):
-    """Evaluate concepts: text alignment (CLIPScore), image alignment to the training images, the same
-    prompts on the base model, and forgetting (KID of class images), with an HTML report.
+    """Score concepts against their base model, with an HTML report.
+
+    Text alignment (CLIPScore), image alignment to the training images, the same prompts on the base
+    model, and forgetting (KID of class images).
 
     The prompts are the built-in CustomConcept101-style set for each concept's class (pair prompts for
     entries with several tokens). Text alignment uses each prompt without the modifier token.
