@@ -126,6 +126,7 @@ def main():
     if "sampling_overhead" in results:
         print(f"cdiff sampling vs plain: {100 * results['sampling_overhead']:+.1f} %")
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
+            f"threads_{args.parts.replace(',', '_')}": torch.get_num_threads(),
             "resolution": args.resolution, "steps": args.steps, "repeats": args.repeats}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
