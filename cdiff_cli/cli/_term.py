@@ -27,7 +27,9 @@ class Terminal:
     # Consoles are created lazily so tests that swap sys.stdout/stderr (CliRunner) are honoured.
     @property
     def out(self) -> Console:
-        return Console(file=sys.stdout, soft_wrap=True)
+        # Piped output keeps whole rows (no wrapping at 80 columns) so scripts can cut/grep it.
+        piped = not sys.stdout.isatty()
+        return Console(file=sys.stdout, soft_wrap=True, width=240 if piped else None)
 
     @property
     def err(self) -> Console:
