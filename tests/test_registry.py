@@ -71,3 +71,22 @@ def test_token_validation(sd1_pipe):
                      ("", "invalid"), ("tree", "ordinary word")):
         with pytest.raises(CdiffError, match=why):
             validate_token(bad, tok)
+
+
+def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
+    from cdiff_cli.base import load_pipeline
+    from cdiff_cli.layers import base_probe, same_base_probe
+    from cdiff_cli.tiny import build_tiny_pipeline
+
+    probes = [base_probe(load_pipeline(str(sd1_base), dtype=d).unet) for d in (torch.float32, torch.bfloat16, torch.float16)]
+    assert same_base_probe(probes[0], probes[1]) and same_base_probe(probes[0], probes[2])
+    assert not same_base_probe(probes[0], base_probe(build_tiny_pipeline("sd1", seed=7).unet))
+
+
+def test_precision_resolution():
+    from cdiff_cli.base import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp16", cpu) == "fp32"  # half precision is not a CPU format
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) in ("bf16", "fp32")
