@@ -41,11 +41,9 @@ def eval_cmd(
 ):
     """Score concepts against their base model, with an HTML report.
 
-    Text alignment (CLIPScore), image alignment to the training images, the same prompts on the base
-    model, and forgetting (KID of class images).
+    Text alignment (CLIPScore), image alignment to the training images, the same prompts on the base model, and forgetting (KID of class images).
 
-    The prompts are the built-in CustomConcept101-style set for each concept's class (pair prompts for
-    entries with several tokens). Text alignment uses each prompt without the modifier token.
+    The prompts are the built-in CustomConcept101-style set for each concept's class (pair prompts for entries with several tokens). Text alignment uses each prompt without the modifier token.
     """
     from cdiff_cli.evaluation import EvalSettings, evaluate_entries
 

@@ -24,8 +24,7 @@ def merge_cmd(
 ):
     """Merge concepts into one entry that keeps every concept's token.
 
-    Each k/v layer is the closest matrix to the base on the 1,353 shipped ordinary captions that still maps every
-    concept's own prompt features exactly as that concept's fine-tuned layer does.
+    Each k/v layer is the closest matrix to the base on the 1,353 shipped ordinary captions that still maps every concept's own prompt features exactly as that concept's fine-tuned layer does.
     """
     entry, notes = merge_entries(registry(), names, name, base=base, ridge=ridge, force=force, progress=term.progress())
     for n in notes:

@@ -65,8 +65,7 @@ def train_cmd(
 ):
     """Train a concept (or several jointly) with Custom Diffusion and save it in the registry.
 
-    Only the UNet's cross-attention key/value projections and one new token per concept are trained.
-    Ctrl-C stops cleanly: nothing is saved until training has finished.
+    Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C stops cleanly: nothing is saved until training has finished.
     """
     if concept:
         if images_dir or class_word or token:
