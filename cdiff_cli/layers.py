@@ -7,14 +7,21 @@ import hashlib
 import torch
 
 MODES = ("kv", "crossattn")
+# Baselines for benchmarks (not offered by `cdiff train`): the whole UNet (DreamBooth-like fine-tuning
+# with a new token) and the token alone (textual inversion).
+BASELINE_MODES = ("full", "token")
 _KV = ("attn2.to_k.weight", "attn2.to_v.weight")
 _QOUT = ("attn2.to_q.weight", "attn2.to_out.0.weight", "attn2.to_out.0.bias")
 
 
 def trainable_names(unet: torch.nn.Module, mode: str = "kv") -> list[str]:
     """Names of the cross-attention parameters trained in `mode` ("kv" or "crossattn")."""
+    if mode == "full":
+        return [n for n, _ in unet.named_parameters()]
+    if mode == "token":
+        return []
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        raise ValueError(f"mode must be one of {MODES + BASELINE_MODES}, not {mode!r}")
     suffixes = _KV + (_QOUT if mode == "crossattn" else ())
     return [n for n, _ in unet.named_parameters() if n.endswith(suffixes)]
 

@@ -249,11 +249,11 @@ def train(
     unet.train()
 
     lr = cfg.effective_lr(processes)
+    groups = [{"params": [token_rows.rows], "weight_decay": 0.0}]
+    if trainable[:-1]:  # empty in the textual-inversion baseline mode
+        groups.insert(0, {"params": trainable[:-1], "weight_decay": cfg.weight_decay})
     optimizer = torch.optim.AdamW(
-        [
-            {"params": trainable[:-1], "weight_decay": cfg.weight_decay},
-            {"params": [token_rows.rows], "weight_decay": 0.0},
-        ],
+        groups,
         lr=lr,
         **({"fused": True} if device.type == "cuda" else {}),
     )

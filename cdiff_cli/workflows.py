@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
+
+if TYPE_CHECKING:
+    from cdiff_cli.train import TrainResult
 
 # -- train -----------------------------------------------------------------------------------------
 
@@ -66,11 +70,13 @@ def train_entry(
     device: str | None = "auto",
     force: bool = False,
     progress: Progress = SILENT,
-) -> tuple[Entry, "object"]:
-    """Train one or several concepts jointly into a new registry entry. Returns (entry, TrainResult)."""
+) -> tuple[Entry | None, TrainResult]:
+    """Train one or several concepts jointly into a new registry entry. Returns (entry, result); the
+    entry is None on the secondary processes of a multi-process run (only the main one writes)."""
     from cdiff_cli.regset import generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
+    cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
     validate_name(name)
     if registry.exists(name) and not force:
