@@ -28,7 +28,17 @@ class BaseSpec:
 
 
 def resolve_base(spec: str | None) -> BaseSpec:
+    """`nano` is the small model shipped with cdiff (cdiff_cli/models/nano; a local folder of that name is
+    `./nano`); else a local diffusers folder, a .safetensors/.ckpt file, or a hub id."""
     spec = spec or default_base()
+    from cdiff_cli.nano import BASE_NAMES, packaged_model
+
+    if spec in BASE_NAMES:
+        folder = packaged_model(BASE_NAMES[spec])
+        if folder is None:
+            raise NotFoundError(f"the packaged {spec!r} model is not installed (no cdiff_cli/models/{BASE_NAMES[spec]}); "
+                                "train it with scripts/train_nano.py or pass --base with another model")
+        return BaseSpec(str(folder.resolve()), "folder")
     p = Path(spec).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():

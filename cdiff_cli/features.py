@@ -14,15 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cdiff_cli.defaults import DEFAULT_CLIP, PAPER_DINO  # noqa: E402,F401  (re-exported)
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.progress import Task
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-PAPER_DINO = "facebook/dino-vits16"
 FEATURE_BATCH = 32
 
 
 def _check_ref(ref: str, what: str) -> str:
+    if what == "CLIP":
+        from cdiff_cli.nano import CLIP_NAMES, packaged_model
+
+        if ref in CLIP_NAMES:  # `--clip nano`: the CLIP shipped with cdiff, trained on the nano world
+            folder = packaged_model(CLIP_NAMES[ref])
+            if folder is None:
+                raise CdiffError(f"the packaged {CLIP_NAMES[ref]!r} model is not installed (no cdiff_cli/models/"
+                                 f"{CLIP_NAMES[ref]}); train it with scripts/train_nano.py or pass --clip with another model")
+            return str(folder.resolve())
     p = Path(ref).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():

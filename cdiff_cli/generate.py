@@ -6,22 +6,10 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from PIL.PngImagePlugin import PngInfo
 
+from cdiff_cli.defaults import SCHEDULERS  # noqa: E402,F401  (re-exported)
 from cdiff_cli.errors import CdiffError
-
-# Name -> diffusers scheduler class name. "default" keeps the base's own scheduler.
-SCHEDULERS = {
-    "dpm": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "default": None,
-}
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -34,12 +22,13 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
 
 
-def generators(seed: int, n: int) -> list[torch.Generator]:
+def generators(seed: int, n: int) -> list:
     """One CPU generator per image: image i of seed s is the same whatever the batch size."""
+    import torch
+
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
 
 
-@torch.no_grad()
 def sample(
     pipe,
     prompt: str,
@@ -55,6 +44,8 @@ def sample(
     on_image=None,
 ):
     """Generate `n` images of `prompt`; `on_image(i)` is called as each batch finishes."""
+    import torch
+
     factor = int(pipe.vae_scale_factor)
     for v, what in ((height, "--height"), (width, "--width")):
         if v is not None and (v <= 0 or v % factor):
@@ -63,16 +54,17 @@ def sample(
     gens = generators(seed, n)
     for s in range(0, n, batch_size):
         k = min(batch_size, n - s)
-        out = pipe(
-            prompt,
-            negative_prompt=negative,
-            num_images_per_prompt=k,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gens[s : s + k],
-            height=height,
-            width=width,
-        ).images
+        with torch.no_grad():
+            out = pipe(
+                prompt,
+                negative_prompt=negative,
+                num_images_per_prompt=k,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=gens[s : s + k],
+                height=height,
+                width=width,
+            ).images
         images.extend(out)
         if on_image is not None:
             on_image(len(out))

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import kv_names
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.tokens import add_tokens, canonical
 
-DEFAULT_RIDGE = 1e-3
 _JITTER = 1e-9
 _DUP_TOL = 1e-6
 

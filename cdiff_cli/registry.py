@@ -16,11 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdiff_cli import __version__
-from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.tokens import canonical
+
+if TYPE_CHECKING:
+    from cdiff_cli.delta import Delta
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 DELTA_FILE = "delta.safetensors"
@@ -75,6 +78,8 @@ class Entry:
         return self.path / DELTA_FILE
 
     def load_delta(self) -> Delta:
+        from cdiff_cli.delta import Delta
+
         return Delta.load(self.delta_path)
 
 

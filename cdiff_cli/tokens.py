@@ -9,10 +9,12 @@ token; tokens are compared case-insensitively everywhere.
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from cdiff_cli.errors import CdiffError
+
+if TYPE_CHECKING:
+    import torch
 
 _TOKEN_RE = re.compile(r"^[^\s,;\"']{1,40}$")
 
@@ -61,6 +63,8 @@ def token_ids(tokenizer, tokens: list[str]) -> list[int]:
 
 def initial_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
     """Mean embedding of `word`'s sub-tokens (flat id list: see the transformers 5 note in method-notes)."""
+    import torch
+
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if not ids:
         raise CdiffError(f"cannot initialise a token from {word!r}: it has no tokens")
@@ -70,6 +74,8 @@ def initial_embedding(tokenizer, text_encoder, word: str) -> torch.Tensor:
 
 def add_tokens(tokenizer, text_encoder, tokens: list[str], embeddings: torch.Tensor | None = None) -> list[int]:
     """Add tokens (if new) and, if given, set their embedding rows. Returns their ids."""
+    import torch
+
     vocab = tokenizer.get_vocab()
     for tok in tokens:
         if tok not in vocab and tok.lower() not in vocab:

@@ -177,3 +177,12 @@ def test_real_regularisation_folder_with_captions(home, sd1_base, cat_images, ch
 def test_help_explains_lr_scaling():
     r = cdiff("train", "--help")
     assert "batch size" in r.stdout and "--concept" in r.stdout
+
+
+def test_cli_starts_without_torch():
+    """--help, list, show and shell completion must not pay for importing torch/diffusers."""
+    import subprocess
+    import sys
+
+    code = "import sys, cdiff_cli.cli; bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"

@@ -10,8 +10,7 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.features import DEFAULT_CLIP, PAPER_DINO
-from cdiff_cli.generate import SCHEDULERS
+from cdiff_cli.defaults import DEFAULT_CLIP, PAPER_DINO, SCHEDULERS
 
 
 @command("eval")

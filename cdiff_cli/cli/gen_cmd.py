@@ -12,8 +12,7 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.generate import SCHEDULERS, sample, save_pngs, set_scheduler
-from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
+from cdiff_cli.defaults import SCHEDULERS
 
 Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULERS}, type=str)
 
@@ -39,6 +38,8 @@ def gen_cmd(
 ):
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
     from cdiff_cli.errors import CdiffError
+    from cdiff_cli.generate import sample, save_pngs, set_scheduler
+    from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1:
         raise CdiffError("-n and --steps must be at least 1")

@@ -9,8 +9,7 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Force, Json, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.merge import DEFAULT_RIDGE
-from cdiff_cli.workflows import merge_entries
+from cdiff_cli.defaults import DEFAULT_RIDGE
 
 
 @command("merge")
@@ -26,6 +25,8 @@ def merge_cmd(
 
     Each k/v layer is the closest matrix to the base on the 1,353 shipped ordinary captions that still maps every concept's own prompt features exactly as that concept's fine-tuned layer does.
     """
+    from cdiff_cli.workflows import merge_entries
+
     entry, notes = merge_entries(registry(), names, name, base=base, ridge=ridge, force=force, progress=term.progress())
     for n in notes:
         term.warn(n)

@@ -12,8 +12,6 @@ from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Device, Force, Json, NewBase, Precision, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.train import TrainConfig, low_memory_config
-from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
 
 
 class Mode(str, Enum):
@@ -67,6 +65,9 @@ def train_cmd(
 
     Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C stops cleanly: nothing is saved until training has finished.
     """
+    from cdiff_cli.train import TrainConfig, low_memory_config
+    from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
+
     if concept:
         if images_dir or class_word or token:
             raise CdiffError("give either IMAGES_DIR --class WORD [--token T], or --concept TOKEN:CLASS:DIR, not both")

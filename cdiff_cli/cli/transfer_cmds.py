@@ -11,7 +11,6 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Force, Json, NewBase, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.workflows import export_entry, import_entry
 
 
 class ExportFormat(str, Enum):
@@ -31,6 +30,8 @@ def add_cmd(
     as_json: Json = False,
 ):
     """Import an existing Custom Diffusion delta (checked against the base; pickles load with weights_only)."""
+    from cdiff_cli.workflows import import_entry
+
     entry = import_entry(registry(), name, path, base=base, tokens=token, classes=class_word, force=force)
     if as_json:
         term.json({"name": entry.name, "id": entry.id, "tokens": entry.tokens, "format": entry.manifest["source"]["format"]})
@@ -46,6 +47,8 @@ def export_cmd(
     as_json: Json = False,
 ):
     """Export a concept for other tools."""
+    from cdiff_cli.workflows import export_entry
+
     paths = export_entry(registry(), name, fmt.value, out)
     if as_json:
         term.json({"name": name, "format": fmt.value, "files": [str(p) for p in paths]})
