@@ -109,3 +109,17 @@ def test_feature_rows_stop_at_first_end_token():
     rows = feature_rows(pipe.tokenizer, pipe.text_encoder, ["photo of a <a1> cat", "cat"])
     n_tok = [len(pipe.tokenizer(p, add_special_tokens=False).input_ids) for p in ("photo of a <a1> cat", "cat")]
     assert [r.shape[0] for r in rows] == [n + 1 for n in n_tok]  # the tokens plus the end token
+
+
+def test_factorised_solve_matches_the_closed_form_written_out():
+    """W = W0 + (V^T - W0 C^T) (C G^-1 C^T)^-1 C G^-1, with explicit inverses, on a well-posed system."""
+    g = torch.Generator().manual_seed(3)
+    d_in, d_out, m = 10, 7, 4
+    X = torch.randn(200, d_in, generator=g, dtype=torch.float64)
+    G = X.T @ X
+    W0 = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    C = torch.randn(m, d_in, generator=g, dtype=torch.float64)
+    V = torch.randn(m, d_out, generator=g, dtype=torch.float64)
+    Gi = torch.linalg.inv(G)
+    expected = W0 + (V.T - W0 @ C.T) @ torch.linalg.inv(C @ Gi @ C.T) @ C @ Gi
+    assert torch.allclose(constrained_merge(W0, C, V, G, ridge=0.0), expected, atol=1e-6)
