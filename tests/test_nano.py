@@ -1,0 +1,121 @@
+"""The packaged nano models (cdiff_cli/models): `--base nano` and `--clip nano` load offline, are small, run,
+and nano-clip has really learned the world."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cdiff_cli import world as W
+from cdiff_cli.base import load_pipeline, resolve_base
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.nano import models_dir, packaged_model
+
+MAX_MB = 25
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def nano_pipe():
+    return load_pipeline("nano")
+
+
+@pytest.fixture(scope="module")
+def nano_clip():
+    from cdiff_cli.features import load_clip
+
+    return load_clip("nano")
+
+
+def test_the_models_are_shipped_and_small():
+    nano, clip = packaged_model("nano"), packaged_model("nano-clip")
+    assert nano is not None and (nano / "model_index.json").is_file()
+    assert clip is not None and (clip / "config.json").is_file() and (clip / "preprocessor_config.json").is_file()
+    assert nano.parent == clip.parent == models_dir()
+    assert folder_bytes(nano) + folder_bytes(clip) <= MAX_MB * 2**20
+    # Only safetensors weights: nothing that needs pickle.
+    assert not [p for p in models_dir().rglob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")]
+
+
+def test_base_nano_resolves_to_the_packaged_folder(tmp_path, monkeypatch):
+    spec = resolve_base("nano")
+    assert spec.kind == "folder" and Path(spec.ref) == packaged_model("nano").resolve()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nano").mkdir()  # a local folder of that name does not shadow the packaged model
+    assert resolve_base("nano").ref == spec.ref
+    with pytest.raises(CdiffError, match="no model_index.json"):
+        resolve_base("./nano")
+
+
+def test_nano_loads_offline_in_fp32_and_samples(nano_pipe):
+    from diffusers import DPMSolverMultistepScheduler
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    pipe = nano_pipe
+    assert pipe.unet.dtype == torch.float32 and pipe.vae.dtype == torch.float32
+    assert pipe.text_encoder.dtype == torch.float32
+    assert sum(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()) >= 4
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    tok = pipe.tokenizer
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in W.WORDS)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    out = pipe("a big red square in the middle, on a gray background", num_inference_steps=6, guidance_scale=6.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    img = out.images[0]
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+    assert img.std() > 0.02  # a picture, not a flat field
+
+
+def test_nano_text_encoder_is_the_nano_clip_text_tower(nano_pipe, nano_clip):
+    te = nano_pipe.text_encoder.state_dict()
+    tower = {k.removeprefix("text_model."): v for k, v in nano_clip.model.state_dict().items()
+             if k.startswith("text_model.")}
+    key = next(k for k in te if k.endswith("token_embedding.weight"))
+    ref = tower[key.removeprefix("text_model.")]
+    # nano is stored in fp16, nano-clip in fp32.
+    assert torch.allclose(te[key], ref.half().float(), atol=1e-3)
+
+
+def _swap_colour(spec):
+    obj = spec.objects[0]
+    other = next(c for c in W.COLOURS if c != obj.colour and c not in W._CLASHES.get(spec.background, ()))
+    from dataclasses import replace
+
+    return replace(spec, objects=(replace(obj, colour=other),) + spec.objects[1:])
+
+
+def _swap_kind(spec):
+    from dataclasses import replace
+
+    obj = spec.objects[0]
+    other = W.KINDS[(W.KINDS.index(obj.kind) + 3) % len(W.KINDS)]
+    return replace(spec, objects=(replace(obj, kind=other),) + spec.objects[1:])
+
+
+def test_nano_clip_knows_the_world(nano_clip):
+    """On world scenes it never trained on, the true caption beats the same caption with the colour, or the
+    kind, of the first object changed, far more often than chance."""
+    from cdiff_cli.metrics import normalize
+
+    specs = W.dataset_specs(48, seed=4242, n_objects=1, caption_variety=False)
+    images = [W.render(s) for s in specs]
+    img = normalize(nano_clip.images(images))
+    true = normalize(nano_clip.texts([W.caption(s) for s in specs]))
+    # Chance is 0.5; nano-clip is sure of colours, less of kinds (small shapes at 64 px, a short training).
+    for swap, floor in ((_swap_colour, 0.9), (_swap_kind, 0.6)):
+        wrong = normalize(nano_clip.texts([W.caption(swap(s)) for s in specs]))
+        wins = ((img * true).sum(1) > (img * wrong).sum(1)).mean()
+        assert wins >= floor, (swap.__name__, wins)
+    # And retrieval among the 48 scenes is far above chance (1/48).
+    assert ((img @ true.T).argmax(1) == np.arange(len(specs))).mean() >= 0.5
+
+
+def test_eval_clip_nano_resolves(nano_clip):
+    assert Path(nano_clip.ref) == packaged_model("nano-clip").resolve()
+    assert nano_clip.images([W.render(W.dataset_specs(1, seed=0)[0])]).shape[0] == 1
