@@ -40,9 +40,9 @@ DEMO_CONCEPTS = (DemoConcept("heart", "heart", "<heart>"), DemoConcept("zigzag",
 
 @dataclass
 class DemoSettings:
-    steps: int = 120
+    steps: int = 250
     batch_size: int = 4
-    lr: float = 5e-5
+    lr: float = 1e-4
     num_reg: int = 16
     images: int = 6
     gen_images: int = 2
