@@ -42,7 +42,11 @@ DEMO_CONCEPTS = (DemoConcept("heart", "heart", "<heart>"), DemoConcept("zigzag",
 class DemoSettings:
     steps: int = 250
     batch_size: int = 4
-    lr: float = 1e-4
+    lr: float = 3e-4
+    # The method's zoom augmentation is for photos whose object fills the frame. The world's 64 px scenes
+    # already vary the object's size and position; shrunk onto a blank canvas they only look unlike
+    # anything the nano model knows (measured: image-alignment gain of <heart> +0.08 with it, +0.21 without).
+    aug: bool = False
     num_reg: int = 16
     images: int = 6
     gen_images: int = 2
@@ -70,7 +74,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
 
     for c, spec in zip(DEMO_CONCEPTS, specs):
         progress.note(f"training {c.entry} ({c.token}, class '{spec.class_word}') on the nano base")
-        cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, scale_lr=False, resolution=64, seed=s.seed)
+        cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, scale_lr=False, resolution=64, seed=s.seed,
+                          aug=s.aug)
         train_entry(registry, c.entry, [spec], cfg, base="nano", reg=RegOptions("generated", None, s.num_reg),
                     device=device, force=True, progress=progress)
 

@@ -209,7 +209,9 @@ def train(
     trainable = [params[n] for n in names] + [token_rows.rows]
 
     # -- cache latents: target pools and every regularisation image, both flips -------------------
-    encode = _Encoder(vae, device)
+    # On a CPU, batching the VAE buys no speed, and at batch 8 its 256-512 px activations would set the
+    # run's peak memory (above the training steps'): encode two at a time there.
+    encode = _Encoder(vae, device, batch=8 if device.type == "cuda" else 2)
     pixels = _PixelCache(res)
     with_reg = any(c.reg for c in concepts)
     pool_size = cfg.aug_pool if (cfg.aug or cfg.hflip) else 1
