@@ -11,8 +11,11 @@ Formats (names as `detect_format` returns them):
   `{"unet": {diffusers param name: tensor}, "modifier_token": {token: embedding}}`.
 - "reference-ckpt": the CompVis `delta_epoch=*.ckpt` of the same repository,
   `{"state_dict": {LDM param name: tensor, "embed": [n_new, dim]}}`.
+- "lora": a kohya-style LoRA of cross-attention k/v (see `cdiff_cli.lora`): cdiff's LoRA export folder,
+  or a bare LoRA file with its token embeddings given separately (textual-inversion files).
 
-All of them store full fine-tuned weights (not differences), so importing is a renaming job.
+All but "lora" store full fine-tuned weights (not differences), so importing is a renaming job; a LoRA
+holds W - W0 and needs the base model's weights.
 Pickled files are only ever opened with `torch.load(..., weights_only=True)`: a delta downloaded
 from somewhere must not be able to run code.
 """
@@ -31,13 +34,14 @@ from cdiff_cli.delta import FORMAT as CDIFF_FORMAT
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 
-FORMATS = ("cdiff", "diffusers", "reference", "reference-ckpt")
+FORMATS = ("cdiff", "diffusers", "reference", "reference-ckpt", "lora")
 
 CDIFF_FILE = "delta.safetensors"
 WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME
 EXPORT_MANIFEST = "cdiff_export.json"
 REFERENCE_FILE = "delta.bin"
+LORA_MANIFEST = "cdiff_lora.json"  # cdiff_cli.lora.MANIFEST (not imported: that module needs nothing from here)
 LDM_PREFIX = "model.diffusion_model."
 CKPT_EMBED_KEY = "embed"
 
@@ -200,6 +204,8 @@ def _sniff_file(path: Path) -> tuple[str, dict | None]:
             return "cdiff", None
         if any("custom_diffusion" in k for k in keys):
             return "diffusers", _read_tensor_file(path)
+        if any(k.endswith(".lora_down.weight") for k in keys):
+            return "lora", None
         if len(keys) == 1:
             raise _single_token_error(path)
         raise CdiffError(f"{path}: unknown layout (a safetensors file that is neither a cdiff delta nor Custom Diffusion weights)")
@@ -228,6 +234,8 @@ def _locate(path) -> tuple[str, Path, dict | None]:
     p = Path(path)
     if not p.exists():
         raise CdiffError(f"{p}: no such file or folder")
+    if p.is_dir() and (p / LORA_MANIFEST).is_file():
+        return "lora", p, None
     file = _main_file(p) if p.is_dir() else p
     fmt, obj = _sniff_file(file)
     return fmt, file, obj
@@ -287,6 +295,8 @@ def _read_token_file(file: Path) -> tuple[str, torch.Tensor]:
     if not file.is_file():
         raise CdiffError(f"{file}: token file is missing")
     d = _read_tensor_file(file)
+    if isinstance(d.get("string_to_param"), dict) and "*" in d["string_to_param"]:  # the webui's .pt embeddings
+        return str(d.get("name") or file.stem), _as_embedding(file, file.stem, d["string_to_param"]["*"])
     if len(d) != 1:
         raise CdiffError(f"{file}: a token file must hold exactly one {{token: embedding}} entry, found {len(d)}")
     token, value = next(iter(d.items()))
@@ -372,14 +382,41 @@ def _renamed(delta: Delta, token_rename, path) -> Delta:
     return Delta(delta.weights, new, delta.embeddings, delta.mode, dict(delta.extra))
 
 
-def load_delta_file(path, base_unet=None, token_rename: dict | list | None = None) -> Delta:
+def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
+    from cdiff_cli.lora import read_lora, read_lora_export
+
+    if base_unet is None:
+        raise CdiffError(f"{path}: a LoRA holds differences from its base model; the base is needed to import it")
+    if path.is_dir():
+        lora_file, tokens, emb = read_lora_export(path)
+    elif (path.parent / LORA_MANIFEST).is_file() and not embeddings:
+        lora_file, tokens, emb = read_lora_export(path.parent)
+    else:
+        if not embeddings:
+            raise CdiffError(f"{path} is a bare LoRA: give its token embedding file(s) with --embedding")
+        lora_file, tokens, rows = path, [], []
+        for f in map(Path, embeddings):
+            token, vec = _read_token_file(f)
+            tokens.append(f"<{f.stem}>" if token == "emb_params" else token)  # the webui names a token by its file
+            rows.append(vec)
+        emb = _stack(path, rows)
+    weights = read_lora(lora_file, dict(base_unet.named_parameters()))
+    return _make_delta(lora_file, weights, tokens, emb)
+
+
+def load_delta_file(path, base_unet=None, token_rename: dict | list | None = None, embeddings: list | None = None) -> Delta:
     """Import a delta from any supported format (file or folder; see the module doc).
 
-    `base_unet` gives layers_per_block for LDM checkpoints and, when given, the delta is checked
-    against it. `token_rename` is a dict old->new or a list of new names in order.
+    `base_unet` gives layers_per_block for LDM checkpoints and the W0 of a LoRA and, when given, the delta
+    is checked against it. `token_rename` is a dict old->new or a list of new names in order. `embeddings`
+    are token files (textual-inversion format) for a bare LoRA file.
     """
     fmt, file, obj = _locate(path)
-    if fmt == "cdiff":
+    if embeddings and fmt != "lora":
+        raise CdiffError(f"--embedding applies to LoRA files only; {path} is in {fmt} format")
+    if fmt == "lora":
+        delta = _load_lora(Path(path), base_unet, embeddings)
+    elif fmt == "cdiff":
         delta = Delta.load(file)
     elif fmt == "diffusers":
         delta = _load_diffusers(file, obj)

@@ -77,10 +77,17 @@ class Entry:
     def delta_path(self) -> Path:
         return self.path / DELTA_FILE
 
-    def load_delta(self) -> Delta:
+    @property
+    def compressed(self) -> bool:
+        return self.manifest.get("storage") == "lowrank"
+
+    def load_delta(self, base_unet=None) -> Delta:
+        """The entry's delta; a compressed entry needs its base UNet (with pristine weights) to expand."""
         from cdiff_cli.delta import Delta
 
-        return Delta.load(self.delta_path)
+        if self.compressed and base_unet is None:
+            raise CdiffError(f"concept {self.name!r} is compressed: load its base model to use it")
+        return Delta.load(self.delta_path, base_unet)
 
 
 class Registry:

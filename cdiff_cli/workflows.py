@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import torch
 from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
 from cdiff_cli.data import file_sha256, list_images
+from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.progress import SILENT, Progress
@@ -201,7 +203,7 @@ def _merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progre
     from cdiff_cli.merge import merge_deltas
 
     G = _gram(registry, pipe, fp)
-    deltas = [e.load_delta() for e in entries]
+    deltas = [e.load_delta(pipe.unet) for e in entries]
     classes = [e.classes or ["" for _ in e.tokens] for e in entries]
     return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, progress=progress)
 
@@ -304,7 +306,7 @@ def prepare_pipeline(
     fp = base_rec["fingerprint"]
     check_same_base(entries, base_rec)
     if len(entries) == 1:
-        delta = entries[0].load_delta()
+        delta = entries[0].load_delta(pipe.unet)
     else:
         ridge = DEFAULT_RIDGE if ridge is None else ridge
         key = hashlib.sha256(json.dumps([sorted(e.manifest.get("content_hash", e.id) for e in entries), ridge]).encode())
@@ -331,6 +333,7 @@ def import_entry(
     base: str | None = None,
     tokens: list[str] | None = None,
     classes: list[str] | None = None,
+    embeddings: list[Path] | None = None,
     force: bool = False,
 ) -> Entry:
     from cdiff_cli.formats import check_against_base, detect_format, load_delta_file
@@ -342,7 +345,7 @@ def import_entry(
         raise NotFoundError(f"not found: {path}")
     fmt = detect_format(path)
     spec, pipe, _ = _load_base(base, "cpu")
-    delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None)
+    delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None, embeddings=embeddings)
     check_against_base(delta, pipe.unet, pipe.text_encoder)
     for t in delta.tokens:
         validate_token(t, pipe.tokenizer)
@@ -359,22 +362,108 @@ def import_entry(
     return registry.create(name, delta, manifest, overwrite=force)
 
 
-EXPORT_FORMATS = ("diffusers", "reference", "cdiff")
+EXPORT_FORMATS = ("diffusers", "reference", "cdiff", "lora")
 
 
-def export_entry(registry: Registry, name: str, fmt: str, out_dir: Path) -> list[Path]:
+def _check_rank_energy(rank: int | None, energy: float | None) -> None:
+    if rank is not None and energy is not None:
+        raise CdiffError("give --rank or --energy, not both")
+    if rank is not None and rank < 1:
+        raise CdiffError(f"--rank must be at least 1, not {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise CdiffError(f"--energy must be in (0, 1], not {energy}")
+
+
+def export_entry(
+    registry: Registry,
+    name: str,
+    fmt: str,
+    out_dir: Path,
+    *,
+    base: str | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> tuple[list[Path], dict]:
+    """Write an entry in another tool's layout; returns (files, details). `rank`/`energy` apply to "lora"
+    (default: full rank, exact up to fp16); the LoRA holds W - W0, so the entry's base is loaded."""
     from cdiff_cli.formats import export_diffusers, export_reference
 
     entry = registry.get(name)
-    delta = entry.load_delta()
     out_dir = Path(out_dir)
-    if fmt == "diffusers":
-        return export_diffusers(delta, out_dir)
-    if fmt == "reference":
-        return export_reference(delta, out_dir)
-    if fmt == "cdiff":
+    if fmt != "lora" and (rank is not None or energy is not None):
+        raise CdiffError("--rank and --energy apply to --format lora only")
+    _check_rank_energy(rank, energy)
+    if fmt == "cdiff":  # the entry as stored (compressed or not), with its manifest
         out_dir.mkdir(parents=True, exist_ok=True)
-        delta.save(out_dir / "delta.safetensors")
+        shutil.copyfile(entry.delta_path, out_dir / "delta.safetensors")
         (out_dir / "manifest.json").write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
-        return [out_dir / "delta.safetensors", out_dir / "manifest.json"]
+        return [out_dir / "delta.safetensors", out_dir / "manifest.json"], {}
+    pipe = None
+    if fmt == "lora" or entry.compressed:  # W0 is needed
+        spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
+        check_same_base([entry], base_record(spec.ref, pipe.unet))
+    delta = entry.load_delta(pipe.unet if pipe is not None else None)
+    if fmt == "diffusers":
+        return export_diffusers(delta, out_dir), {}
+    if fmt == "reference":
+        return export_reference(delta, out_dir), {}
+    if fmt == "lora":
+        from cdiff_cli.lora import export_lora
+
+        base_weights = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
+        meta = {"cdiff_entry": entry.name, "cdiff_base": str(spec.ref)}
+        return export_lora(delta, base_weights, out_dir, entry.name, rank=rank,
+                           energy=None if rank is not None else (energy or 1.0), metadata=meta)
     raise CdiffError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+
+
+# -- compress --------------------------------------------------------------------------------------
+
+FIDELITY_CAPTIONS = 256  # ordinary captions whose k/v outputs measure the compression error
+
+
+def compress_entry(
+    registry: Registry,
+    name: str,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    base: str | None = None,
+    progress: Progress = SILENT,
+) -> tuple[Entry, dict]:
+    """Rewrite an entry with its k/v updates as low-rank factors (atomically, in place); returns the
+    entry and a report: sizes, ranks, and the largest change of any k/v layer's output on captions."""
+    from cdiff_cli.compress import compress_delta, output_fidelity, ranks, stored_bytes
+    from cdiff_cli.merge import feature_rows
+
+    _check_rank_energy(rank, energy)
+    if rank is None and energy is None:
+        energy = DEFAULT_COMPRESS_ENERGY
+    entry = registry.get(name)
+    if entry.compressed:
+        raise CdiffError(f"concept {name!r} is already compressed")
+    spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
+    check_same_base([entry], base_record(spec.ref, pipe.unet))
+    progress.note(f"factorising the k/v updates of {name}")
+    delta = entry.load_delta(pipe.unet)
+    base_w = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
+    low = compress_delta(delta, base_w, rank=rank, energy=energy)
+    with torch.no_grad():
+        X = torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, list(load_captions())[:FIDELITY_CAPTIONS]))
+    r = ranks(low)
+    report = {
+        "rank": rank,
+        "energy": energy,
+        "min_rank": min(r, default=0),
+        "max_rank": max(r, default=0),
+        "bytes_before": int(entry.manifest.get("size_bytes") or entry.delta_path.stat().st_size),
+        "bytes_after": stored_bytes(low),
+        "captions": FIDELITY_CAPTIONS,
+        **output_fidelity(delta, low.expanded(base_w), X),
+    }
+    keep = {k: v for k, v in entry.manifest.items()
+            if k not in ("name", "id", "tokens", "mode", "size_bytes", "content_hash", "created", "cdiff_version", "metrics")}
+    new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
+    report["bytes_after"] = int(new.manifest["size_bytes"])
+    registry.update_manifest(name, compression=report)
+    return registry.get(name), report

@@ -19,6 +19,7 @@ from cdiff_cli import __version__
 # isort: off
 from cdiff_cli.cli import train_cmd  # noqa: F401
 from cdiff_cli.cli import merge_cmd  # noqa: F401
+from cdiff_cli.cli import compress_cmd  # noqa: F401
 from cdiff_cli.cli import gen_cmd  # noqa: F401
 from cdiff_cli.cli import eval_cmd  # noqa: F401
 from cdiff_cli.cli import transfer_cmds  # noqa: F401

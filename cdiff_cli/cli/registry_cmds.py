@@ -32,6 +32,7 @@ def summary(e: Entry) -> dict:
         "base_fingerprint": e.base.get("fingerprint"),
         "mode": m.get("mode"),
         "size_bytes": m.get("size_bytes"),
+        "storage": m.get("storage", "full"),
         "created": m.get("created"),
         "parents": [p["name"] for p in m.get("parents", [])],
         "metrics": m.get("metrics"),
@@ -116,6 +117,11 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Concept name.")], as_json
         t = m["train"]
         lines.append(("training", f"{t.get('steps')} steps, batch {t.get('batch_size')}, lr {t.get('effective_lr')}, "
                                   f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}"))
+    if m.get("compression"):
+        c = m["compression"]
+        lines.append(("compressed", f"low-rank, rank {c['min_rank']}-{c['max_rank']} "
+                                    f"({human_size(c['bytes_before'])} before); largest k/v output change on captions "
+                                    f"{100 * c['max_relative_output_diff']:.2f} %"))
     if m.get("source"):
         lines.append(("imported from", f"{m['source']['path']} ({m['source']['format']})"))
     if isinstance(m.get("metrics"), dict):

@@ -17,22 +17,25 @@ class ExportFormat(str, Enum):
     diffusers = "diffusers"
     reference = "reference"
     cdiff = "cdiff"
+    lora = "lora"
 
 
 @command("add")
 def add_cmd(
     name: Annotated[str, typer.Argument(help="Name of the new entry.")],
-    path: Annotated[Path, typer.Argument(help="A diffusers output folder, a reference delta.bin / delta_epoch=*.ckpt, or a cdiff export.")],
+    path: Annotated[Path, typer.Argument(help="A diffusers output folder, a reference delta.bin / delta_epoch=*.ckpt, a cdiff export, or a LoRA of cross-attention k/v (a cdiff LoRA export folder, or a .safetensors file with --embedding).")],
     token: Annotated[Optional[list[str]], typer.Option("--token", help="Rename the tokens, in order (repeat for several).", show_default=False)] = None,
     class_word: Annotated[Optional[list[str]], typer.Option("--class", help="Class word of each token, in order (used by merge).", show_default=False)] = None,
+    embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Token embedding file (textual-inversion format) for a bare LoRA file; repeat for several tokens.", show_default=False)] = None,
     base: NewBase = None,
     force: Force = False,
     as_json: Json = False,
 ):
-    """Import an existing Custom Diffusion delta (checked against the base; pickles load with weights_only)."""
+    """Import an existing Custom Diffusion delta or k/v LoRA (checked against the base; pickles load with weights_only)."""
     from cdiff_cli.workflows import import_entry
 
-    entry = import_entry(registry(), name, path, base=base, tokens=token, classes=class_word, force=force)
+    entry = import_entry(registry(), name, path, base=base, tokens=token, classes=class_word, embeddings=embedding,
+                         force=force)
     if as_json:
         term.json({"name": entry.name, "id": entry.id, "tokens": entry.tokens, "format": entry.manifest["source"]["format"]})
     else:
@@ -43,15 +46,21 @@ def add_cmd(
 def export_cmd(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="diffusers: pytorch_custom_diffusion_weights.safetensors + <token>.safetensors; reference: delta.bin; cdiff: delta.safetensors + manifest.json.")] = ExportFormat.diffusers,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="diffusers: pytorch_custom_diffusion_weights.safetensors + <token>.safetensors; reference: delta.bin; cdiff: delta.safetensors + manifest.json; lora: NAME.safetensors (kohya-style LoRA of the k/v updates) + embeddings/*.safetensors, for ComfyUI and AUTOMATIC1111.")] = ExportFormat.diffusers,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="lora: keep this many singular values per layer.", show_default=False)] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="lora: keep the fewest singular values holding this share of each layer's update (0-1]. Default: full rank, exact.", show_default=False)] = None,
+    base: NewBase = None,
     as_json: Json = False,
 ):
     """Export a concept for other tools."""
     from cdiff_cli.workflows import export_entry
 
-    paths = export_entry(registry(), name, fmt.value, out)
+    paths, details = export_entry(registry(), name, fmt.value, out, base=base, rank=rank, energy=energy)
     if as_json:
-        term.json({"name": name, "format": fmt.value, "files": [str(p) for p in paths]})
+        term.json({"name": name, "format": fmt.value, "files": [str(p) for p in paths], **details})
     else:
+        if details:
+            term.info(f"LoRA rank {details['min_rank']}-{details['max_rank']}, {details['bytes'] / 1e6:.1f} MB, "
+                      f"largest relative error of a layer {details['max_relative_error']:.2e}")
         for p in paths:
             term.data(str(p))

@@ -1,0 +1,195 @@
+"""A concept as a LoRA plus textual-inversion embeddings: the files ComfyUI and AUTOMATIC1111 load.
+
+Layout written by `export_lora` (and read back by `read_lora_export`):
+
+    OUT/NAME.safetensors                 the k/v updates W - W0 as a kohya-style LoRA:
+                                         lora_unet_<module>.lora_down.weight [r, in]
+                                         lora_unet_<module>.lora_up.weight   [out, r]
+                                         lora_unet_<module>.alpha            (= r: the scale alpha/r is 1)
+    OUT/embeddings/STEM.safetensors      one per token: {"emb_params": [1, dim]} (the webui's format)
+    OUT/cdiff_lora.json                  which token each embedding file is, for `cdiff add`
+
+Module names are diffusers' with dots as underscores, which is what kohya's sd-scripts write for SD 1.x/2.x
+and what ComfyUI, the webui and diffusers' `load_lora_weights` map back onto the UNet.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cdiff_cli.delta import Delta
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.lowrank import factorize
+
+PREFIX = "lora_unet_"
+MANIFEST = "cdiff_lora.json"
+EMBED_DIR = "embeddings"
+EMBED_KEY = "emb_params"
+_KV = (".attn2.to_k.weight", ".attn2.to_v.weight")
+
+
+def lora_module(param: str) -> str:
+    """`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight` ->
+    `lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k`."""
+    return PREFIX + param.removesuffix(".weight").replace(".", "_")
+
+
+def embedding_stem(token: str) -> str:
+    """The file stem (and so the prompt word in the webui) for a token: `<my-cat>` -> `my-cat`."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", token).strip("._")
+    if not stem:
+        raise CdiffError(f"token {token!r} has no characters usable in a file name; rename it first")
+    return stem
+
+
+def kv_updates(delta: Delta, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W - W0 for every k/v layer of the delta; refuses deltas that changed anything else (a LoRA of
+    k/v cannot hold the crossattn mode's query, output and bias updates)."""
+    other = [n for n in delta.weights if not n.endswith(_KV)]
+    if other:
+        raise CdiffError(
+            f"a LoRA export holds cross-attention k/v updates only; this entry also changed {len(other)} other "
+            f"parameter(s) (trained in {delta.mode} mode), e.g. {other[0]}"
+        )
+    missing = [n for n in delta.weights if n not in base_weights]
+    if missing:
+        raise CdiffError(f"the delta's layer {missing[0]} does not exist in the base model")
+    return {n: delta.weights[n].float() - base_weights[n].detach().to("cpu", torch.float32) for n in delta.weights}
+
+
+def export_lora(
+    delta: Delta,
+    base_weights: dict[str, torch.Tensor],
+    out_dir,
+    name: str,
+    *,
+    rank: int | None = None,
+    energy: float | None = 1.0,
+    dtype: torch.dtype = torch.float16,
+    metadata: dict[str, str] | None = None,
+) -> tuple[list[Path], dict]:
+    """Write the LoRA and embedding files; returns (files, stats) with the largest relative error of any
+    layer's factorisation and the ranks used. Default: full rank (energy 1.0), which is exact up to fp16."""
+    updates = kv_updates(delta, base_weights)
+    if rank is not None:
+        energy = None
+    stems = [embedding_stem(t) for t in delta.tokens]
+    if len({s.lower() for s in stems}) != len(stems):
+        raise CdiffError(f"two tokens map to the same embedding file name: {', '.join(delta.tokens)}")
+    out = Path(out_dir)
+    (out / EMBED_DIR).mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, worst = [], 0.0
+    for param, update in sorted(updates.items()):
+        up, down = factorize(update, rank=rank, energy=energy)
+        r = up.shape[1]
+        key = lora_module(param)
+        tensors[f"{key}.lora_up.weight"] = up.to(dtype)
+        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
+        approx = tensors[f"{key}.lora_up.weight"].float() @ tensors[f"{key}.lora_down.weight"].float()
+        norm = float(update.norm())
+        worst = max(worst, float((update - approx).norm()) / norm if norm else 0.0)
+        ranks.append(r)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks) if ranks else 0),
+        "ss_network_alpha": str(max(ranks) if ranks else 0),
+        "cdiff_format": "lora-kv",
+        "cdiff_tokens": json.dumps(delta.tokens),
+        **(metadata or {}),
+    }
+    lora_file = out / f"{name}.safetensors"
+    save_file(tensors, str(lora_file), metadata=meta)
+    written = [lora_file]
+    for token, stem in zip(delta.tokens, stems):
+        file = out / EMBED_DIR / f"{stem}.safetensors"
+        emb = delta.embedding_of(token).detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
+        save_file({EMBED_KEY: emb}, str(file), metadata={"cdiff_token": token})
+        written.append(file)
+    manifest = {
+        "format": "cdiff-lora-export",
+        "version": 1,
+        "lora": lora_file.name,
+        "tokens": [{"token": t, "file": f"{EMBED_DIR}/{s}.safetensors"} for t, s in zip(delta.tokens, stems)],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    written.append(out / MANIFEST)
+    stats = {"max_relative_error": worst, "min_rank": min(ranks, default=0), "max_rank": max(ranks, default=0),
+             "bytes": lora_file.stat().st_size}
+    return written, stats
+
+
+# --------------------------------------------------------------------------- reading LoRA files
+
+
+def is_lora_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k.endswith(".lora_down.weight") for k in f.keys())
+    except Exception:
+        return False
+
+
+def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full fine-tuned weights W0 + (alpha / r) up @ down for a LoRA whose targets are all cross-attention
+    k/v layers of the base; anything else is refused (cdiff's deltas and merges are defined on k/v)."""
+    path = Path(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CdiffError(f"cannot read {path}: {e}") from e
+    by_module = {lora_module(n): n for n in base_weights if n.endswith(_KV)}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, _, part = key.partition(".")
+        modules.setdefault(module, {})[part] = value
+    weights = {}
+    for module, parts in sorted(modules.items()):
+        param = by_module.get(module)
+        if param is None:
+            what = "a text-encoder layer" if module.startswith("lora_te") else "not a cross-attention k/v layer of this base"
+            raise CdiffError(f"{path}: LoRA target {module} is {what}; only LoRAs of cross-attention k/v can be imported")
+        if "lora_up.weight" not in parts or "lora_down.weight" not in parts:
+            raise CdiffError(f"{path}: {module} lacks lora_up or lora_down (not a plain LoRA: {', '.join(sorted(parts))})")
+        up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise CdiffError(f"{path}: {module} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}")
+        w0 = base_weights[param].detach().to("cpu", torch.float32)
+        if (up.shape[0], down.shape[1]) != tuple(w0.shape):
+            raise CdiffError(f"{path}: {module} is {up.shape[0]}x{down.shape[1]}, the base layer is {tuple(w0.shape)}")
+        scale = float(parts["alpha"]) / up.shape[1] if "alpha" in parts else 1.0
+        weights[param] = w0 + scale * (up @ down)
+    if not weights:
+        raise CdiffError(f"{path}: no LoRA layers found")
+    return weights
+
+
+def read_lora_export(folder) -> tuple[Path, list[str], torch.Tensor]:
+    """(LoRA file, tokens, embeddings) of a folder written by `export_lora`."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        entries = manifest["tokens"]
+        lora = folder / manifest["lora"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CdiffError(f"{folder / MANIFEST} is not a valid cdiff LoRA export manifest: {e}") from e
+    tokens, rows = [], []
+    for e in entries:
+        file = folder / e["file"]
+        try:
+            value = next(iter(load_file(str(file), device="cpu").values()))
+        except Exception as err:
+            raise CdiffError(f"cannot read the embedding {file}: {err}") from err
+        tokens.append(str(e["token"]))
+        rows.append(value.reshape(-1).float())
+    if len({r.numel() for r in rows}) > 1:
+        raise CdiffError(f"{folder}: the token embeddings have different widths")
+    emb = torch.stack(rows) if rows else torch.zeros(0, 0)
+    return lora, tokens, emb
