@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,22 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+def _pipeline_class(base: BaseSpec):
+    """StableDiffusionXLPipeline for an SDXL folder or hub id (its model_index.json says so), else
+    StableDiffusionPipeline (SD 1.x / 2.x, and single-file checkpoints)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if base.kind == "single_file":
+        return StableDiffusionPipeline
+    index = Path(base.ref) / "model_index.json"
+    config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else DiffusionPipeline.load_config(base.ref)
+    name = str(config.get("_class_name", ""))
+    return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
+
+
 def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-    """Load a StableDiffusionPipeline (SD 1.x / 2.x) with the safety checker off, progress bars off."""
+    """Load a StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusionXLPipeline with the safety checker
+    off and progress bars off."""
     from diffusers import StableDiffusionPipeline
 
     base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
@@ -98,7 +113,10 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
             extra = {"config": os.environ["CDIFF_BASE_CONFIG"]} if os.environ.get("CDIFF_BASE_CONFIG") else {}
             pipe = StableDiffusionPipeline.from_single_file(base.ref, **common, **extra)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(base.ref, **common)
+            cls = _pipeline_class(base)
+            if cls is not StableDiffusionPipeline:
+                common = dict(dtype=dtype)  # SDXL pipelines have no safety checker
+            pipe = cls.from_pretrained(base.ref, **common)
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""

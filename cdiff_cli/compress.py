@@ -31,7 +31,7 @@ def compress_delta(
             factors[name] = factorize(w.float() - base[name].detach().to("cpu", torch.float32), rank=rank, energy=energy)
         else:
             full[name] = w
-    return LowRankDelta(factors, full, list(delta.tokens), delta.embeddings, delta.mode, dtype)
+    return LowRankDelta(factors, full, list(delta.tokens), delta.embeddings, delta.mode, dtype, delta.embeddings_2)
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def stored_bytes(d: LowRankDelta) -> int:
     size = torch.tensor([], dtype=d.dtype).element_size()
     n = sum(up.numel() + down.numel() for up, down in d.factors.values()) * size
     n += sum(t.numel() * t.element_size() for t in d.full.values())
-    return n + d.embeddings.numel() * 4
+    return n + (d.embeddings.numel() + (d.embeddings_2.numel() if d.embeddings_2 is not None else 0)) * 4
 
 
 def ranks(d: LowRankDelta) -> list[int]:

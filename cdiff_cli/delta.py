@@ -24,6 +24,7 @@ from cdiff_cli.layers import write_weights
 
 FORMAT = "cdiff-delta"
 EMBED_KEY = "text.token_embeddings"
+EMBED_KEY_2 = "text_2.token_embeddings"  # SDXL's second text encoder
 LOWRANK = "lowrank"
 _UP, _DOWN = ".lora_up", ".lora_down"
 
@@ -35,29 +36,31 @@ class Delta:
     embeddings: torch.Tensor  # [len(tokens), dim]
     mode: str = "kv"
     extra: dict = field(default_factory=dict)
+    embeddings_2: torch.Tensor | None = None  # SDXL: the rows for the second text encoder [len(tokens), dim_2]
 
     def __post_init__(self):
-        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.tokens):
-            raise CdiffError(
-                f"delta has {len(self.tokens)} token(s) but embeddings of shape {tuple(self.embeddings.shape)}"
-            )
+        for e in (self.embeddings, self.embeddings_2):
+            if e is not None and (e.ndim != 2 or e.shape[0] != len(self.tokens)):
+                raise CdiffError(f"delta has {len(self.tokens)} token(s) but embeddings of shape {tuple(e.shape)}")
 
     @property
     def token_dim(self) -> int:
         return int(self.embeddings.shape[1])
 
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values()) + self.embeddings.numel() * 4
+        rows = self.embeddings.numel() + (self.embeddings_2.numel() if self.embeddings_2 is not None else 0)
+        return sum(t.numel() * t.element_size() for t in self.weights.values()) + rows * 4
 
     def embedding_of(self, token: str) -> torch.Tensor:
         return self.embeddings[self.tokens.index(token)]
 
     def renamed(self, mapping: dict[str, str]) -> "Delta":
-        return Delta(dict(self.weights), [mapping.get(t, t) for t in self.tokens], self.embeddings.clone(), self.mode)
+        return Delta(dict(self.weights), [mapping.get(t, t) for t in self.tokens], self.embeddings.clone(), self.mode,
+                     embeddings_2=self.embeddings_2)
 
     def save(self, path: str | Path) -> None:
         tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in self.weights.items()}
-        tensors[EMBED_KEY] = self.embeddings.detach().to("cpu", torch.float32).contiguous()
+        _put_embeddings(tensors, self.embeddings, self.embeddings_2)
         meta = {"format": FORMAT, "version": "1", "tokens": json.dumps(self.tokens), "mode": self.mode}
         save_file(tensors, str(path), metadata=meta)
 
@@ -71,17 +74,24 @@ class Delta:
                     raise CdiffError(f"{path} is not a cdiff delta file")
                 tensors = {k[5:]: f.get_tensor(k) for k in f.keys() if k.startswith("unet.")}
                 emb = f.get_tensor(EMBED_KEY)
+                emb_2 = f.get_tensor(EMBED_KEY_2) if EMBED_KEY_2 in f.keys() else None
         except CdiffError:
             raise
         except Exception as e:  # safetensors raises several types for a corrupt file
             raise CdiffError(f"cannot read delta {path}: {e}") from e
         tokens, mode = json.loads(meta["tokens"]), meta.get("mode", "kv")
         if meta.get("storage") != LOWRANK:
-            return cls(tensors, tokens, emb, mode)
+            return cls(tensors, tokens, emb, mode, embeddings_2=emb_2)
         if base_unet is None:
             raise CdiffError(f"{path} is compressed (low-rank): its base model is needed to expand it")
         return cls(expand_lowrank(tensors, dict(base_unet.named_parameters()), path), tokens, emb, mode,
-                   {"storage": LOWRANK})
+                   {"storage": LOWRANK}, embeddings_2=emb_2)
+
+
+def _put_embeddings(tensors: dict, emb: torch.Tensor, emb_2: torch.Tensor | None) -> None:
+    tensors[EMBED_KEY] = emb.detach().to("cpu", torch.float32).contiguous()
+    if emb_2 is not None:
+        tensors[EMBED_KEY_2] = emb_2.detach().to("cpu", torch.float32).contiguous()
 
 
 def expand_lowrank(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor], path="delta") -> dict[str, torch.Tensor]:
@@ -114,13 +124,14 @@ class LowRankDelta:
     embeddings: torch.Tensor
     mode: str = "kv"
     dtype: torch.dtype = torch.float16
+    embeddings_2: torch.Tensor | None = None
 
     def save(self, path: str | Path) -> None:
         tensors = {f"unet.{k}": v.detach().to("cpu").contiguous() for k, v in self.full.items()}
         for name, (up, down) in self.factors.items():
             tensors[f"unet.{name}{_UP}"] = up.detach().to("cpu", self.dtype).contiguous()
             tensors[f"unet.{name}{_DOWN}"] = down.detach().to("cpu", self.dtype).contiguous()
-        tensors[EMBED_KEY] = self.embeddings.detach().to("cpu", torch.float32).contiguous()
+        _put_embeddings(tensors, self.embeddings, self.embeddings_2)
         meta = {"format": FORMAT, "version": "1", "tokens": json.dumps(self.tokens), "mode": self.mode,
                 "storage": LOWRANK}
         save_file(tensors, str(path), metadata=meta)
@@ -130,7 +141,8 @@ class LowRankDelta:
         tensors = dict(self.full)
         for name, (up, down) in self.factors.items():
             tensors[name + _UP], tensors[name + _DOWN] = up.to(self.dtype), down.to(self.dtype)
-        return Delta(expand_lowrank(tensors, base), list(self.tokens), self.embeddings, self.mode, {"storage": LOWRANK})
+        return Delta(expand_lowrank(tensors, base), list(self.tokens), self.embeddings, self.mode, {"storage": LOWRANK},
+                     embeddings_2=self.embeddings_2)
 
 
 def apply_delta(pipe, delta: Delta) -> list[int]:
@@ -146,4 +158,11 @@ def apply_delta(pipe, delta: Delta) -> list[int]:
         raise CdiffError(f"the delta's layer {e.args[0]} does not exist in this base model") from e
     except ValueError as e:
         raise CdiffError(f"the delta does not fit this base model: {e}") from e
-    return add_tokens(pipe.tokenizer, pipe.text_encoder, delta.tokens, delta.embeddings)
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, delta.tokens, delta.embeddings)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        if delta.embeddings_2 is None:
+            raise CdiffError("this delta has no embeddings for SDXL's second text encoder: it was trained on an SD 1.x/2.x base")
+        add_tokens(pipe.tokenizer_2, pipe.text_encoder_2, delta.tokens, delta.embeddings_2)
+    elif delta.embeddings_2 is not None:
+        raise CdiffError("this delta was trained on an SDXL base (two text encoders); this base has one")
+    return ids

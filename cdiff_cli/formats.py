@@ -379,7 +379,7 @@ def _renamed(delta: Delta, token_rename, path) -> Delta:
             )
     if len({t.lower() for t in new}) != len(new):
         raise CdiffError(f"{path}: renaming would give two tokens the same name: {', '.join(new)}")
-    return Delta(delta.weights, new, delta.embeddings, delta.mode, dict(delta.extra))
+    return Delta(delta.weights, new, delta.embeddings, delta.mode, dict(delta.extra), embeddings_2=delta.embeddings_2)
 
 
 def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
@@ -387,10 +387,11 @@ def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
 
     if base_unet is None:
         raise CdiffError(f"{path}: a LoRA holds differences from its base model; the base is needed to import it")
+    emb_2 = None
     if path.is_dir():
-        lora_file, tokens, emb = read_lora_export(path)
+        lora_file, tokens, emb, emb_2 = read_lora_export(path)
     elif (path.parent / LORA_MANIFEST).is_file() and not embeddings:
-        lora_file, tokens, emb = read_lora_export(path.parent)
+        lora_file, tokens, emb, emb_2 = read_lora_export(path.parent)
     else:
         if not embeddings:
             raise CdiffError(f"{path} is a bare LoRA: give its token embedding file(s) with --embedding")
@@ -401,7 +402,9 @@ def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
             rows.append(vec)
         emb = _stack(path, rows)
     weights = read_lora(lora_file, dict(base_unet.named_parameters()))
-    return _make_delta(lora_file, weights, tokens, emb)
+    delta = _make_delta(lora_file, weights, tokens, emb)
+    delta.embeddings_2 = emb_2
+    return delta
 
 
 def load_delta_file(path, base_unet=None, token_rename: dict | list | None = None, embeddings: list | None = None) -> Delta:
@@ -432,7 +435,7 @@ def load_delta_file(path, base_unet=None, token_rename: dict | list | None = Non
     return delta
 
 
-def check_against_base(delta: Delta, unet, text_encoder=None) -> None:
+def check_against_base(delta: Delta, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Refuse a delta whose layers are missing from / shaped differently than the base model's."""
     params = dict(unet.named_parameters())
     for name, value in delta.weights.items():
@@ -449,6 +452,12 @@ def check_against_base(delta: Delta, unet, text_encoder=None) -> None:
             raise CdiffError(
                 f"the delta's token embeddings are {delta.token_dim} wide but the base's text encoder uses {width}"
             )
+    if text_encoder is not None and (text_encoder_2 is not None or delta.embeddings_2 is not None):
+        if text_encoder_2 is None or delta.embeddings_2 is None:
+            raise CdiffError("the delta and the base disagree on SDXL: one has two text encoders, the other one")
+        width = text_encoder_2.get_input_embeddings().weight.shape[1]
+        if width != delta.embeddings_2.shape[1]:
+            raise CdiffError(f"the delta's second-encoder embeddings are {delta.embeddings_2.shape[1]} wide, the base's {width}")
 
 
 # --------------------------------------------------------------------------- exporting

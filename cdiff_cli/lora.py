@@ -6,7 +6,8 @@ Layout written by `export_lora` (and read back by `read_lora_export`):
                                          lora_unet_<module>.lora_down.weight [r, in]
                                          lora_unet_<module>.lora_up.weight   [out, r]
                                          lora_unet_<module>.alpha            (= r: the scale alpha/r is 1)
-    OUT/embeddings/STEM.safetensors      one per token: {"emb_params": [1, dim]} (the webui's format)
+    OUT/embeddings/STEM.safetensors      one per token: {"emb_params": [1, dim]} (the webui's format);
+                                         SDXL: {"clip_l": [1, dim_1], "clip_g": [1, dim_2]}
     OUT/cdiff_lora.json                  which token each embedding file is, for `cdiff add`
 
 Module names are diffusers' with dots as underscores, which is what kohya's sd-scripts write for SD 1.x/2.x
@@ -31,6 +32,7 @@ PREFIX = "lora_unet_"
 MANIFEST = "cdiff_lora.json"
 EMBED_DIR = "embeddings"
 EMBED_KEY = "emb_params"
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL embeddings: first and second text encoder
 _KV = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 
@@ -108,10 +110,14 @@ def export_lora(
     lora_file = out / f"{name}.safetensors"
     save_file(tensors, str(lora_file), metadata=meta)
     written = [lora_file]
-    for token, stem in zip(delta.tokens, stems):
+    for i, (token, stem) in enumerate(zip(delta.tokens, stems)):
         file = out / EMBED_DIR / f"{stem}.safetensors"
-        emb = delta.embedding_of(token).detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
-        save_file({EMBED_KEY: emb}, str(file), metadata={"cdiff_token": token})
+        row = delta.embeddings[i].detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
+        if delta.embeddings_2 is None:
+            tensors_ = {EMBED_KEY: row}
+        else:  # SDXL: the webui/ComfyUI layout names the two encoders' rows clip_l and clip_g
+            tensors_ = {SDXL_KEYS[0]: row, SDXL_KEYS[1]: delta.embeddings_2[i].detach().to("cpu", torch.float32).reshape(1, -1).contiguous()}
+        save_file(tensors_, str(file), metadata={"cdiff_token": token})
         written.append(file)
     manifest = {
         "format": "cdiff-lora-export",
@@ -171,8 +177,8 @@ def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return weights
 
 
-def read_lora_export(folder) -> tuple[Path, list[str], torch.Tensor]:
-    """(LoRA file, tokens, embeddings) of a folder written by `export_lora`."""
+def read_lora_export(folder) -> tuple[Path, list[str], torch.Tensor, torch.Tensor | None]:
+    """(LoRA file, tokens, embeddings, SDXL second-encoder embeddings or None) of an `export_lora` folder."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -180,16 +186,20 @@ def read_lora_export(folder) -> tuple[Path, list[str], torch.Tensor]:
         lora = folder / manifest["lora"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CdiffError(f"{folder / MANIFEST} is not a valid cdiff LoRA export manifest: {e}") from e
-    tokens, rows = [], []
+    tokens, rows, rows_2 = [], [], []
     for e in entries:
         file = folder / e["file"]
         try:
-            value = next(iter(load_file(str(file), device="cpu").values()))
+            state = load_file(str(file), device="cpu")
         except Exception as err:
             raise CdiffError(f"cannot read the embedding {file}: {err}") from err
         tokens.append(str(e["token"]))
-        rows.append(value.reshape(-1).float())
-    if len({r.numel() for r in rows}) > 1:
+        if set(SDXL_KEYS) <= set(state):
+            rows.append(state[SDXL_KEYS[0]].reshape(-1).float())
+            rows_2.append(state[SDXL_KEYS[1]].reshape(-1).float())
+        else:
+            rows.append(next(iter(state.values())).reshape(-1).float())
+    if len({r.numel() for r in rows}) > 1 or len({r.numel() for r in rows_2}) > 1 or (rows_2 and len(rows_2) != len(rows)):
         raise CdiffError(f"{folder}: the token embeddings have different widths")
     emb = torch.stack(rows) if rows else torch.zeros(0, 0)
-    return lora, tokens, emb
+    return lora, tokens, emb, (torch.stack(rows_2) if rows_2 else None)

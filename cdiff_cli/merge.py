@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdiff_cli import textcond
 from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
@@ -114,6 +115,23 @@ def feature_rows(tokenizer, text_encoder, prompts: list[str], batch_size: int = 
     return out
 
 
+@torch.no_grad()
+def prompt_features(pipe, prompts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+    """`feature_rows` for any pipeline: for SDXL, the concatenated penultimate states of both text
+    encoders, which is what its k/v layers read (see cdiff_cli.textcond)."""
+    if not textcond.is_sdxl(pipe):
+        return feature_rows(pipe.tokenizer, pipe.text_encoder, prompts, batch_size)
+    out = []
+    eos = pipe.tokenizer.eos_token_id
+    device = next(pipe.text_encoder.parameters()).device
+    for s in range(0, len(prompts), batch_size):
+        hidden, _, ids = textcond.encode(pipe, prompts[s : s + batch_size], device, padding="longest")
+        for row_ids, f in zip(ids.cpu(), hidden.float().cpu()):
+            end = int((row_ids == eos).nonzero()[0]) if bool((row_ids == eos).any()) else len(row_ids) - 1
+            out.append(f[1 : end + 1])
+    return out
+
+
 def gram(rows: list[torch.Tensor]) -> torch.Tensor:
     X = torch.cat(rows).double()
     return X.T @ X
@@ -125,7 +143,7 @@ def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerpr
     path = cache_dir / f"gram-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return load_file(str(path))["gram"]
-    G = gram(feature_rows(pipe.tokenizer, pipe.text_encoder, captions))
+    G = gram(prompt_features(pipe, captions))
     if path is not None:
         tmp = path.with_suffix(".tmp")
         save_file({"gram": G.contiguous()}, str(tmp))
@@ -158,13 +176,18 @@ def merge_deltas(
             seen[canonical(t)] = i
     tokens = [t for d in deltas for t in d.tokens]
     embeddings = torch.cat([d.embeddings for d in deltas])
+    if textcond.is_sdxl(pipe) and any(d.embeddings_2 is None for d in deltas):
+        raise CdiffError("a delta without SDXL second-encoder embeddings cannot be merged on an SDXL base")
+    embeddings_2 = torch.cat([d.embeddings_2 for d in deltas]) if textcond.is_sdxl(pipe) else None
     add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, embeddings)
+    if embeddings_2 is not None:
+        add_tokens(pipe.tokenizer_2, pipe.text_encoder_2, tokens, embeddings_2)
 
     # C_n, the rows of concept n's own prompts, each computed with all tokens present.
     C_parts = []
     for d, cls in zip(deltas, classes):
         prompts = [p for t, c in zip(d.tokens, cls) for p in concept_prompts(t, c)]
-        C_parts.append(torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, prompts)).double())
+        C_parts.append(torch.cat(prompt_features(pipe, prompts)).double())
     names = sorted({n for d in deltas for n in d.weights})
     params = dict(pipe.unet.named_parameters())
     base = {n: params[n].detach().cpu().float() for n in names}  # only the merged layers, not all 860 M
@@ -185,7 +208,7 @@ def merge_deltas(
     if any(n not in kv_names([n]) for n in names):
         notes.append("to_q/to_out weights (crossattn mode) were combined by summing their deltas")
     mode = "crossattn" if any(d.mode == "crossattn" for d in deltas) else "kv"
-    return Delta(merged, tokens, embeddings, mode), notes
+    return Delta(merged, tokens, embeddings, mode, embeddings_2=embeddings_2), notes
 
 
 def constraint_residual(W: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> float:

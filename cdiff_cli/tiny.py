@@ -136,15 +136,67 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0, tokenizer_dir: str | P
     )
 
 
+def build_tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None):
+    """A small random StableDiffusionXLPipeline: two CLIP text encoders (the second with a projection),
+    a UNet whose k/v read their concatenated penultimate states, and SDXL's added time/text conditioning."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    if tokenizer_dir is None:
+        tokenizer_dir = write_tiny_tokenizer(Path(tempfile.mkdtemp(prefix="cdiff-tok-")))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77)
+
+    def text_config(hidden: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77, hidden_act=act,
+                              projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_config(32, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(48, "gelu"))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 48,
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        sample_size=64, force_upcast=True,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
 def save_tiny_base(folder: str | Path, kind: str = "sd1", seed: int = 0) -> Path:
-    """Write a tiny base model as a local diffusers folder (usable as `--base FOLDER`)."""
+    """Write a tiny base model as a local diffusers folder (usable as `--base FOLDER`): sd1, sd2 or sdxl."""
     folder = Path(folder)
-    pipe = build_tiny_pipeline(kind, seed=seed)
+    pipe = build_tiny_sdxl_pipeline(seed=seed) if kind == "sdxl" else build_tiny_pipeline(kind, seed=seed)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
-if __name__ == "__main__":  # python -m cdiff_cli.tiny OUT_DIR [sd1|sd2]
+if __name__ == "__main__":  # python -m cdiff_cli.tiny OUT_DIR [sd1|sd2|sdxl]
     import sys
 
     out = save_tiny_base(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "sd1")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cdiff_cli import textcond
 from cdiff_cli.data import (
     ImageItem,
     apply_augmentation,
@@ -186,7 +187,7 @@ def train(
     processes = accelerator.num_processes if _distributed(accelerator) else 1
     rng = random.Random(cfg.seed * 1009 + rank)  # each process draws its own data
     torch.manual_seed(cfg.seed * 1009 + rank)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae = pipe.unet, pipe.vae
     noise_sched = _training_scheduler(pipe)
     factor = int(pipe.vae_scale_factor)
     res = cfg.resolution or int(unet.config.sample_size) * factor
@@ -194,19 +195,23 @@ def train(
         raise CdiffError(f"--resolution must be a multiple of {factor}")
 
     # New tokens: added to the tokenizer, initialised from their class word.
-    init = torch.stack([initial_embedding(tok, te, c.class_word) for c in concepts])
-    ids = add_tokens(tok, te, toks, init)
-    token_rows = _TokenRows(ids, init).to(device)
+    # SDXL: every token gets a row in each of its two text encoders.
+    rows_of = []  # (text encoder, ids, _TokenRows) per encoder
+    for tok_i, te_i in textcond.encoders(pipe):
+        init = torch.stack([initial_embedding(tok_i, te_i, c.class_word) for c in concepts])
+        ids_i = add_tokens(tok_i, te_i, toks, init)
+        rows_of.append((te_i, ids_i, _TokenRows(ids_i, init).to(device)))
 
     # Freeze everything, then open exactly the trainable cross-attention parameters (kept fp32).
-    for m in (unet, vae, te):
+    for m in (unet, vae, *(te_i for te_i, _, _ in rows_of)):
         m.requires_grad_(False)
     names = trainable_names(unet, cfg.mode)
     params = dict(unet.named_parameters())
     for n in names:
         params[n].data = params[n].data.float()
         params[n].requires_grad_(True)
-    trainable = [params[n] for n in names] + [token_rows.rows]
+    row_params = [r.rows for _, _, r in rows_of]
+    trainable = [params[n] for n in names] + row_params
 
     # -- cache latents: target pools and every regularisation image, both flips -------------------
     # On a CPU, batching the VAE buys no speed, and at batch 8 its 256-512 px activations would set the
@@ -251,9 +256,9 @@ def train(
     unet.train()
 
     lr = cfg.effective_lr(processes)
-    groups = [{"params": [token_rows.rows], "weight_decay": 0.0}]
-    if trainable[:-1]:  # empty in the textual-inversion baseline mode
-        groups.insert(0, {"params": trainable[:-1], "weight_decay": cfg.weight_decay})
+    groups = [{"params": row_params, "weight_decay": 0.0}]
+    if names:  # empty in the textual-inversion baseline mode
+        groups.insert(0, {"params": [params[n] for n in names], "weight_decay": cfg.weight_decay})
     optimizer = torch.optim.AdamW(
         groups,
         lr=lr,
@@ -267,13 +272,14 @@ def train(
     target_cycles = [_Cycler(len(c.images), rng) for c in concepts]
     reg_concepts = [i for i, c in enumerate(concepts) if c.reg]
     reg_cycles = {i: _Cycler(len(concepts[i].reg), rng) for i in reg_concepts}
-    reg_text: dict[str, torch.Tensor] = {}
+    reg_text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     unet_dtype = unet.conv_in.weight.dtype
 
-    def encode_text(prompts: list[str], grad: bool) -> torch.Tensor:
-        ids_ = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    def encode_text(prompts: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(k/v input features, SDXL's pooled output or None)."""
         with torch.set_grad_enabled(grad):
-            return te(ids_.input_ids.to(device))[0]
+            hidden, pooled, _ = textcond.encode(pipe, prompts, device)
+            return hidden, pooled
 
     def draw_target(ci: int) -> _Latent:
         ii = target_cycles[ci].next()
@@ -303,17 +309,24 @@ def train(
         target = noise if noise_sched.config.prediction_type == "epsilon" else noise_sched.get_velocity(latents, noise, t)
         is_target = [kind == "target" for _, (kind, _), _ in part]
         with autocast:
-            text = []
+            text, pooled = [], []
             prompts = [p for _, (kind, p), _ in part if kind == "target"]
             if prompts:
-                text.append(encode_text(prompts, grad=True))
+                h, pl = encode_text(prompts, grad=True)
+                text.append(h)
+                pooled.append(pl)
             for _, (kind, caption), _ in part:
                 if kind == "reg":
                     if caption not in reg_text:
-                        reg_text[caption] = encode_text([caption], grad=False).detach()
-                    text.append(reg_text[caption])
+                        h, pl = encode_text([caption], grad=False)
+                        reg_text[caption] = (h.detach(), pl.detach() if pl is not None else None)
+                    text.append(reg_text[caption][0])
+                    pooled.append(reg_text[caption][1])
             enc = torch.cat([x.to(text[0].dtype) for x in text])
-            pred = unet(noisy.to(unet_dtype), t, enc).sample
+            added = None
+            if pooled[0] is not None:  # SDXL
+                added = textcond.added_conditioning(pipe, torch.cat([x.to(enc.dtype) for x in pooled]), res)
+            pred = unet(noisy.to(unet_dtype), t, enc, added_cond_kwargs=added).sample
         loss = pred.new_zeros((), dtype=torch.float32)
         k = sum(is_target)
         if k:
@@ -324,7 +337,7 @@ def train(
             loss = loss + cfg.prior_weight * per.sum() / n_reg
         return loss
 
-    hooks = [te.get_input_embeddings().register_forward_hook(token_rows.hook)]
+    hooks = [te_i.get_input_embeddings().register_forward_hook(r.hook) for te_i, _, r in rows_of]
     hooks += [mod.register_forward_hook(_detach_first_hook) for n, mod in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
     losses: list[float] = []
     t0 = time.perf_counter()
@@ -369,9 +382,12 @@ def train(
 
     # Write the learned rows into the table so the pipeline can be used right away.
     with torch.no_grad():
-        table = te.get_input_embeddings().weight
-        table[torch.tensor(ids, device=table.device)] = token_rows.rows.detach().to(table.dtype)
-    delta = Delta(read_weights(unet, names), toks, token_rows.rows.detach().cpu().float().clone(), cfg.mode)
+        for te_i, ids_i, r in rows_of:
+            table = te_i.get_input_embeddings().weight
+            table[torch.tensor(ids_i, device=table.device)] = r.rows.detach().to(table.dtype)
+    learned = [r.rows.detach().cpu().float().clone() for _, _, r in rows_of]
+    delta = Delta(read_weights(unet, names), toks, learned[0], cfg.mode,
+                  embeddings_2=learned[1] if len(learned) > 1 else None)
     return TrainResult(delta, losses, time.perf_counter() - t0, lr, processes)
 
 

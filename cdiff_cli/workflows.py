@@ -346,7 +346,7 @@ def import_entry(
     fmt = detect_format(path)
     spec, pipe, _ = _load_base(base, "cpu")
     delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None, embeddings=embeddings)
-    check_against_base(delta, pipe.unet, pipe.text_encoder)
+    check_against_base(delta, pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     for t in delta.tokens:
         validate_token(t, pipe.tokenizer)
     registry.check_tokens_free(delta.tokens, replacing=name if force else None)
@@ -403,6 +403,9 @@ def export_entry(
         spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
         check_same_base([entry], base_record(spec.ref, pipe.unet))
     delta = entry.load_delta(pipe.unet if pipe is not None else None)
+    if delta.embeddings_2 is not None and fmt in ("diffusers", "reference"):
+        raise CdiffError(f"{fmt} export holds one embedding per token, and this SDXL concept has two (one per text "
+                         "encoder): use --format lora (ComfyUI, AUTOMATIC1111, diffusers) or --format cdiff")
     if fmt == "diffusers":
         return export_diffusers(delta, out_dir), {}
     if fmt == "reference":
@@ -434,7 +437,7 @@ def compress_entry(
     """Rewrite an entry with its k/v updates as low-rank factors (atomically, in place); returns the
     entry and a report: sizes, ranks, and the largest change of any k/v layer's output on captions."""
     from cdiff_cli.compress import compress_delta, output_fidelity, ranks, stored_bytes
-    from cdiff_cli.merge import feature_rows
+    from cdiff_cli.merge import prompt_features
 
     _check_rank_energy(rank, energy)
     if rank is None and energy is None:
@@ -449,7 +452,7 @@ def compress_entry(
     base_w = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
     low = compress_delta(delta, base_w, rank=rank, energy=energy)
     with torch.no_grad():
-        X = torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, list(load_captions())[:FIDELITY_CAPTIONS]))
+        X = torch.cat(prompt_features(pipe, list(load_captions())[:FIDELITY_CAPTIONS]))
     r = ranks(low)
     report = {
         "rank": rank,

@@ -32,6 +32,11 @@ def sd2_base(tmp_path_factory) -> Path:
     return save_tiny_base(tmp_path_factory.mktemp("bases") / "sd2", "sd2")
 
 
+@pytest.fixture(scope="session")
+def sdxl_base(tmp_path_factory) -> Path:
+    return save_tiny_base(tmp_path_factory.mktemp("bases") / "sdxl", "sdxl")
+
+
 @pytest.fixture
 def sd1_pipe():
     return build_tiny_pipeline("sd1")

@@ -1,0 +1,125 @@
+"""SDXL (tiny SDXL-layout pipeline built offline): the modifier token in both text encoders, k/v of every
+cross-attention layer, the added time/text conditioning, the merge on concatenated text features, and the
+whole command-line loop."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cdiff_cli.base import load_pipeline
+from cdiff_cli.cli import app
+from cdiff_cli.data import list_images
+from cdiff_cli.merge import concept_prompts, constraint_residual, gram, merge_deltas, prompt_features
+from cdiff_cli.registry import Registry
+from cdiff_cli.train import Concept, TrainConfig, train
+
+from .conftest import RES, make_images
+
+runner = CliRunner()
+
+
+def _train(base, folder, token, cls, steps=4):
+    pipe = load_pipeline(str(base))
+    cfg = TrainConfig(steps=steps, batch_size=2, lr=1e-3, scale_lr=False, resolution=RES)
+    return pipe, train(pipe, [Concept(token, cls, list_images(folder), [])], cfg)
+
+
+def test_sdxl_training_moves_only_the_new_rows_of_both_encoders_and_kv(sdxl_base, tmp_path):
+    pipe = load_pipeline(str(sdxl_base))
+    tables = [pipe.text_encoder.get_input_embeddings().weight.detach().clone(),
+              pipe.text_encoder_2.get_input_embeddings().weight.detach().clone()]
+    unet_before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    pipe2, res = _train(sdxl_base, make_images(tmp_path / "cat"), "<mycat>", "cat")
+    d = res.delta
+    assert d.embeddings.shape == (1, tables[0].shape[1]) and d.embeddings_2.shape == (1, tables[1].shape[1])
+    for te, old in zip((pipe2.text_encoder, pipe2.text_encoder_2), tables):
+        new = te.get_input_embeddings().weight
+        assert torch.equal(new[: old.shape[0]], old)  # every old row bit-identical
+        assert new.shape[0] == old.shape[0] + 1
+    changed = {n for n, p in pipe2.unet.named_parameters() if not torch.equal(p, unet_before[n])}
+    assert changed == set(d.weights) and all(n.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for n in changed)
+    assert len(changed) == 2 * sum(1 for n in unet_before if n.endswith("attn2.to_k.weight"))
+    # The second encoder's row was trained too (it feeds both the k/v features and the pooled conditioning).
+    init_2 = tables[1][pipe.tokenizer_2("cat", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.allclose(d.embeddings_2[0], init_2)
+
+
+def test_sdxl_merge_satisfies_the_constraints_on_concatenated_features(sdxl_base, tmp_path):
+    _, a = _train(sdxl_base, make_images(tmp_path / "cat"), "<mycat>", "cat")
+    _, b = _train(sdxl_base, make_images(tmp_path / "chair", colour=(0, 0, 255)), "<mychair>", "chair")
+    pipe = load_pipeline(str(sdxl_base))
+    G = gram(prompt_features(pipe, ["a photo of a dog", "a red car on a road", "two cats on a sofa", "a chair"] * 20))
+    merged, _ = merge_deltas(pipe, [a.delta, b.delta], [["cat"], ["chair"]], G=G)
+    assert merged.embeddings_2.shape[0] == 2
+    width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    C = [torch.cat(prompt_features(pipe, concept_prompts(t, c))).double() for t, c in (("<mycat>", "cat"), ("<mychair>", "chair"))]
+    assert C[0].shape[1] == width  # both encoders' features, concatenated
+    for name in merged.weights:
+        V = torch.cat([Cn @ d.weights[name].double().T for Cn, d in zip(C, (a.delta, b.delta))])
+        assert constraint_residual(merged.weights[name], torch.cat(C), V) < 1e-3
+
+
+def test_sdxl_command_line_loop(home, sdxl_base, tmp_path):
+    args = ["--base", str(sdxl_base), "--steps", "4", "--batch-size", "2", "--resolution", str(RES), "--lr", "5e-3",
+            "--device", "cpu", "--num-reg", "2"]
+    cat, chair = make_images(tmp_path / "cat"), make_images(tmp_path / "chair", colour=(0, 0, 255), size=(64, 90))
+    for name, folder, cls in (("mycat", cat, "cat"), ("mychair", chair, "chair")):
+        r = runner.invoke(app, ["train", name, str(folder), "--class", cls, *args])
+        assert r.exit_code == 0, r.output
+    gen = ["-n", "1", "--steps", "3", "--seed", "1", "--height", str(RES), "--width", str(RES), "--device", "cpu", "--json"]
+
+    def images(prompt, out):
+        r = runner.invoke(app, ["gen", prompt, *gen, "-o", str(tmp_path / out), "--base", str(sdxl_base)])
+        assert r.exit_code == 0, r.output
+        return np.stack([np.asarray(Image.open(p)) for p in json.loads(r.stdout)["images"]]).astype(float)
+
+    plain, with_token = images("photo of a cat", "a"), images("photo of a <mycat> cat", "b")
+    assert np.abs(plain - with_token).mean() > 1.0  # the concept changes the image
+    assert runner.invoke(app, ["merge", "mycat", "mychair"]).exit_code == 0
+    images("<mycat> cat on a <mychair> chair", "c")
+    r = runner.invoke(app, ["compress", "mycat", "--json"])
+    assert r.exit_code == 0, r.output
+    compressed = images("photo of a <mycat> cat", "d")
+    assert np.abs(compressed - with_token).mean() < 0.25 * np.abs(plain - with_token).mean()
+    # LoRA export carries both encoders' rows (clip_l / clip_g) and imports back.
+    r = runner.invoke(app, ["export", "mychair", "--format", "lora", "-o", str(tmp_path / "lora")])
+    assert r.exit_code == 0, r.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lora" / "embeddings" / "mychair.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["clip_g", "clip_l"]
+    r = runner.invoke(app, ["add", "back", str(tmp_path / "lora"), "--base", str(sdxl_base), "--token", "<back>"])
+    assert r.exit_code == 0, r.output
+    back, orig = Registry().get("back").load_delta(), Registry().get("mychair").load_delta()
+    torch.testing.assert_close(back.embeddings_2, orig.embeddings_2)
+    # Formats with one embedding per token refuse clearly.
+    r = runner.invoke(app, ["export", "mychair", "-o", str(tmp_path / "d")])
+    assert r.exit_code == 1 and "two (one per text encoder)" in r.stderr
+
+
+def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from cdiff_cli.delta import apply_delta
+
+    args = ["--base", str(sdxl_base), "--steps", "4", "--batch-size", "2", "--resolution", str(RES), "--lr", "5e-3",
+            "--device", "cpu", "--reg", "none"]
+    assert runner.invoke(app, ["train", "mycat", str(make_images(tmp_path / "cat")), "--class", "cat", *args]).exit_code == 0
+    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(tmp_path / "lora")])
+    assert r.exit_code == 0, r.output
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base))
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10])
+    enc = torch.randn(1, 77, 80, generator=g)
+    added = {"text_embeds": torch.randn(1, 48, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        base = pipe.unet(x, t, enc, added_cond_kwargs=added).sample
+        pipe.load_lora_weights(str(tmp_path / "lora"), weight_name="mycat.safetensors")
+        theirs = pipe.unet(x, t, enc, added_cond_kwargs=added).sample
+        mine_pipe = load_pipeline(str(sdxl_base))
+        apply_delta(mine_pipe, Registry().get("mycat").load_delta())
+        mine = mine_pipe.unet(x, t, enc, added_cond_kwargs=added).sample
+    assert (theirs - mine).abs().max() < 0.01 * (mine - base).abs().max()
