@@ -123,3 +123,15 @@ def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
         apply_delta(mine_pipe, Registry().get("mycat").load_delta())
         mine = mine_pipe.unet(x, t, enc, added_cond_kwargs=added).sample
     assert (theirs - mine).abs().max() < 0.01 * (mine - base).abs().max()
+    # The embedding file, loaded the documented diffusers way (one call per text encoder), gives the same
+    # prompt features as cdiff's pipeline.
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "lora" / "embeddings" / "mycat.safetensors"))
+    pipe.load_textual_inversion(state["clip_l"], token="<mycat>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<mycat>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        theirs_feats = pipe.encode_prompt("photo of a <mycat> cat", device="cpu", do_classifier_free_guidance=False)
+        mine_feats = mine_pipe.encode_prompt("photo of a <mycat> cat", device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(theirs_feats[0], mine_feats[0])  # k/v input features
+    torch.testing.assert_close(theirs_feats[2], mine_feats[2])  # pooled
