@@ -64,6 +64,12 @@ def write_tiny_tokenizer(folder: str | Path, words: tuple[str, ...] = WORDS) -> 
     return folder
 
 
+# Shared by the SD-like and SDXL-like tiny models: 64 px images, 8x8x4 latents.
+_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=16)
+_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1, sample_size=64)
+
+
 def build_tiny_pipeline(kind: str = "sd1", seed: int = 0, tokenizer_dir: str | Path | None = None):
     """Build a small random StableDiffusionPipeline with the real SD component classes."""
     import tempfile
@@ -96,29 +102,14 @@ def build_tiny_pipeline(kind: str = "sd1", seed: int = 0, tokenizer_dir: str | P
         )
     )
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
+        **_UNET,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=hidden,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    )
+    vae = AutoencoderKL(**_VAE)
     sched_cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     if sd2:
         scheduler = DDPMScheduler(prediction_type="v_prediction", steps_offset=1, clip_sample=False, **sched_cfg)
@@ -161,11 +152,7 @@ def build_tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = N
     text_encoder_2 = CLIPTextModelWithProjection(text_config(48, "gelu"))
     time_dim = 8
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
+        **_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32 + 48,
@@ -175,13 +162,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = N
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + 48,
         transformer_layers_per_block=(1, 2),
-        norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        sample_size=64, force_upcast=True,
-    )
+    vae = AutoencoderKL(**_VAE, force_upcast=True)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
