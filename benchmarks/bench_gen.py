@@ -58,7 +58,7 @@ def main():
     from cdiff_cli.captions import load_captions
     from cdiff_cli.delta import apply_delta
     from cdiff_cli.generate import sample, set_scheduler
-    from cdiff_cli.merge import feature_rows, gram, merge_deltas
+    from cdiff_cli.merge import gram, merge_deltas, prompt_features
 
     if not (args.model_dir / "model_index.json").is_file():
         from _sd15 import build_sd15
@@ -106,7 +106,7 @@ def main():
     if "merge" in parts:
         base = load_pipeline(str(args.model_dir), device="cpu")
         t0 = time.perf_counter()
-        G = gram(feature_rows(base.tokenizer, base.text_encoder, list(load_captions())))
+        G = gram(prompt_features(base, list(load_captions())))
         results["gram_once_per_base_s"] = time.perf_counter() - t0
         merges = []
         for _ in range(3):  # the first call also pages the base's k/v weights in from disk

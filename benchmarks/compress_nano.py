@@ -60,7 +60,7 @@ def main():
     from cdiff_cli.features import load_clip
     from cdiff_cli.generate import sample, set_scheduler
     from cdiff_cli.layers import fingerprint
-    from cdiff_cli.merge import feature_rows
+    from cdiff_cli.merge import prompt_features
     from cdiff_cli.regset import generated_regularisation
     from cdiff_cli.train import Concept, TrainConfig, train
 
@@ -78,7 +78,7 @@ def main():
     reg = generated_regularisation(base, class_word=cls, count=16, seed=0, resolution=64,
                                    fingerprint=fingerprint(base.unet), cache_root=work / "reg")
     W0 = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
-    X = torch.cat(feature_rows(base.tokenizer, base.text_encoder, list(load_captions())[:256]))
+    X = torch.cat(prompt_features(base, list(load_captions())[:256]))
     pipe = load_pipeline("nano")
     cfg = TrainConfig(steps=args.steps, batch_size=4, lr=args.lr, scale_lr=False, resolution=64, seed=0, precision="fp32",
                       aug=False)  # the demo's settings (cdiff_cli/demo.py)

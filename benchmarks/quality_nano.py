@@ -71,7 +71,7 @@ def main():
     from cdiff_cli.features import load_clip
     from cdiff_cli.generate import sample, set_scheduler
     from cdiff_cli.layers import fingerprint
-    from cdiff_cli.merge import feature_rows, gram, merge_deltas
+    from cdiff_cli.merge import gram, merge_deltas, prompt_features
     from cdiff_cli.regset import generated_regularisation
     from cdiff_cli.train import Concept, TrainConfig, train
 
@@ -180,7 +180,7 @@ def main():
                      Concept(cb["token"], cb["class"], cb["images"], reg_sets[cb["class"]])], cfg)
         pair_scores(pipe, "joint training")
         pipe = fresh()
-        G = gram(feature_rows(pipe.tokenizer, pipe.text_encoder, list(load_captions())))
+        G = gram(prompt_features(pipe, list(load_captions())))
         merged, _ = merge_deltas(pipe, [kv_deltas[a], kv_deltas[b]], [[ca["class"]], [cb["class"]]], G=G)
         pipe = fresh()
         apply_delta(pipe, merged)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 
 from cdiff_cli.delta import Delta, LowRankDelta
+from cdiff_cli.layers import is_kv
 from cdiff_cli.lowrank import factorize
-
-_KV = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 
 def compress_delta(
@@ -27,7 +26,7 @@ def compress_delta(
     trained parameter (crossattn mode) is kept whole."""
     factors, full = {}, {}
     for name, w in delta.weights.items():
-        if name.endswith(_KV):
+        if is_kv(name):
             factors[name] = factorize(w.float() - base[name].detach().to("cpu", torch.float32), rank=rank, energy=energy)
         else:
             full[name] = w
@@ -41,7 +40,7 @@ def output_fidelity(full: Delta, approx: Delta, features: torch.Tensor) -> dict[
     X = features.float()
     worst_abs, worst_rel = 0.0, 0.0
     for name, w in full.weights.items():
-        if not name.endswith(_KV):
+        if not is_kv(name):
             continue
         out = X @ w.float().T
         diff = (out - X @ approx.weights[name].float().T).abs().max().item()

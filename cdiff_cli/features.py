@@ -70,17 +70,8 @@ class ClipScorer:
     device: torch.device
     batch: int = FEATURE_BATCH
 
-    @torch.no_grad()
     def images(self, images, task: Task | None = None) -> np.ndarray:
-        rows = []
-        for s in range(0, len(images), self.batch):
-            chunk = [im.convert("RGB") for im in images[s : s + self.batch]]
-            pix = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            out = self.model.get_image_features(pixel_values=pix.to(self.device, self.model.dtype))
-            rows.append(_output_tensor(out).float().cpu().numpy())
-            if task is not None:
-                task.advance(len(chunk))
-        return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+        return _image_features(self, images, task, lambda pix: _output_tensor(self.model.get_image_features(pixel_values=pix)))
 
     @torch.no_grad()
     def texts(self, texts: list[str]) -> np.ndarray:
@@ -106,17 +97,21 @@ class DinoScorer:
     device: torch.device
     batch: int = FEATURE_BATCH
 
-    @torch.no_grad()
     def images(self, images, task: Task | None = None) -> np.ndarray:
-        rows = []
-        for s in range(0, len(images), self.batch):
-            chunk = [im.convert("RGB") for im in images[s : s + self.batch]]
-            pix = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            out = self.model(pixel_values=pix.to(self.device, self.model.dtype))
-            rows.append(out.last_hidden_state[:, 0].float().cpu().numpy())
-            if task is not None:
-                task.advance(len(chunk))
-        return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
+        return _image_features(self, images, task, lambda pix: self.model(pixel_values=pix).last_hidden_state[:, 0])
+
+
+@torch.no_grad()
+def _image_features(scorer, images, task: Task | None, embed) -> np.ndarray:
+    """Batches of PIL images through the scorer's processor and `embed(pixel_values) -> [b, d]`."""
+    rows = []
+    for s in range(0, len(images), scorer.batch):
+        chunk = [im.convert("RGB") for im in images[s : s + scorer.batch]]
+        pix = scorer.processor(images=chunk, return_tensors="pt")["pixel_values"]
+        rows.append(embed(pix.to(scorer.device, scorer.model.dtype)).float().cpu().numpy())
+        if task is not None:
+            task.advance(len(chunk))
+    return np.concatenate(rows) if rows else np.zeros((0, 1), np.float32)
 
 
 def load_clip(ref: str | None = None, device: torch.device | str = "cpu") -> ClipScorer:

@@ -26,8 +26,13 @@ def trainable_names(unet: torch.nn.Module, mode: str = "kv") -> list[str]:
     return [n for n, _ in unet.named_parameters() if n.endswith(suffixes)]
 
 
+def is_kv(name: str) -> bool:
+    """A cross-attention key or value weight (what Custom Diffusion trains and the merge constrains)."""
+    return name.endswith(_KV)
+
+
 def kv_names(names) -> list[str]:
-    return [n for n in names if n.endswith(_KV)]
+    return [n for n in names if is_kv(n)]
 
 
 def read_weights(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -26,14 +26,14 @@ from safetensors.torch import load_file, save_file
 
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.lowrank import factorize
+from cdiff_cli.layers import is_kv
+from cdiff_cli.lowrank import factorize, relative_error
 
 PREFIX = "lora_unet_"
 MANIFEST = "cdiff_lora.json"
 EMBED_DIR = "embeddings"
 EMBED_KEY = "emb_params"
 SDXL_KEYS = ("clip_l", "clip_g")  # SDXL embeddings: first and second text encoder
-_KV = (".attn2.to_k.weight", ".attn2.to_v.weight")
 
 
 def lora_module(param: str) -> str:
@@ -53,7 +53,7 @@ def embedding_stem(token: str) -> str:
 def kv_updates(delta: Delta, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """W - W0 for every k/v layer of the delta; refuses deltas that changed anything else (a LoRA of
     k/v cannot hold the crossattn mode's query, output and bias updates)."""
-    other = [n for n in delta.weights if not n.endswith(_KV)]
+    other = [n for n in delta.weights if not is_kv(n)]
     if other:
         raise CdiffError(
             f"a LoRA export holds cross-attention k/v updates only; this entry also changed {len(other)} other "
@@ -89,15 +89,12 @@ def export_lora(
     tensors: dict[str, torch.Tensor] = {}
     ranks, worst = [], 0.0
     for param, update in sorted(updates.items()):
-        up, down = factorize(update, rank=rank, energy=energy)
+        up, down = (f.to(dtype) for f in factorize(update, rank=rank, energy=energy))
         r = up.shape[1]
         key = lora_module(param)
-        tensors[f"{key}.lora_up.weight"] = up.to(dtype)
-        tensors[f"{key}.lora_down.weight"] = down.to(dtype)
+        tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"] = up, down
         tensors[f"{key}.alpha"] = torch.tensor(float(r), dtype=dtype)
-        approx = tensors[f"{key}.lora_up.weight"].float() @ tensors[f"{key}.lora_down.weight"].float()
-        norm = float(update.norm())
-        worst = max(worst, float((update - approx).norm()) / norm if norm else 0.0)
+        worst = max(worst, relative_error(update, up, down))  # as stored: fp16 rounding included
         ranks.append(r)
     meta = {
         "ss_network_module": "networks.lora",
@@ -151,7 +148,7 @@ def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
         state = load_file(str(path), device="cpu")
     except Exception as e:
         raise CdiffError(f"cannot read {path}: {e}") from e
-    by_module = {lora_module(n): n for n in base_weights if n.endswith(_KV)}
+    by_module = {lora_module(n): n for n in base_weights if is_kv(n)}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, _, part = key.partition(".")

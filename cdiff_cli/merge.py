@@ -99,28 +99,10 @@ def constrained_merge(
 
 
 @torch.no_grad()
-def feature_rows(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
-    """For each prompt, final text-encoder features from after the start token up to and including
-    the first end token (no padding rows). Returns float32 CPU tensors [n_i, dim]."""
-    out = []
-    eos = tokenizer.eos_token_id
-    device = next(text_encoder.parameters()).device
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        enc = tokenizer(chunk, padding="longest", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        feats = text_encoder(enc.input_ids.to(device))[0].float().cpu()
-        for ids, f in zip(enc.input_ids, feats):
-            end = int((ids == eos).nonzero()[0]) if bool((ids == eos).any()) else len(ids) - 1
-            out.append(f[1 : end + 1])
-    return out
-
-
-@torch.no_grad()
 def prompt_features(pipe, prompts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
-    """`feature_rows` for any pipeline: for SDXL, the concatenated penultimate states of both text
-    encoders, which is what its k/v layers read (see cdiff_cli.textcond)."""
-    if not textcond.is_sdxl(pipe):
-        return feature_rows(pipe.tokenizer, pipe.text_encoder, prompts, batch_size)
+    """For each prompt, the text features its k/v layers read (the final text-encoder states; for SDXL
+    both encoders' penultimate states, concatenated: see cdiff_cli.textcond), from after the start token
+    up to and including the first end token (no padding rows). Returns float32 CPU tensors [n_i, dim]."""
     out = []
     eos = pipe.tokenizer.eos_token_id
     device = next(pipe.text_encoder.parameters()).device

@@ -365,6 +365,14 @@ def import_entry(
 EXPORT_FORMATS = ("diffusers", "reference", "cdiff", "lora")
 
 
+def _load_entry_base(entry: Entry, base: str | None):
+    """(spec, pipeline) of the base an entry was trained on (or `base`, which must be the same model), in fp32
+    on the CPU: for work that needs the exact W0 (LoRA differences, low-rank expansion)."""
+    spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
+    check_same_base([entry], base_record(spec.ref, pipe.unet))
+    return spec, pipe
+
+
 def _check_rank_energy(rank: int | None, energy: float | None) -> None:
     if rank is not None and energy is not None:
         raise CdiffError("give --rank or --energy, not both")
@@ -400,8 +408,7 @@ def export_entry(
         return [out_dir / "delta.safetensors", out_dir / "manifest.json"], {}
     pipe = None
     if fmt == "lora" or entry.compressed:  # W0 is needed
-        spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
-        check_same_base([entry], base_record(spec.ref, pipe.unet))
+        spec, pipe = _load_entry_base(entry, base)
     delta = entry.load_delta(pipe.unet if pipe is not None else None)
     if delta.embeddings_2 is not None and fmt in ("diffusers", "reference"):
         raise CdiffError(f"{fmt} export holds one embedding per token, and this SDXL concept has two (one per text "
@@ -445,8 +452,7 @@ def compress_entry(
     entry = registry.get(name)
     if entry.compressed:
         raise CdiffError(f"concept {name!r} is already compressed")
-    spec, pipe, _ = _load_base(base or entry.base.get("ref"), "cpu")
-    check_same_base([entry], base_record(spec.ref, pipe.unet))
+    spec, pipe = _load_entry_base(entry, base)
     progress.note(f"factorising the k/v updates of {name}")
     delta = entry.load_delta(pipe.unet)
     base_w = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}

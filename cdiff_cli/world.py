@@ -397,14 +397,30 @@ def _fill(obj: ObjectSpec, s: int) -> Image.Image:
     return im
 
 
+def _object_masks(spec: SceneSpec, s: int):
+    """(object, its outline mask) at supersampled side `s`, in drawing order."""
+    for obj in spec.objects:
+        shape = CONCEPTS[obj.kind].shape if obj.is_concept else obj.kind
+        yield obj, _mask(shape, obj.x * s, obj.y * s, obj.r * s, s)
+
+
 def render(spec: SceneSpec, size: int = 64) -> Image.Image:
     """Draw a scene as a `size` x `size` RGB image."""
     s = size * _SS
     im = _background(spec, size)
-    for obj in spec.objects:
-        shape = CONCEPTS[obj.kind].shape if obj.is_concept else obj.kind
-        im.paste(_fill(obj, s), (0, 0), _mask(shape, obj.x * s, obj.y * s, obj.r * s, s))
+    for obj, mask in _object_masks(spec, s):
+        im.paste(_fill(obj, s), (0, 0), mask)
     return im.resize((size, size), Image.LANCZOS)
+
+
+def object_mask(spec: SceneSpec, size: int = 64) -> Image.Image:
+    """Where the scene's objects are: an 'L' image, 255 on objects, 0 on the background (anti-aliased).
+    scripts/train_nano.py weights the VAE's reconstruction loss with it."""
+    s = size * _SS
+    m = Image.new("L", (s, s), 0)
+    for _, mask in _object_masks(spec, s):
+        m.paste(255, (0, 0), mask)
+    return m.resize((size, size), Image.LANCZOS)
 
 
 # -- data sets ------------------------------------------------------------------------------------------

@@ -109,7 +109,20 @@ class Checkpoint:
         folder.mkdir(parents=True, exist_ok=True)
 
     def load(self):
-        return torch.load(self.path, map_location="cpu", weights_only=False) if self.path.is_file() else None
+        return torch.load(self.path, map_location="cpu", weights_only=True) if self.path.is_file() else None
+
+    def resume(self, stage: str, modules: dict, opt, g: torch.Generator) -> tuple[int, float]:
+        """Restore a stage's training state if a checkpoint exists: `modules` maps checkpoint keys to the
+        modules saved under them. Returns (step, training seconds so far)."""
+        state = self.load()
+        if not state:
+            return 0, 0.0
+        for key, module in modules.items():
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        log(f"{stage}: resumed at step {state['step']}")
+        return state["step"], state["elapsed"]
 
     def save(self, state: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -148,7 +161,7 @@ def tokenize(tok, texts: list[str]) -> torch.Tensor:
 def stage_data(args, out: Path, tok):
     path = out / "ckpt" / f"data-{args.data}-{args.seed}.pt"
     if path.is_file():
-        d = torch.load(path, weights_only=False)
+        d = torch.load(path, weights_only=True)
         log(f"data: {len(d['captions'])} scenes (cached)")
         return d
     t0 = time.time()
@@ -191,15 +204,8 @@ def stage_clip(args, out: Path, tok, data):
     torch.manual_seed(args.seed)
     model = build_clip(tok, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.clip_lr, weight_decay=0.1, betas=(0.9, 0.98))
-    step, elapsed = 0, 0.0
     g = torch.Generator().manual_seed(args.seed + 1)
-    state = ck.load()
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        g.set_state(state["gen"])
-        log(f"clip: resumed at step {step}")
+    step, elapsed = ck.resume("clip", {"model": model}, opt, g)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"clip: {n_params / 1e6:.2f} M parameters, batch {args.clip_batch}")
     budget = Budget(args.clip_steps, 60 * (args.clip_minutes or args.minutes * args.split[0]))
@@ -236,7 +242,7 @@ def stage_clip(args, out: Path, tok, data):
     acc = clip_retrieval(model, data, held)
     log(f"clip: held-out retrieval top-1 in 512: image->text {acc[0]:.2f}, text->image {acc[1]:.2f}")
     save_clip(model, tok, final)
-    ck.save({"model": model.state_dict(), "step": step, "elapsed": elapsed})
+    ck.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "gen": g.get_state()})
     ck.done.write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "retrieval": acc}))
     return model
 
@@ -288,15 +294,8 @@ def stage_vae(args, out: Path, data):
         log(f"vae: done (cached), scaling factor {state['scaling_factor']:.4f}")
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
     g = torch.Generator().manual_seed(args.seed + 3)
-    state = ck.load()
-    if state:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        g.set_state(state["gen"])
-        log(f"vae: resumed at step {step}")
+    step, elapsed = ck.resume("vae", {"model": vae}, opt, g)
     log(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M parameters, channels {args.vae_channels}, "
         f"batch {args.vae_batch}")
     budget = Budget(args.vae_steps, 60 * (args.vae_minutes or args.minutes * args.split[1]))
@@ -355,7 +354,8 @@ def stage_vae(args, out: Path, data):
         W.grid([_to_pil(t) for t in torch.cat([x[:16], rec[:16]])], cols=16).save(out / "vae_recon.png")
     log(f"vae: held-out PSNR {psnr:.1f} dB (on objects {obj_psnr:.1f} dB); latent mean {z.mean():.3f} std {z.std():.3f} -> scaling factor {scaling:.4f}")
     vae.register_to_config(scaling_factor=scaling)
-    ck.save({"model": vae.state_dict(), "step": step, "elapsed": elapsed, "scaling_factor": scaling})
+    ck.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "gen": g.get_state(),
+             "scaling_factor": scaling})
     ck.done.write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "psnr": psnr, "object_psnr": obj_psnr,
                                   "scaling_factor": scaling}))
     return vae
@@ -365,7 +365,7 @@ def object_masks(args, out: Path) -> torch.Tensor:
     """[n, 64, 64] uint8 object masks of the training scenes (cached)."""
     path = out / "ckpt" / f"masks-{args.data}-{args.seed}.pt"
     if path.is_file():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     t0 = time.time()
     masks = torch.from_numpy(np.stack([np.asarray(W.object_mask(s)) for s in W.dataset_specs(args.data, seed=args.seed)]))
     torch.save(masks, path)
@@ -443,7 +443,7 @@ def stage_unet(args, out: Path, tok, data, te, vae):
         return unet
     cache = out / "ckpt" / "unet-inputs.pt"
     if cache.is_file():
-        inputs = torch.load(cache, weights_only=False)
+        inputs = torch.load(cache, weights_only=True)
     else:
         t0 = time.time()
         mean, std = encode_latents(vae, data["images"])
@@ -460,16 +460,8 @@ def stage_unet(args, out: Path, tok, data, te, vae):
     noise_sched = DDPMScheduler.from_config(make_scheduler().config)
     acp = noise_sched.alphas_cumprod
     snr = acp / (1 - acp)
-    step, elapsed = 0, 0.0
     g = torch.Generator().manual_seed(args.seed + 5)
-    state = ck.load()
-    if state:
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        g.set_state(state["gen"])
-        log(f"unet: resumed at step {step}")
+    step, elapsed = ck.resume("unet", {"model": unet, "ema": ema}, opt, g)
     n_xattn = sum(1 for k, _ in unet.named_parameters() if k.endswith("attn2.to_k.weight"))
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, channels {args.unet_channels}, "
         f"{args.unet_layers} layers per block, {n_xattn} cross-attention layers, batch {args.unet_batch}")

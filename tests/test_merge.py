@@ -12,9 +12,9 @@ from cdiff_cli.merge import (
     constrained_merge,
     constraint_residual,
     dedupe_rows,
-    feature_rows,
     gram,
     merge_deltas,
+    prompt_features,
 )
 from cdiff_cli.tiny import build_tiny_pipeline
 from cdiff_cli.tokens import add_tokens
@@ -71,20 +71,20 @@ def test_merge_deltas_on_a_tiny_pipeline():
     pipe = build_tiny_pipeline("sd1")
     W0 = read_weights(pipe.unet, trainable_names(pipe.unet, "kv"))
     captions = list(load_captions())
-    G = gram(feature_rows(pipe.tokenizer, pipe.text_encoder, captions[:600]))
+    G = gram(prompt_features(pipe, captions[:600]))
     d1, d2 = _synthetic_delta(pipe, "<a1>", 1), _synthetic_delta(pipe, "<b2>", 2)
     merged, notes = merge_deltas(pipe, [d1, d2], [["cat"], ["chair"]], G=G, ridge=1e-5)
     assert merged.tokens == ["<a1>", "<b2>"] and not notes
     assert torch.equal(merged.embeddings[1], d2.embeddings[0])
     # Constraint rows: each concept's prompts, computed with every token present.
-    C_parts = [torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, concept_prompts(t, c)))
+    C_parts = [torch.cat(prompt_features(pipe, concept_prompts(t, c)))
                for t, c in (("<a1>", "cat"), ("<b2>", "chair"))]
-    held_out = torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, captions[600:900]))
+    held_out = torch.cat(prompt_features(pipe, captions[600:900]))
     for name in kv_names(merged.weights):
         C = torch.cat(C_parts)
         V = torch.cat([C_parts[0] @ d1.weights[name].T, C_parts[1] @ d2.weights[name].T])
         # The shared "photo of a" prefix rows conflict, so they hold as a mean; the concept rows hold exactly.
-        own = [torch.cat(feature_rows(pipe.tokenizer, pipe.text_encoder, [f"{t} {c}"])) for t, c in (("<a1>", "cat"), ("<b2>", "chair"))]
+        own = [torch.cat(prompt_features(pipe, [f"{t} {c}"])) for t, c in (("<a1>", "cat"), ("<b2>", "chair"))]
         for rows, d in zip(own, (d1, d2)):
             err = (rows @ merged.weights[name].T - rows @ d.weights[name].T).abs().max()
             assert err < 1e-3 * (rows @ d.weights[name].T).abs().max(), name
@@ -106,7 +106,7 @@ def test_merge_refuses_token_collisions():
 def test_feature_rows_stop_at_first_end_token():
     pipe = build_tiny_pipeline("sd1")
     add_tokens(pipe.tokenizer, pipe.text_encoder, ["<a1>"])
-    rows = feature_rows(pipe.tokenizer, pipe.text_encoder, ["photo of a <a1> cat", "cat"])
+    rows = prompt_features(pipe, ["photo of a <a1> cat", "cat"])
     n_tok = [len(pipe.tokenizer(p, add_special_tokens=False).input_ids) for p in ("photo of a <a1> cat", "cat")]
     assert [r.shape[0] for r in rows] == [n + 1 for n in n_tok]  # the tokens plus the end token
 
