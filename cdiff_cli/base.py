@@ -86,13 +86,30 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
+# A key only SDXL's original-layout checkpoints have: its second text encoder (OpenCLIP bigG).
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1."
+
+
+def _single_file_keys(path: str) -> list[str]:
+    """The tensor names of a single-file checkpoint, without reading the tensors where the format allows."""
+    from safetensors import safe_open
+
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as f:
+            return list(f.keys())
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # never run a pickle's code
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    return [str(k) for k in sd] if isinstance(sd, dict) else []
+
+
 def _pipeline_class(base: BaseSpec):
-    """StableDiffusionXLPipeline for an SDXL folder or hub id (its model_index.json says so), else
-    StableDiffusionPipeline (SD 1.x / 2.x, and single-file checkpoints)."""
+    """StableDiffusionXLPipeline for an SDXL base (a folder's or hub id's model_index.json says so; a single
+    file has SDXL's second text encoder), else StableDiffusionPipeline (SD 1.x / 2.x)."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if base.kind == "single_file":
-        return StableDiffusionPipeline
+        sdxl = any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in _single_file_keys(base.ref))
+        return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     index = Path(base.ref) / "model_index.json"
     config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else DiffusionPipeline.load_config(base.ref)
     name = str(config.get("_class_name", ""))
@@ -108,14 +125,14 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
     quiet_libraries()
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
+        cls = _pipeline_class(base)
+        if cls is not StableDiffusionPipeline:
+            common = dict(dtype=dtype)  # SDXL pipelines have no safety checker
         if base.kind == "single_file":
             # from_single_file needs the matching diffusers config; CDIFF_BASE_CONFIG may point at a local one.
             extra = {"config": os.environ["CDIFF_BASE_CONFIG"]} if os.environ.get("CDIFF_BASE_CONFIG") else {}
-            pipe = StableDiffusionPipeline.from_single_file(base.ref, **common, **extra)
+            pipe = cls.from_single_file(base.ref, **common, **extra)
         else:
-            cls = _pipeline_class(base)
-            if cls is not StableDiffusionPipeline:
-                common = dict(dtype=dtype)  # SDXL pipelines have no safety checker
             pipe = cls.from_pretrained(base.ref, **common)
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -51,9 +51,6 @@ class Delta:
         rows = self.embeddings.numel() + (self.embeddings_2.numel() if self.embeddings_2 is not None else 0)
         return sum(t.numel() * t.element_size() for t in self.weights.values()) + rows * 4
 
-    def embedding_of(self, token: str) -> torch.Tensor:
-        return self.embeddings[self.tokens.index(token)]
-
     def renamed(self, mapping: dict[str, str]) -> "Delta":
         return Delta(dict(self.weights), [mapping.get(t, t) for t in self.tokens], self.embeddings.clone(), self.mode,
                      embeddings_2=self.embeddings_2)

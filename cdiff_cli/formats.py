@@ -44,6 +44,7 @@ REFERENCE_FILE = "delta.bin"
 LORA_MANIFEST = "cdiff_lora.json"  # cdiff_cli.lora.MANIFEST (not imported: that module needs nothing from here)
 LDM_PREFIX = "model.diffusion_model."
 CKPT_EMBED_KEY = "embed"
+SDXL_EMBED_KEYS = ("clip_l", "clip_g")  # an SDXL token file: first and second text encoder (cdiff_cli.lora.SDXL_KEYS)
 
 # Attention parameter (relative to `...attn2.`) -> key inside diffusers' CustomDiffusionAttnProcessor.
 # The processor's state dict is saved under `<attention module>.processor.<key>`.
@@ -258,18 +259,34 @@ def _as_weight(path: Path, name, value) -> torch.Tensor:
 
 
 def _as_embedding(path: Path, token, value) -> torch.Tensor:
-    if isinstance(value, (list, tuple)):  # the reference SDXL script stores one vector per text encoder
-        raise CdiffError(f"{path}: token {token} has {len(value)} embeddings (an SDXL delta?); only SD 1.x/2.x is supported")
     if not isinstance(value, torch.Tensor) or not (value.ndim == 1 or (value.ndim == 2 and value.shape[0] == 1)):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise CdiffError(f"{path}: token {token} does not hold one embedding vector (found {shape})")
     return value.detach().reshape(-1).to(torch.float32)
 
 
+def _as_embeddings(path: Path, token, value) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token's rows: a vector (SD 1.x/2.x), or a pair (SDXL: the reference SDXL script's list of two,
+    one per text encoder)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise CdiffError(f"{path}: token {token} has {len(value)} embeddings; expected one, or two for SDXL")
+        return _as_embedding(path, token, value[0]), _as_embedding(path, token, value[1])
+    return _as_embedding(path, token, value), None
+
+
 def _stack(path: Path, vectors: list[torch.Tensor]) -> torch.Tensor:
     if len({v.shape[0] for v in vectors}) != 1:
         raise CdiffError(f"{path}: the token embeddings have different widths")
     return torch.stack(vectors)
+
+
+def _stack_pairs(path: Path, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack (first encoder, second encoder or None) rows; all tokens must agree on SDXL or not."""
+    seconds = [b for _, b in pairs if b is not None]
+    if seconds and len(seconds) != len(pairs):
+        raise CdiffError(f"{path}: some tokens have SDXL's two embeddings and some one")
+    return _stack(path, [a for a, _ in pairs]), (_stack(path, seconds) if seconds else None)
 
 
 def _natural_key(p: Path):
@@ -291,16 +308,21 @@ def _token_files(folder: Path, weights_file: Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
-def _read_token_file(file: Path) -> tuple[str, torch.Tensor]:
+def _read_token_file(file: Path) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """(token, embedding, SDXL second-encoder embedding or None) of a textual-inversion file."""
     if not file.is_file():
         raise CdiffError(f"{file}: token file is missing")
     d = _read_tensor_file(file)
     if isinstance(d.get("string_to_param"), dict) and "*" in d["string_to_param"]:  # the webui's .pt embeddings
-        return str(d.get("name") or file.stem), _as_embedding(file, file.stem, d["string_to_param"]["*"])
+        return str(d.get("name") or file.stem), _as_embedding(file, file.stem, d["string_to_param"]["*"]), None
+    if set(d) == set(SDXL_EMBED_KEYS):  # the SDXL layout the webui, ComfyUI and diffusers' docs use
+        token = _safetensors_metadata(file)[0].get("cdiff_token") if _is_safetensors(file) else None
+        # The webui names such a token by its file name; cdiff's exports record the token.
+        return str(token or f"<{file.stem}>"), *(_as_embedding(file, file.stem, d[k]) for k in SDXL_EMBED_KEYS)
     if len(d) != 1:
         raise CdiffError(f"{file}: a token file must hold exactly one {{token: embedding}} entry, found {len(d)}")
     token, value = next(iter(d.items()))
-    return str(token), _as_embedding(file, token, value)
+    return str(token), _as_embedding(file, token, value), None
 
 
 def _load_diffusers(file: Path, state: dict) -> Delta:
@@ -313,11 +335,10 @@ def _load_diffusers(file: Path, state: dict) -> Delta:
         except CdiffError as e:
             raise CdiffError(f"{file}: {e}") from e
         weights[name] = _as_weight(file, key, value)
-    pairs = [_read_token_file(f) for f in _token_files(file.parent, file)]
-    if not pairs:
+    read = [_read_token_file(f) for f in _token_files(file.parent, file)]
+    if not read:
         raise CdiffError(f"{file.parent}: no token embedding found (expected <token>.safetensors or <token>.bin files)")
-    tokens = [t for t, _ in pairs]
-    return _make_delta(file, weights, tokens, _stack(file, [e for _, e in pairs]))
+    return _make_delta(file, weights, [t for t, _, _ in read], *_stack_pairs(file, [(a, b) for _, a, b in read]))
 
 
 def _load_reference(file: Path, obj: dict) -> Delta:
@@ -330,7 +351,7 @@ def _load_reference(file: Path, obj: dict) -> Delta:
     if not isinstance(mods, dict) or not mods:
         raise CdiffError(f"{file}: no token embedding found (the 'modifier_token' entry is missing or empty)")
     tokens = [str(t) for t in mods]
-    return _make_delta(file, weights, tokens, _stack(file, [_as_embedding(file, t, v) for t, v in mods.items()]))
+    return _make_delta(file, weights, tokens, *_stack_pairs(file, [_as_embeddings(file, t, v) for t, v in mods.items()]))
 
 
 def _load_reference_ckpt(file: Path, obj: dict, layers_per_block: int) -> Delta:
@@ -355,11 +376,12 @@ def _load_reference_ckpt(file: Path, obj: dict, layers_per_block: int) -> Delta:
     return _make_delta(file, weights, tokens, embed)
 
 
-def _make_delta(file: Path, weights: dict, tokens: list[str], embeddings: torch.Tensor) -> Delta:
+def _make_delta(file: Path, weights: dict, tokens: list[str], embeddings: torch.Tensor,
+                embeddings_2: torch.Tensor | None = None) -> Delta:
     if not any(n.endswith(_KV_SUFFIXES) for n in weights):
         raise CdiffError(f"{file}: no cross-attention k/v weights found")
     mode = "crossattn" if any(n.endswith(_QOUT_SUFFIXES) for n in weights) else "kv"
-    return Delta(weights, tokens, embeddings, mode)
+    return Delta(weights, tokens, embeddings, mode, embeddings_2=embeddings_2)
 
 
 def _renamed(delta: Delta, token_rename, path) -> Delta:
@@ -395,16 +417,14 @@ def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
     else:
         if not embeddings:
             raise CdiffError(f"{path} is a bare LoRA: give its token embedding file(s) with --embedding")
-        lora_file, tokens, rows = path, [], []
+        lora_file, tokens, pairs = path, [], []
         for f in map(Path, embeddings):
-            token, vec = _read_token_file(f)
+            token, vec, vec_2 = _read_token_file(f)
             tokens.append(f"<{f.stem}>" if token == "emb_params" else token)  # the webui names a token by its file
-            rows.append(vec)
-        emb = _stack(path, rows)
+            pairs.append((vec, vec_2))
+        emb, emb_2 = _stack_pairs(path, pairs)
     weights = read_lora(lora_file, dict(base_unet.named_parameters()))
-    delta = _make_delta(lora_file, weights, tokens, emb)
-    delta.embeddings_2 = emb_2
-    return delta
+    return _make_delta(lora_file, weights, tokens, emb, emb_2)
 
 
 def load_delta_file(path, base_unet=None, token_rename: dict | list | None = None, embeddings: list | None = None) -> Delta:
@@ -492,8 +512,7 @@ def export_diffusers(delta: Delta, out_dir) -> list[Path]:
     save_file(weights, str(out / WEIGHTS_SAFE), metadata={"format": "pt"})
     written = [out / WEIGHTS_SAFE]
     for token, name in zip(delta.tokens, names):
-        emb = delta.embedding_of(token).detach().to("cpu", torch.float32).clone()  # a row, not a view
-        save_file({token: emb}, str(out / name), metadata={"format": "pt"})
+        save_file(_token_tensors(delta, token), str(out / name), metadata={"format": "pt", "cdiff_token": token})
         written.append(out / name)
     manifest = {
         "format": "cdiff-diffusers-export",
@@ -507,20 +526,38 @@ def export_diffusers(delta: Delta, out_dir) -> list[Path]:
     return written
 
 
+def _token_rows(delta: Delta, token: str) -> list[torch.Tensor]:
+    """The token's embedding row, or for SDXL its two rows (first and second text encoder); copies, not views."""
+    i = delta.tokens.index(token)
+    rows = [delta.embeddings[i]] + ([delta.embeddings_2[i]] if delta.embeddings_2 is not None else [])
+    return [r.detach().to("cpu", torch.float32).clone() for r in rows]
+
+
+def _token_tensors(delta: Delta, token: str) -> dict[str, torch.Tensor]:
+    """A token file's tensors: `{token: row}` as diffusers' script writes it, or for SDXL
+    `{"clip_l": [1, d1], "clip_g": [1, d2]}`, the layout diffusers' docs, the webui and ComfyUI read."""
+    rows = _token_rows(delta, token)
+    if len(rows) == 1:
+        return {token: rows[0]}
+    return {k: r.reshape(1, -1).contiguous() for k, r in zip(SDXL_EMBED_KEYS, rows)}
+
+
 def export_reference(delta: Delta, out_dir) -> list[Path]:
-    """Write the reference diffusers scripts' `delta.bin` ({"unet": ..., "modifier_token": ...})."""
+    """Write the reference diffusers scripts' `delta.bin` ({"unet": ..., "modifier_token": ...}); for SDXL each
+    token maps to a list of two rows, as the reference SDXL script saves it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sdxl = delta.embeddings_2 is not None
     payload = {
         "unet": {n: v.detach().to("cpu").clone() for n, v in delta.weights.items()},
-        "modifier_token": {t: delta.embedding_of(t).detach().to("cpu", torch.float32).clone() for t in delta.tokens},
+        "modifier_token": {t: (_token_rows(delta, t) if sdxl else _token_rows(delta, t)[0]) for t in delta.tokens},
     }
     torch.save(payload, out / REFERENCE_FILE)
     return [out / REFERENCE_FILE]
 
 
 def load_diffusers_export_into(pipe, folder) -> list[str]:
-    """Load an `export_diffusers` folder into a plain diffusers StableDiffusionPipeline; returns the tokens.
+    """Load an `export_diffusers` folder into a plain diffusers StableDiffusion(XL)Pipeline; returns the tokens.
 
     Uses only the exported files and public diffusers/safetensors calls, so the README can show it
     as-is. The processor weights are full fine-tuned values, so copying them over the UNet's own
@@ -540,6 +577,14 @@ def load_diffusers_export_into(pipe, folder) -> list[str]:
     manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
     tokens = []
     for entry in manifest["tokens"]:
-        pipe.load_textual_inversion(str(folder / entry["file"]), token=entry["token"])
+        file = str(folder / entry["file"])
+        if getattr(pipe, "text_encoder_2", None) is None:
+            pipe.load_textual_inversion(file, token=entry["token"])
+        else:  # SDXL: one call per text encoder, as diffusers' docs show
+            state = load_file(file)
+            pipe.load_textual_inversion(state["clip_l"], token=entry["token"], text_encoder=pipe.text_encoder,
+                                        tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(state["clip_g"], token=entry["token"], text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
         tokens.append(entry["token"])
     return tokens

@@ -410,9 +410,6 @@ def export_entry(
     if fmt == "lora" or entry.compressed:  # W0 is needed
         spec, pipe = _load_entry_base(entry, base)
     delta = entry.load_delta(pipe.unet if pipe is not None else None)
-    if delta.embeddings_2 is not None and fmt in ("diffusers", "reference"):
-        raise CdiffError(f"{fmt} export holds one embedding per token, and this SDXL concept has two (one per text "
-                         "encoder): use --format lora (ComfyUI, AUTOMATIC1111, diffusers) or --format cdiff")
     if fmt == "diffusers":
         return export_diffusers(delta, out_dir), {}
     if fmt == "reference":

@@ -5,6 +5,7 @@ whole command-line loop."""
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.cli import app
 from cdiff_cli.data import list_images
+from cdiff_cli.errors import CdiffError
 from cdiff_cli.merge import concept_prompts, constraint_residual, gram, merge_deltas, prompt_features
 from cdiff_cli.registry import Registry
 from cdiff_cli.train import Concept, TrainConfig, train
@@ -95,9 +97,19 @@ def test_sdxl_command_line_loop(home, sdxl_base, tmp_path):
     assert r.exit_code == 0, r.output
     back, orig = Registry().get("back").load_delta(), Registry().get("mychair").load_delta()
     torch.testing.assert_close(back.embeddings_2, orig.embeddings_2)
-    # Formats with one embedding per token refuse clearly.
-    r = runner.invoke(app, ["export", "mychair", "-o", str(tmp_path / "d")])
-    assert r.exit_code == 1 and "two (one per text encoder)" in r.stderr
+    # The diffusers layout (clip_l/clip_g token files) and the reference SDXL script's delta.bin (a list of two
+    # rows per token) round-trip both encoders' rows and the k/v weights.
+    for i, fmt in enumerate(("diffusers", "reference")):
+        r = runner.invoke(app, ["export", "mychair", "--format", fmt, "-o", str(tmp_path / fmt)])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(app, ["add", f"back{i}", str(tmp_path / fmt), "--base", str(sdxl_base), "--token", f"<back{i}>"])
+        assert r.exit_code == 0, r.output
+        back = Registry().get(f"back{i}").load_delta()
+        torch.testing.assert_close(back.embeddings, orig.embeddings)
+        torch.testing.assert_close(back.embeddings_2, orig.embeddings_2)
+        assert back.weights.keys() == orig.weights.keys()
+        for n in orig.weights:
+            torch.testing.assert_close(back.weights[n], orig.weights[n].float())
 
 
 def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
@@ -135,3 +147,57 @@ def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
         mine_feats = mine_pipe.encode_prompt("photo of a <mycat> cat", device="cpu", do_classifier_free_guidance=False)
     torch.testing.assert_close(theirs_feats[0], mine_feats[0])  # k/v input features
     torch.testing.assert_close(theirs_feats[2], mine_feats[2])  # pooled
+
+
+def test_sdxl_diffusers_export_loads_in_a_plain_pipeline(home, sdxl_base, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from cdiff_cli.delta import apply_delta
+    from cdiff_cli.formats import load_diffusers_export_into
+
+    args = ["--base", str(sdxl_base), "--steps", "4", "--batch-size", "2", "--resolution", str(RES), "--lr", "5e-3",
+            "--device", "cpu", "--reg", "none"]
+    assert runner.invoke(app, ["train", "mycat", str(make_images(tmp_path / "cat")), "--class", "cat", *args]).exit_code == 0
+    assert runner.invoke(app, ["export", "mycat", "--format", "diffusers", "-o", str(tmp_path / "d")]).exit_code == 0
+    theirs, mine = StableDiffusionXLPipeline.from_pretrained(str(sdxl_base)), load_pipeline(str(sdxl_base))
+    assert load_diffusers_export_into(theirs, tmp_path / "d") == ["<mycat>"]
+    apply_delta(mine, Registry().get("mycat").load_delta())
+    prompt = "photo of a <mycat> cat"
+    with torch.no_grad():
+        t_feats = theirs.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+        m_feats = mine.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(t_feats[0], m_feats[0])
+    torch.testing.assert_close(t_feats[2], m_feats[2])
+    for (n, p), q in zip(theirs.unet.named_parameters(), mine.unet.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_single_file_sdxl_checkpoints_load_as_sdxl(tmp_path, monkeypatch):
+    """The original-layout key of SDXL's second text encoder picks StableDiffusionXLPipeline.from_single_file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from cdiff_cli import base as base_mod
+
+    xl, sd = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2),
+               "model.diffusion_model.out.0.weight": torch.ones(2)}, str(xl))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(2),
+               "model.diffusion_model.out.0.weight": torch.ones(2)}, str(sd))
+    torch.save({"state_dict": {"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}}, tmp_path / "xl.ckpt")
+    spec = base_mod.resolve_base
+    assert base_mod._pipeline_class(spec(str(xl))) is StableDiffusionXLPipeline
+    assert base_mod._pipeline_class(spec(str(tmp_path / "xl.ckpt"))) is StableDiffusionXLPipeline
+    assert base_mod._pipeline_class(spec(str(sd))) is StableDiffusionPipeline
+    called = {}
+
+    def fake(cls, path, **kw):
+        called["cls"], called["kw"] = cls, kw
+        raise OSError("stop here")
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", classmethod(fake))
+    monkeypatch.setenv("CDIFF_BASE_CONFIG", "/some/sdxl-config")
+    with pytest.raises(CdiffError, match="stop here"):
+        load_pipeline(str(xl))
+    assert called["cls"] is StableDiffusionXLPipeline and called["kw"]["config"] == "/some/sdxl-config"
+    assert "safety_checker" not in called["kw"]
