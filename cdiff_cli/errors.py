@@ -11,3 +11,15 @@ class NotFoundError(CdiffError):
     """A named registry entry, token or file does not exist."""
 
     exit_code = 2
+
+
+class TrainingStopped(CdiffError):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint (resume with --resume)."""
+
+    exit_code = 130
+
+
+class BusyError(CdiffError):
+    """Another cdiff process holds the lock of a concept (training it, writing or reading it)."""
+
+    exit_code = 3

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from cdiff_cli import textcond
+from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.data import (
     ImageItem,
     apply_augmentation,
@@ -175,8 +176,14 @@ def train(
     device: torch.device | str = "cpu",
     progress: Progress = SILENT,
     accelerator=None,
+    checkpointer: Checkpointer | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train the concepts jointly into one delta. `pipe` is modified in place (weights and tokenizer)."""
+    """Train the concepts jointly into one delta. `pipe` is modified in place (weights and tokenizer).
+
+    With a `checkpointer`, the run saves its state every `checkpointer.every` steps and when Ctrl-C or
+    SIGTERM asks it to stop (then raising `StopRequested`); `resume` continues from the saved state and
+    ends with the same weights as an uninterrupted run (single process only)."""
     if not concepts:
         raise CdiffError("nothing to train: no concept given")
     toks = [c.token for c in concepts]
@@ -337,13 +344,61 @@ def train(
             loss = loss + cfg.prior_weight * per.sum() / n_reg
         return loss
 
+    losses: list[float] = []
+
+    def capture(done: int) -> dict:
+        """Everything the remaining steps depend on: weights, optimizer, data order and random states."""
+        return {
+            "step": done,
+            "weights": {n: params[n].detach().to("cpu", copy=True) for n in names},
+            "rows": [r.detach().to("cpu", copy=True) for r in row_params],
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "py_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "target_orders": [list(c.order) for c in target_cycles],
+            "reg_orders": {i: list(c.order) for i, c in reg_cycles.items()},
+            "losses": list(losses),
+        }
+
+    def restore(state: dict) -> int:
+        with torch.no_grad():
+            for n in names:
+                params[n].copy_(state["weights"][n])
+            for r, v in zip(row_params, state["rows"]):
+                r.copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        version, internal, gauss = state["py_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        for c, order in zip(target_cycles, state["target_orders"]):
+            c.order = list(order)
+        for i, order in state["reg_orders"].items():
+            reg_cycles[int(i)].order = list(order)
+        losses[:] = state["losses"]
+        return int(state["step"])
+
+    if (checkpointer is not None or resume) and processes > 1:
+        raise CdiffError("checkpoints and --resume work with one process only, not under a multi-process launch")
+    if resume and checkpointer is None:
+        raise CdiffError("resume needs a checkpointer")
+    start = restore(checkpointer.load()) if resume else 0
+    if start >= cfg.steps:
+        raise CdiffError(f"the checkpoint is at step {start}, and this run has only {cfg.steps} steps")
+
     hooks = [te_i.get_input_embeddings().register_forward_hook(r.hook) for te_i, _, r in rows_of]
     hooks += [mod.register_forward_hook(_detach_first_hook) for n, mod in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    losses: list[float] = []
     t0 = time.perf_counter()
     try:
-        with progress.task("training", cfg.steps) as bar:
-            for step in range(cfg.steps):
+        with (StopSignals() if checkpointer is not None else nullcontext()) as stop, progress.task("training", cfg.steps) as bar:
+            if start:
+                bar.advance(start)
+            for step in range(start, cfg.steps):
                 targets = [(ci, draw_target(ci)) for ci in balanced_slots(step, n_target, len(concepts))]
                 regs = [draw_reg(reg_concepts[s]) for s in balanced_slots(step, n_reg, len(reg_concepts))] if n_reg else []
                 # One sample per image: (latent, text source, mask or None). Targets first, then regs.
@@ -369,6 +424,12 @@ def train(
                     raise CdiffError(f"training diverged at step {step + 1} (loss {value}); try a lower --lr")
                 losses.append(value)
                 bar.advance(1, loss=value)
+                done = step + 1
+                if stop is not None and stop.requested and done < cfg.steps:
+                    checkpointer.save(capture(done), done, cfg.steps)
+                    raise StopRequested(done, cfg.steps, saved=True)
+                if checkpointer is not None and checkpointer.due(done, cfg.steps):
+                    checkpointer.save(capture(done), done, cfg.steps)
     finally:
         for h in hooks:
             h.remove()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from cdiff_cli.captions import load_captions
 from cdiff_cli.data import file_sha256, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
-from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
@@ -71,16 +72,34 @@ def train_entry(
     reg: RegOptions | None = None,
     device: str | None = "auto",
     force: bool = False,
+    resume: bool = False,
+    checkpoint_every: int | None = None,
     progress: Progress = SILENT,
 ) -> tuple[Entry | None, TrainResult]:
     """Train one or several concepts jointly into a new registry entry. Returns (entry, result); the
-    entry is None on the secondary processes of a multi-process run (only the main one writes)."""
+    entry is None on the secondary processes of a multi-process run (only the main one writes).
+
+    A single-process run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (default
+    `checkpoint.DEFAULT_EVERY`; 0: only when stopped) and when Ctrl-C/SIGTERM stops it (exit 130);
+    `resume` continues such a run and ends with the weights an uninterrupted run would have."""
+    from cdiff_cli.checkpoint import DEFAULT_EVERY, Checkpointer, StopRequested
     from cdiff_cli.regset import generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
     validate_name(name)
+    ckpt_dir = registry.home / "checkpoints" / name
+    ckpt = Checkpointer(ckpt_dir, {}, DEFAULT_EVERY if checkpoint_every is None else checkpoint_every)
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
+    if resume and not ckpt.exists:
+        raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved every "
+                            f"{ckpt.every} steps and when training is stopped)")
+    if ckpt.exists and not resume and not force:
+        info = ckpt.info()
+        raise CdiffError(f"{name!r} has an unfinished training (step {info.get('step')}/{info.get('steps')}): "
+                         "add --resume to continue it, or --force to start over")
     if registry.exists(name) and not force:
         raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
     if not specs:
@@ -134,7 +153,24 @@ def train_entry(
 
     if accelerator is not None and main:
         accelerator.wait_for_everyone()
-    result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator)
+    if accelerator is not None and resume:
+        raise CdiffError("--resume works with one process only, not under a multi-process launch")
+    # Everything the result depends on: a checkpoint only resumes the very same run.
+    ckpt.description = {
+        "train": config_dict(cfg),
+        "base": fp,
+        "concepts": [{"token": c.token, "class": c.class_word, "images": [file_sha256(i.path) for i in c.images],
+                      "reg": [i.caption or i.path.name for i in c.reg]} for c in concepts],
+        "regularisation": {"kind": reg.kind, "count": reg.count},
+    }
+    if force and not resume:
+        ckpt.clear()
+    try:
+        result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
+                       checkpointer=ckpt if accelerator is None else None, resume=resume)
+    except StopRequested as e:
+        raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; checkpoint saved: run the same command "
+                              "with --resume to continue") from None
     if not main:
         return None, result
     manifest = {
@@ -159,6 +195,7 @@ def train_entry(
         "parents": [],
     }
     entry = registry.create(name, result.delta, manifest, overwrite=force)
+    ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
 
 
@@ -315,7 +352,7 @@ def prepare_pipeline(
             delta = Delta.load(cached)
         else:
             delta, _ = _merge_loaded(registry, pipe, fp, entries, ridge, progress)
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")  # concurrent `gen`s never share one
             delta.save(tmp)
             tmp.replace(cached)
     apply_delta(pipe, delta)
@@ -403,8 +440,9 @@ def export_entry(
     _check_rank_energy(rank, energy)
     if fmt == "cdiff":  # the entry as stored (compressed or not), with its manifest
         out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(entry.delta_path, out_dir / "delta.safetensors")
-        (out_dir / "manifest.json").write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
+        with registry.reading(name) as now:  # delta and manifest of one version, never a partial copy
+            shutil.copyfile(now.delta_path, out_dir / "delta.safetensors")
+            (out_dir / "manifest.json").write_text(json.dumps(now.manifest, indent=2) + "\n", encoding="utf-8")
         return [out_dir / "delta.safetensors", out_dir / "manifest.json"], {}
     pipe = None
     if fmt == "lora" or entry.compressed:  # W0 is needed

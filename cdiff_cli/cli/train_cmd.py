@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdiff_cli.cli._app import command
-from cdiff_cli.cli._options import Device, Force, Json, NewBase, Precision, registry
+from cdiff_cli.cli._options import Device, Json, NewBase, Precision, registry
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError
 
@@ -58,12 +58,14 @@ def train_cmd(
     low_memory: Annotated[bool, typer.Option("--low-memory", help="Gradient checkpointing, one image per forward/backward (same update), half-precision frozen weights: SD 1.x at 512 px on an 8 GB GPU.")] = False,
     aug_pool: Annotated[int, typer.Option("--aug-pool", help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
-    force: Force = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped or killed run from its checkpoint (give the same arguments); ends with the same weights as an uninterrupted run.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Save a resumable checkpoint every N steps (0: only when stopped by Ctrl-C or SIGTERM).")] = 100,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing entry of this name, and discard an unfinished run's checkpoint.")] = False,
     as_json: Json = False,
 ):
     """Train a concept (or several jointly) with Custom Diffusion and save it in the registry.
 
-    Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C stops cleanly: nothing is saved until training has finished.
+    Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (exit code 130); a second Ctrl-C stops at once. Run the same command with --resume to continue; a killed run resumes from its last periodic checkpoint.
     """
     from cdiff_cli.train import TrainConfig, low_memory_config
     from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
@@ -88,7 +90,8 @@ def train_cmd(
     if low_memory:
         cfg = low_memory_config(cfg)
     entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
-                                force=force, progress=term.progress())
+                                force=force, resume=resume, checkpoint_every=checkpoint_every,
+                                progress=term.progress())
     if entry is None:
         return  # a secondary process under `accelerate launch`: the main process reports
     info = {

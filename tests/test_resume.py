@@ -1,0 +1,111 @@
+"""Interrupted training resumes exactly: the resumed run ends with the same weights, bit for bit, as a run
+that was never interrupted (same seed), whether it was stopped by a signal or killed outright."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
+from cdiff_cli.progress import Progress, Task
+from cdiff_cli.registry import Registry
+from cdiff_cli.train import TrainConfig
+from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
+
+from .conftest import RES
+
+
+def _assert_same_delta(a, b):
+    assert a.tokens == b.tokens and a.weights.keys() == b.weights.keys()
+    assert torch.equal(a.embeddings, b.embeddings)
+    for n in a.weights:
+        assert torch.equal(a.weights[n], b.weights[n]), n
+
+
+class _SignalAt(Progress):
+    """Sends this process SIGINT when the training bar reaches `at` steps (a Ctrl-C mid-run)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    @contextmanager
+    def task(self, description, total):
+        at = self.at if description == "training" else None
+
+        class _T(Task):
+            count = 0
+
+            def advance(self, n=1, **fields):
+                self.count += n
+                if self.count == at:
+                    os.kill(os.getpid(), signal.SIGINT)
+
+        yield _T()
+
+
+def _train(registry, folder, base, *, progress=None, **kw):
+    cfg = TrainConfig(steps=7, batch_size=4, lr=1e-3, resolution=RES, aug_pool=3, precision="fp32")
+    args = dict(base=str(base), reg=RegOptions("none", None, 0), device="cpu", checkpoint_every=kw.pop("every", 0))
+    if progress is not None:
+        args["progress"] = progress
+    return train_entry(registry, "mycat", [ConceptSpec("<mycat>", "cat", folder)], cfg, **args, **kw)
+
+
+def test_ctrl_c_checkpoints_and_resume_is_bit_identical(tmp_path, sd1_base, cat_images):
+    whole, _ = _train(Registry(tmp_path / "a"), cat_images, sd1_base)
+    reg = Registry(tmp_path / "b")
+    with pytest.raises(TrainingStopped, match=r"stopped at step 3/7; checkpoint saved"):
+        _train(reg, cat_images, sd1_base, progress=_SignalAt(3))
+    assert reg.entries() == []
+    assert json.loads((reg.home / "checkpoints" / "mycat" / "run.json").read_text())["step"] == 3
+    # Without --resume the unfinished run is not silently thrown away.
+    with pytest.raises(CdiffError, match=r"unfinished training \(step 3/7\): add --resume"):
+        _train(reg, cat_images, sd1_base)
+    resumed, _ = _train(reg, cat_images, sd1_base, resume=True)
+    _assert_same_delta(whole.load_delta(), resumed.load_delta())
+    assert not (reg.home / "checkpoints" / "mycat").exists()  # cleared once the entry is written
+
+
+def test_resume_refuses_another_run_and_a_missing_checkpoint(tmp_path, sd1_base, cat_images):
+    reg = Registry(tmp_path / "h")
+    with pytest.raises(NotFoundError, match="nothing to resume"):
+        _train(reg, cat_images, sd1_base, resume=True)
+    with pytest.raises(TrainingStopped):
+        _train(reg, cat_images, sd1_base, progress=_SignalAt(2))
+    (cat_images / "img0.png").write_bytes((cat_images / "img1.png").read_bytes())  # the images changed
+    with pytest.raises(CdiffError, match=r"different run: concepts"):
+        _train(reg, cat_images, sd1_base, resume=True)
+    assert reg.entries() == []
+
+
+def test_killed_process_resumes_from_its_periodic_checkpoint(tmp_path, sd1_base, cat_images):
+    """SIGKILL cannot be caught: the run resumes from the last checkpoint it wrote every N steps."""
+    args = ["train", "mycat", str(cat_images), "--class", "cat", "--base", str(sd1_base), "--steps", "24",
+            "--batch-size", "4", "--resolution", str(RES), "--reg", "none", "--aug-pool", "3", "--precision", "fp32",
+            "--device", "cpu", "--lr", "1e-3", "--checkpoint-every", "2"]
+
+    def env(home):
+        return {**os.environ, "CDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    cmd = [sys.executable, "-m", "cdiff_cli", "--quiet", *args]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    p = subprocess.Popen(cmd, env=env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_json = killed / "checkpoints" / "mycat" / "run.json"
+    deadline = time.time() + 120
+    while not run_json.is_file() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    step = json.loads(run_json.read_text())["step"]
+    assert 2 <= step < 24 and Registry(killed).entries() == []
+    done = subprocess.run([*cmd, "--resume"], env=env(killed), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ref = subprocess.run(cmd, env=env(whole), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    _assert_same_delta(Registry(whole).get("mycat").load_delta(), Registry(killed).get("mycat").load_delta())
