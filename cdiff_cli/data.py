@@ -7,19 +7,28 @@ The augmentation is split into a pure sampler (`sample_augmentation`) and pure a
 from __future__ import annotations
 
 import hashlib
+import io
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cdiff_cli.errors import CdiffError, NotFoundError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MIN_SIDE = 32  # shorter image side, in pixels, below which a photo carries too little to learn from
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
+_IGNORED_PREFIX = "._"  # macOS AppleDouble side files ("._IMG_1.jpg"): metadata, never an image
+# Decoders open_rgb will use, whatever the extension says (a PNG saved as .jpg is fine). Leaving out the
+# rest keeps odd decoders (EPS runs Ghostscript) away from files downloaded from anywhere. MPO opens as JPEG.
+_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+_NEEDS_CONVERTING = {".heic", ".heif", ".avif", ".jxl", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng", ".arw"}
 
 
 @dataclass(frozen=True)
@@ -34,24 +43,181 @@ def list_images(folder: str | Path, *, with_captions: bool = False) -> list[Imag
     if not folder.is_dir():
         raise NotFoundError(f"image folder not found: {folder}")
     items = []
+    skipped: list[Path] = []
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith(_IGNORED_PREFIX):
             cap = None
             side = p.with_suffix(".txt")
             if with_captions and side.is_file():
                 cap = side.read_text(encoding="utf-8").strip() or None
             items.append(ImageItem(p, cap))
+        else:
+            skipped.append(p)
     if not items:
-        raise CdiffError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}")
+        raise CdiffError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) in {folder}{_skipped_note(skipped)}")
     return items
 
 
+def _skipped_note(skipped: list[Path]) -> str:
+    """' (skipped 2 other files: a.txt, b.heic; ...)' for the no-images message, '' when the folder is empty."""
+    files = [p for p in skipped if not p.is_dir()]
+    dirs = [p for p in skipped if p.is_dir()]
+    parts = []
+    if files:
+        names = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        parts.append(f"skipped {len(files)} other file{'s' * (len(files) != 1)}: {names}")
+    if dirs:
+        parts.append(f"{len(dirs)} sub-folder{'s' * (len(dirs) != 1)} not searched: images must be directly in the folder")
+    if any(p.suffix.lower() in _NEEDS_CONVERTING for p in files):
+        parts.append("convert HEIC/RAW/other photos to JPEG or PNG first")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bomb_message(path: Path, e: BaseException) -> str:
+    """Pillow only reports the pixel count of an over-large image (in its message); say it in megapixels."""
+    found = re.search(r"\d+", str(e))
+    size = f"{int(found.group()) / 1e6:.0f} megapixels" if found else "too many pixels"
+    limit = f", over the safety limit of {Image.MAX_IMAGE_PIXELS / 1e6:.0f}" if Image.MAX_IMAGE_PIXELS else ""
+    return (
+        f"{path} is too large to load safely ({size}{limit}): "
+        "downscale it (2048 px on the longer side is plenty) and try again"
+    )
+
+
 def open_rgb(path: Path) -> Image.Image:
+    """Decode one image fully to 8-bit RGB, upright, alpha flattened onto white.
+
+    Raises CdiffError (one line naming the file) for anything that is not a usable photo: not an image,
+    truncated or corrupt, animated or multi-page, smaller than MIN_SIDE, or past Pillow's
+    decompression-bomb limit; NotFoundError if the file does not exist.
+    """
+    path = Path(path)
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise CdiffError(f"cannot read image {path}: {e}") from e
+        with warnings.catch_warnings():
+            # Pillow warns (and only refuses at twice the limit) for images past MAX_IMAGE_PIXELS.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's notes on damaged metadata ("Corrupt EXIF data") would clutter the CLI's one-line output.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            with Image.open(path, formats=_FORMATS) as im:
+                frames = getattr(im, "n_frames", 1)
+                # MPO (many phone/camera JPEGs) stores a preview or depth map after the main photo: use frame 0.
+                if frames > 1 and im.format != "MPO":
+                    kind = "pages" if im.format == "TIFF" else "frames"
+                    raise CdiffError(
+                        f"{path} is animated or multi-page ({frames} {kind}): save the one frame you want as PNG or JPEG"
+                    )
+                if min(im.size) < MIN_SIDE:
+                    w, h = im.size
+                    raise CdiffError(
+                        f"{path} is only {w}x{h} px: training images need at least {MIN_SIDE} px on the shorter side"
+                    )
+                im.load()  # the full decode: truncated files only fail here
+                return _to_rgb(_upright(im))
+    except CdiffError:
+        raise
+    except FileNotFoundError as e:
+        raise NotFoundError(f"image not found: {path}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CdiffError(_bomb_message(path, e)) from e
+    except UnidentifiedImageError as e:
+        raise CdiffError(f"{path} is not an image Pillow can read: remove it or re-save it as PNG or JPEG") from e
+    except IsADirectoryError as e:
+        raise CdiffError(f"{path} is a folder, not an image") from e
+    except PermissionError as e:
+        raise CdiffError(f"cannot read {path}: permission denied") from e
+    except Exception as e:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ValueError...) on bad data
+        raise CdiffError(
+            f"{path} is truncated or corrupt ({_one_line(e)}): re-export or re-download it, or remove it"
+        ) from e
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phones store portrait photos sideways plus a rotation tag)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block should not cost a photo whose pixels are fine
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_rgb(im)
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if _has_alpha(im):
+        # Flatten onto white rather than dropping alpha: fully transparent pixels often hold black or
+        # leftover colours that are invisible in a viewer but would be trained on as part of the photo.
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    """Image.has_transparency_data, which Pillow < 10.1 lacks."""
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        return True
+    return im.mode == "P" and im.palette is not None and im.palette.mode.endswith("A")
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I) and float (F) greyscale to 8 bit by scaling, not clipping.
+
+    `convert("RGB")` clips every value above 255 to white. I;16* and I hold 0..65535 (16-bit PNG/TIFF);
+    I values beyond that are scaled by their maximum. F in 0..1 is scaled by 255, other F ranges like I.
+    """
+    arr = np.asarray(im).astype(np.float64)
+    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    if im.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+        arr = arr * 255.0
+    else:
+        top = float(arr.max()) if arr.size else 0.0
+        arr = arr * (255.0 / (top if top > 65535 else 65535))
+    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # uint8 2-D: mode L
+    return grey.convert("RGB")
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    """CMYK through its embedded ICC profile when there is one (print files), else Pillow's formula."""
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            out = ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            if out is not None:
+                return out
+        except Exception:  # noqa: BLE001 - a broken profile or no littlecms: fall back to the plain formula
+            pass
+    return im.convert("RGB")
+
+
+def check_images(items: list[ImageItem]) -> None:
+    """Decode every image and refuse exact duplicates, so a bad file is reported before a model loads."""
+    seen: dict[str, Path] = {}
+    done: set[Path] = set()
+    for item in items:
+        path = Path(item.path)
+        key = path.resolve()
+        if key in done:  # the same file listed twice is not a copy
+            continue
+        done.add(key)
+        open_rgb(path).close()
+        try:
+            digest = file_sha256(path)
+        except OSError as e:
+            raise CdiffError(f"cannot read {path}: {_one_line(e)}") from e
+        first = seen.setdefault(digest, path)
+        if first != path:
+            a, b = (first.name, path.name) if first.parent == path.parent else (str(first), str(path))
+            raise CdiffError(f"{b} is a copy of {a}: remove one (duplicates weight training towards one photo)")
 
 
 def file_sha256(path: Path) -> str:

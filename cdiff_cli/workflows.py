@@ -18,7 +18,7 @@ import torch
 
 from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
-from cdiff_cli.data import file_sha256, list_images
+from cdiff_cli.data import check_images, file_sha256, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
@@ -109,6 +109,8 @@ def train_entry(
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    for items in images.values():
+        check_images(items)  # every image decodes, none is a copy of another
     cfg.precision = resolve_precision(cfg.precision, pick_device(device))
     accelerator = _launched_accelerator()
     main = accelerator is None or accelerator.is_main_process
@@ -262,7 +264,7 @@ def merge_entries(
         raise CdiffError("give at least two concepts to merge")
     if len(set(names)) != len(names):
         raise CdiffError("each concept may be named only once")
-    out_name = out_name or "+".join(names)
+    out_name = "+".join(names) if out_name is None else out_name  # --name "" is refused, not the default
     validate_name(out_name)
     if registry.exists(out_name) and not force:
         raise CdiffError(f"concept {out_name!r} already exists (use --force to replace it)")
@@ -435,6 +437,8 @@ def export_entry(
 
     entry = registry.get(name)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CdiffError(f"cannot export to {out_dir}: it exists and is not a folder")
     if fmt != "lora" and (rank is not None or energy is not None):
         raise CdiffError("--rank and --energy apply to --format lora only")
     _check_rank_energy(rank, energy)
