@@ -59,6 +59,7 @@ class Checkpointer:
 
     @property
     def exists(self) -> bool:
+        recover(self.folder)
         return (self.folder / STATE_FILE).is_file() and (self.folder / RUN_FILE).is_file()
 
     def info(self) -> dict:
@@ -76,8 +77,8 @@ class Checkpointer:
         leaves the previous checkpoint or the new one, never a mix."""
         parent = self.folder.parent
         parent.mkdir(parents=True, exist_ok=True)
+        recover(self.folder)  # also clears what a killed save left (the caller holds the training lock)
         tmp = parent / f".tmp-{self.folder.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             torch.save(state, tmp / STATE_FILE)
@@ -116,6 +117,26 @@ class Checkpointer:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Folders a killed `Checkpointer.save` of `folder` left beside it, newest first."""
+    if not folder.parent.is_dir():
+        return []
+    found = [p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith((f".tmp-{folder.name}-", f".old-{folder.name}-"))]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def recover(folder: Path) -> None:
+    """Finish what a save killed between its two renames left undone: if the checkpoint folder is gone,
+    its previous version (the newest complete `.old-` folder) comes back; half-written `.tmp-` folders
+    and superseded `.old-` ones are deleted. Call it only while holding the run's training lock."""
+    for p in leftovers(folder):
+        complete = (p / STATE_FILE).is_file() and (p / RUN_FILE).is_file()
+        if p.name.startswith(".old-") and complete and not folder.exists():
+            os.replace(p, folder)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 class StopRequested(Exception):

@@ -3,6 +3,12 @@
 Layout: `HOME/concepts/NAME/{delta.safetensors, manifest.json}` and `HOME/cache/...` for reusable
 work (generated regularisation images, merge Gram matrices, on-the-fly merges). Entries are written
 into a temporary folder and renamed into place, so a crash or Ctrl-C never leaves half an entry.
+
+Concurrency: every name has an inter-process lock in `HOME/locks/` (see `cdiff_cli.locks`). Writes
+(`create`, `update_manifest`, `remove`) take it exclusively, waiting up to WRITE_WAIT seconds; reading a
+delta for use (`Entry.load_delta`, `Registry.reading`) takes it shared, so a reader sees a whole entry or
+none, never one being replaced or removed. `Registry.hold(name)` takes it exclusively without waiting,
+for a whole training run; writes inside it are reentrant. A busy name raises BusyError (exit code 3).
 """
 
 from __future__ import annotations
@@ -14,11 +20,12 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
-from cdiff_cli import __version__
+from cdiff_cli import __version__, locks
 from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.tokens import canonical
 
@@ -28,6 +35,8 @@ if TYPE_CHECKING:
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
+WRITE_WAIT = 30.0  # seconds a write waits for a busy name before BusyError
+READ_WAIT = 30.0  # seconds a read waits for a name being written
 
 
 def default_home() -> Path:
@@ -40,11 +49,26 @@ def default_home() -> Path:
 
 
 def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise CdiffError(
             f"invalid name {name!r}: use 1-64 letters, digits, '.', '_', '+' or '-', starting with a letter or digit"
         )
     return name
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest at `path`; FileNotFoundError if it is gone, ValueError if it is not a JSON object."""
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+    if not isinstance(manifest, dict):
+        raise ValueError(f"expected a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def _str_list(x) -> list[str]:
+    return [t for t in x if isinstance(t, str)] if isinstance(x, list) else []
 
 
 @dataclass
@@ -52,18 +76,20 @@ class Entry:
     name: str
     path: Path
     manifest: dict
+    registry: Registry | None = field(default=None, repr=False, compare=False)
 
     @property
     def tokens(self) -> list[str]:
-        return list(self.manifest.get("tokens", []))
+        return _str_list(self.manifest.get("tokens"))
 
     @property
     def classes(self) -> list[str]:
-        return list(self.manifest.get("classes", []))
+        return _str_list(self.manifest.get("classes"))
 
     @property
     def base(self) -> dict:
-        return self.manifest.get("base", {})
+        b = self.manifest.get("base")
+        return b if isinstance(b, dict) else {}
 
     @property
     def id(self) -> str:
@@ -82,12 +108,20 @@ class Entry:
         return self.manifest.get("storage") == "lowrank"
 
     def load_delta(self, base_unet=None) -> Delta:
-        """The entry's delta; a compressed entry needs its base UNet (with pristine weights) to expand."""
+        """The entry's delta; a compressed entry needs its base UNet (with pristine weights) to expand.
+
+        Read under the entry's shared lock: NotFoundError if it was removed since it was listed,
+        CdiffError if it was replaced by different content (the manifest in hand would not match)."""
         from cdiff_cli.delta import Delta
 
         if self.compressed and base_unet is None:
             raise CdiffError(f"concept {self.name!r} is compressed: load its base model to use it")
-        return Delta.load(self.delta_path, base_unet)
+        if self.registry is None:
+            return Delta.load(self.delta_path, base_unet)
+        with self.registry.reading(self.name) as now:
+            if now.manifest.get("content_hash") != self.manifest.get("content_hash"):
+                raise CdiffError(f"concept {self.name!r} was replaced while this command ran; run it again")
+            return Delta.load(now.delta_path, base_unet)
 
 
 class Registry:
@@ -95,6 +129,9 @@ class Registry:
         self.home = Path(home) if home is not None else default_home()
         self.concepts = self.home / "concepts"
         self.cache = self.home / "cache"
+        self.locks = self.home / "locks"
+        self.checkpoints = self.home / "checkpoints"  # HOME/checkpoints/NAME: resumable training state
+        self.quarantine = self.home / "quarantine"  # damaged entries moved aside by `cdiff doctor --fix`
 
     # -- reading -------------------------------------------------------------------------------
     def entries(self) -> list[Entry]:
@@ -102,28 +139,63 @@ class Registry:
             return []
         out = []
         for d in sorted(self.concepts.iterdir()):
-            if d.name.startswith(".") or not (d / MANIFEST_FILE).is_file():
+            if d.name.startswith(".") or not NAME_RE.fullmatch(d.name):
                 continue
             try:
-                manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue  # a damaged entry is skipped, not fatal for `list`
-            out.append(Entry(d.name, d, manifest))
+                manifest = read_manifest(d / MANIFEST_FILE)
+            except (OSError, ValueError):
+                continue  # missing (removed meanwhile, or an orphan) or damaged: skipped, not fatal for `list`
+            out.append(Entry(d.name, d, manifest, self))
         return out
 
     def get(self, name: str) -> Entry:
-        d = self.concepts / name
-        if not NAME_RE.match(name) or not (d / MANIFEST_FILE).is_file():
-            known = ", ".join(e.name for e in self.entries()) or "none yet"
-            raise NotFoundError(f"no concept named {name!r} (known: {known})")
+        d = self.concepts / name if isinstance(name, str) and NAME_RE.fullmatch(name) else None
         try:
-            manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CdiffError(f"the manifest of {name!r} is damaged: {e}") from e
-        return Entry(name, d, manifest)
+            if d is None or not d.is_dir():
+                raise FileNotFoundError(name)
+            manifest = read_manifest(d / MANIFEST_FILE)
+        except (FileNotFoundError, NotADirectoryError):
+            known = ", ".join(e.name for e in self.entries()) or "none yet"
+            raise NotFoundError(f"no concept named {name!r} (known: {known})") from None
+        except (OSError, ValueError) as e:
+            raise CdiffError(f"the manifest of {name!r} is damaged: {e} (see `cdiff doctor`)") from e
+        return Entry(name, d, manifest, self)
 
     def exists(self, name: str) -> bool:
         return (self.concepts / name / MANIFEST_FILE).is_file()
+
+    # -- locking -------------------------------------------------------------------------------
+    def lock_path(self, name: str) -> Path:
+        return self.locks / f"{validate_name(name)}.lock"
+
+    @contextmanager
+    def lock(self, name: str, *, shared: bool = False, wait: float | None = None) -> Iterator[None]:
+        """Hold NAME's inter-process lock (exclusive, or shared for readers) for the `with` block;
+        BusyError after `wait` seconds (0: at once; default WRITE_WAIT, or READ_WAIT when shared).
+        Reentrant within a process, except that an exclusive request inside a shared one raises
+        RuntimeError (see `cdiff_cli.locks`)."""
+        if wait is None:
+            wait = READ_WAIT if shared else WRITE_WAIT
+        with locks.lock(self.lock_path(name), shared=shared, wait=wait, what=f"concept {name!r}"):
+            yield
+
+    def hold(self, name: str):
+        """Exclusive, fail-fast lock on training NAME (its checkpoint and, at the end, its entry): BusyError
+        at once if another process is training it. It is a lock of its own, not the entry's: an existing
+        entry stays readable (`gen`) while a `--force` retrain runs, until `create` swaps it briefly."""
+        return locks.lock(self.train_lock_path(name), wait=0, what=f"concept {name!r}")
+
+    def train_lock_path(self, name: str) -> Path:
+        return self.locks / f"{validate_name(name)}.train.lock"
+
+    @contextmanager
+    def reading(self, name: str, *, wait: float | None = None) -> Iterator[Entry]:
+        """The entry, freshly read under its shared lock; it cannot be replaced or removed while the
+        `with` block runs. NotFoundError if it does not exist (or was removed meanwhile)."""
+        if not (isinstance(name, str) and NAME_RE.fullmatch(name)):
+            self.get(name)  # NotFoundError
+        with self.lock(name, shared=True, wait=wait):
+            yield self.get(name)
 
     def token_owners(self) -> dict[str, Entry]:
         """Canonical token -> the entry that owns it: its trained/imported entry, else a merge holding it."""
@@ -151,6 +223,10 @@ class Registry:
     def create(self, name: str, delta: Delta, manifest: dict, *, overwrite: bool = False) -> Entry:
         """Write an entry atomically (temp dir + rename). Fills id, size, content hash, time."""
         validate_name(name)
+        with self.lock(name):
+            return self._create(name, delta, manifest, overwrite)
+
+    def _create(self, name: str, delta: Delta, manifest: dict, overwrite: bool) -> Entry:
         final = self.concepts / name
         if final.exists() and not overwrite:
             raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
@@ -181,21 +257,25 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return Entry(name, final, manifest)
+        return Entry(name, final, manifest, self)
 
     def update_manifest(self, name: str, **fields) -> Entry:
-        entry = self.get(name)
-        entry.manifest.update(fields)
-        tmp = entry.path / (MANIFEST_FILE + ".tmp")
-        tmp.write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, entry.path / MANIFEST_FILE)
-        return entry
+        self.get(name)  # NotFoundError before any lock file is made
+        with self.lock(name):
+            entry = self.get(name)
+            entry.manifest.update(fields)
+            tmp = entry.path / (MANIFEST_FILE + ".tmp")
+            tmp.write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, entry.path / MANIFEST_FILE)
+            return entry
 
     def remove(self, name: str) -> None:
-        entry = self.get(name)
-        trash = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=self.concepts))
-        os.replace(entry.path, trash / name)
-        shutil.rmtree(trash, ignore_errors=True)
+        self.get(name)
+        with self.lock(name):
+            entry = self.get(name)
+            trash = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=self.concepts))
+            os.replace(entry.path, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
 
     def cache_dir(self, *parts: str) -> Path:
         d = self.cache.joinpath(*parts)

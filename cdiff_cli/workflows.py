@@ -81,14 +81,28 @@ def train_entry(
 
     A single-process run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (default
     `checkpoint.DEFAULT_EVERY`; 0: only when stopped) and when Ctrl-C/SIGTERM stops it (exit 130);
-    `resume` continues such a run and ends with the weights an uninterrupted run would have."""
+    `resume` continues such a run and ends with the weights an uninterrupted run would have.
+
+    The run holds NAME's registry lock from start to end: a second run for the same name fails at once
+    (BusyError, exit code 3) instead of racing for the checkpoint and the entry."""
+    import os
+
+    validate_name(name)
+    args = dict(base=base, reg=reg, device=device, force=force, resume=resume, checkpoint_every=checkpoint_every,
+                progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # secondary processes of `accelerate launch` write nothing
+        return _train_entry(registry, name, specs, cfg, **args)
+    with registry.hold(name):
+        return _train_entry(registry, name, specs, cfg, **args)
+
+
+def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
     from cdiff_cli.checkpoint import DEFAULT_EVERY, Checkpointer, StopRequested
     from cdiff_cli.regset import generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
-    validate_name(name)
     ckpt_dir = registry.home / "checkpoints" / name
     ckpt = Checkpointer(ckpt_dir, {}, DEFAULT_EVERY if checkpoint_every is None else checkpoint_every)
     if checkpoint_every is not None and checkpoint_every < 0:

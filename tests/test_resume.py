@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from PIL import Image
 
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.progress import Progress, Task
@@ -78,7 +79,7 @@ def test_resume_refuses_another_run_and_a_missing_checkpoint(tmp_path, sd1_base,
         _train(reg, cat_images, sd1_base, resume=True)
     with pytest.raises(TrainingStopped):
         _train(reg, cat_images, sd1_base, progress=_SignalAt(2))
-    (cat_images / "img0.png").write_bytes((cat_images / "img1.png").read_bytes())  # the images changed
+    Image.new("RGB", (80, 64), (9, 9, 9)).save(cat_images / "img0.png")  # the images changed
     with pytest.raises(CdiffError, match=r"different run: concepts"):
         _train(reg, cat_images, sd1_base, resume=True)
     assert reg.entries() == []

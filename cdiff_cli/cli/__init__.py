@@ -24,6 +24,7 @@ from cdiff_cli.cli import gen_cmd  # noqa: F401
 from cdiff_cli.cli import eval_cmd  # noqa: F401
 from cdiff_cli.cli import transfer_cmds  # noqa: F401
 from cdiff_cli.cli import registry_cmds  # noqa: F401
+from cdiff_cli.cli import doctor_cmd  # noqa: F401
 from cdiff_cli.cli import demo_cmd  # noqa: F401
 # isort: on
 from cdiff_cli.cli._app import app

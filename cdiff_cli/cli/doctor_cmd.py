@@ -1,0 +1,54 @@
+"""cdiff doctor: check the registry and repair it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cdiff_cli.cli._app import command
+from cdiff_cli.cli._options import Json, registry
+from cdiff_cli.cli._term import term
+
+
+@command("doctor")
+def doctor_cmd(
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what was found: delete leftovers of killed writes and "
+                                                    "training checkpoints, move damaged entries to HOME/quarantine/.")] = False,
+    as_json: Json = False,
+):
+    """Check the registry for damage and leftovers; repair it with --fix.
+
+    Finds leftovers of killed writes, entries without manifest or delta, damaged manifests, deltas that do not match their content hash, and training checkpoints (resumable with `cdiff train --resume`).
+
+    Damaged entries are never deleted: --fix moves them to HOME/quarantine/NAME-<UTC time>/. Concepts that another cdiff process is using are not touched.
+
+    Exit code: 0 healthy (or everything found was fixed), 1 problems remain, 3 some concepts were busy and could not be checked.
+    """
+    from cdiff_cli.doctor import check, exit_code
+
+    reg = registry()
+    findings = check(reg, fix=fix)
+    code = exit_code(findings)
+    if as_json:
+        term.json([f.to_dict() for f in findings])
+    elif findings:
+        rows = []
+        for f in findings:
+            where = f.name or f.path
+            if f.fixed:
+                state = {"delete": "deleted", "restore": "restored", "quarantine": f"moved to {f.moved_to}"}[f.action]
+            else:
+                state = f"--fix: {f.action}" if f.fixable else "-"
+            rows.append([f.kind, where, f.detail, state])
+        term.table(["PROBLEM", "NAME", "DETAIL", "FIX"], rows)
+    if not findings:
+        n = len(reg.entries())
+        term.ok(f"the registry is healthy ({n} concept{'s' if n != 1 else ''}, {reg.home})")
+    elif code == 0:
+        term.ok(f"fixed {len(findings)} problem{'s' if len(findings) != 1 else ''}")
+    elif code == 1 and not fix:
+        term.info("run `cdiff doctor --fix` to repair: damaged entries go to the quarantine folder, leftovers are deleted")
+    elif code == 3:
+        term.warn("some concepts are in use by another cdiff process: run `cdiff doctor` again when it is done")
+    raise typer.Exit(code)
