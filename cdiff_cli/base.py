@@ -59,15 +59,18 @@ def quiet_libraries() -> None:
     import warnings
 
     from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import logging as hlog
     from transformers.utils import logging as tlog
 
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    hlog.set_verbosity_error()  # e.g. "Retrying in 8s" while the hub does not answer
     if not os.environ.get("CDIFF_DEBUG"):
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub\.")  # advice to diffusers
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
@@ -102,7 +105,7 @@ def _single_file_keys(path: str) -> list[str]:
     return [str(k) for k in sd] if isinstance(sd, dict) else []
 
 
-def _pipeline_class(base: BaseSpec):
+def _pipeline_class(base: BaseSpec, local_files_only: bool = False):
     """StableDiffusionXLPipeline for an SDXL base (a folder's or hub id's model_index.json says so; a single
     file has SDXL's second text encoder), else StableDiffusionPipeline (SD 1.x / 2.x)."""
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -111,9 +114,33 @@ def _pipeline_class(base: BaseSpec):
         sdxl = any(k.startswith(SDXL_SINGLE_FILE_KEY) for k in _single_file_keys(base.ref))
         return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     index = Path(base.ref) / "model_index.json"
-    config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else DiffusionPipeline.load_config(base.ref)
+    config = (json.loads(index.read_text(encoding="utf-8")) if index.is_file()
+              else DiffusionPipeline.load_config(base.ref, local_files_only=local_files_only))
     name = str(config.get("_class_name", ""))
     return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub (HF_ENDPOINT) does not answer, in a few words; None when it answers or when
+    offline mode (HF_HUB_OFFLINE=1) is on, where the libraries never ask it. Waits as long as the hub
+    library waits for a file's metadata (HF_HUB_ETAG_TIMEOUT, 10 s by default)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if _hub_offline():
+        return None
+    try:  # any HTTP answer, even an error status, means the hub is there
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{constants.ENDPOINT}: {first}"
+    return None
 
 
 def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -124,8 +151,11 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
     base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
     quiet_libraries()
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    # An unreachable hub would cost half a minute of retries before failing: ask once, and if it does not
+    # answer use the local cache only.
+    hub_down = hub_unreachable() if base.kind == "hub" else None
     try:
-        cls = _pipeline_class(base)
+        cls = _pipeline_class(base, local_files_only=hub_down is not None)
         if cls is not StableDiffusionPipeline:
             common = dict(dtype=dtype)  # SDXL pipelines have no safety checker
         if base.kind == "single_file":
@@ -133,11 +163,16 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
             extra = {"config": os.environ["CDIFF_BASE_CONFIG"]} if os.environ.get("CDIFF_BASE_CONFIG") else {}
             pipe = cls.from_single_file(base.ref, **common, **extra)
         else:
-            pipe = cls.from_pretrained(base.ref, **common)
+            pipe = cls.from_pretrained(base.ref, **common, **({"local_files_only": True} if hub_down else {}))
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
+        if hub_down:
+            raise CdiffError(f"cannot load base model {base.ref}: the hub is unreachable ({hub_down}) and the model "
+                             "is not in the local cache; pass --base with a local folder or file") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ""
-        if base.kind == "hub" and (os.environ.get("HF_HUB_OFFLINE") or "offline" in first.lower() or "connect" in first.lower()):
+        if base.kind == "hub" and _hub_offline():
+            hint = " (offline mode, HF_HUB_OFFLINE=1: only the local cache is used; pass --base with a local folder or file)"
+        elif base.kind == "hub" and ("offline" in first.lower() or "connect" in first.lower()):
             hint = " (the hub is unreachable: pass --base with a local folder or file)"
         raise CdiffError(f"cannot load base model {base.ref}: {first}{hint}") from e
     pipe.set_progress_bar_config(disable=True)

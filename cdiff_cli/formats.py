@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,22 +141,37 @@ def _layers_per_block(unet) -> int:
 def _is_safetensors(path: Path) -> bool:
     # A safetensors file starts with an 8-byte little-endian header length and a JSON header. Sniff
     # instead of trusting the suffix: diffusers saves safetensors token files as `<token>.bin`.
+    return _safetensors_problem(path) is None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` does not start like a safetensors file (None if it does)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
+    if size == 0:
+        return "the file is empty"
     if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return int.from_bytes(head[:8], "little") < path.stat().st_size
+        return "it does not start with a safetensors header"
+    claimed = int.from_bytes(head[:8], "little")
+    if claimed >= size:
+        return f"its header claims {claimed} bytes but the whole file has {size}: truncated or damaged"
+    return None
 
 
 def _read_tensor_file(path: Path) -> dict:
     """Load a safetensors file or a pickle (weights_only) as a dict."""
-    if _is_safetensors(path):
+    problem = _safetensors_problem(path)
+    if problem is None:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises several types for a corrupt file
-            raise CdiffError(f"cannot read {path}: {e}") from e
+            raise CdiffError(f"cannot read {path}: {_first_line(e)}") from e
+    _refuse_broken_safetensors(path, problem)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol: not for our users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden objects, others for corrupt files
         raise CdiffError(
             f"{path} is not a plain tensor file ({_pickle_refusal(e)}); cdiff loads pickles only with weights_only=True"
@@ -165,9 +181,24 @@ def _read_tensor_file(path: Path) -> dict:
     return obj
 
 
+def _refuse_broken_safetensors(path: Path, problem: str) -> None:
+    """A file that says it is safetensors (by its name, or by starting with a JSON header) but is not a valid
+    one gets that said, rather than being tried as a pickle."""
+    with open(path, "rb") as f:
+        starts_like_one = f.read(9)[8:9] == b"{"
+    if path.suffix == ".safetensors" or starts_like_one:
+        raise CdiffError(f"{path} is not a valid safetensors file: {problem}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _pickle_refusal(e: Exception) -> str:
     # torch's message is long and suggests weights_only=False; keep only what the file contained.
-    if m := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
+    # torch words it "Unsupported global: GLOBAL io.open" or "unsupported GLOBAL posix.system whose module ...".
+    if m := re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE):
         return f"it refers to {m.group(1)}, which is not a tensor type"
     return "it is not a readable torch.save file"
 
@@ -177,7 +208,7 @@ def _safetensors_metadata(path: Path) -> tuple[dict, list[str]]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}, list(f.keys())
     except Exception as e:
-        raise CdiffError(f"cannot read {path}: {e}") from e
+        raise CdiffError(f"cannot read {path}: {_first_line(e)}") from e
 
 
 def _single_token_error(path: Path) -> CdiffError:
@@ -199,7 +230,8 @@ def _classify(path: Path, obj: dict) -> str:
 
 def _sniff_file(path: Path) -> tuple[str, dict | None]:
     """(format, loaded dict) for a file; the dict is None for cdiff files, which Delta.load reads."""
-    if _is_safetensors(path):
+    problem = _safetensors_problem(path)
+    if problem is None:
         meta, keys = _safetensors_metadata(path)
         if meta.get("format") == CDIFF_FORMAT:
             return "cdiff", None
@@ -210,6 +242,7 @@ def _sniff_file(path: Path) -> tuple[str, dict | None]:
         if len(keys) == 1:
             raise _single_token_error(path)
         raise CdiffError(f"{path}: unknown layout (a safetensors file that is neither a cdiff delta nor Custom Diffusion weights)")
+    _refuse_broken_safetensors(path, problem)
     obj = _read_tensor_file(path)
     return _classify(path, obj), obj
 

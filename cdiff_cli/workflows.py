@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -118,8 +119,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
     if not specs:
         raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise CdiffError("--steps, --batch-size and --lr must be positive")
+    if cfg.steps < 1 or cfg.batch_size < 1 or not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CdiffError("--steps, --batch-size and --lr must be positive (and --lr a finite number)")
+    if cfg.aug_pool < 0 or (cfg.resolution is not None and cfg.resolution < 8) or reg.count < 0:
+        raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model

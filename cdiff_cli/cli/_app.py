@@ -4,13 +4,67 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import contextmanager
 
 import typer
+from typer.core import TyperGroup
 
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError
 
+try:  # recent typer vendors click as typer._click; older versions use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+
+    try:
+        from click.exceptions import NoArgsIsHelpError
+    except ImportError:  # click < 8.2 prints the help of a bare `cdiff` without raising
+        NoArgsIsHelpError = ()
+
+
+def usage_error_line(e: ClickException) -> str:
+    """A click/typer usage error (bad option value, missing argument, unknown command) as one line."""
+    message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    message = message.replace(": Value error, ", ": ")  # typer's wording for a bad choice
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f" (see '{ctx.command_path} {ctx.help_option_names[0]}')"
+    return message
+
+
+@contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # `cdiff` alone prints the help, as before
+    except ClickException as e:
+        term.error(usage_error_line(e))
+        raise typer.Exit(e.exit_code) from None
+    except typer.Abort:  # end of input or Ctrl-C at a confirmation prompt, which is left mid-line
+        term.err.print()
+        term.error("aborted: nothing was changed")
+        raise typer.Exit(1) from None
+
+
+class CdiffGroup(TyperGroup):
+    """Usage errors become one `error: ...` line on stderr with their exit code (2), instead of the usage
+    text in a Rich box. They are raised while parsing the global options (make_context) or a command's
+    own (invoke); --help, --version, the help of a bare `cdiff` and typer.Exit pass through unchanged.
+    `main()` and CliRunner both go through this group."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=CdiffGroup,
     name="cdiff",
     help="Teach a text-to-image diffusion model new concepts with Custom Diffusion, and use them.",
     no_args_is_help=True,
@@ -21,6 +75,11 @@ app = typer.Typer(
 
 def debug() -> bool:
     return os.environ.get("CDIFF_DEBUG", "") not in ("", "0")
+
+
+def _one_line(message: str) -> str:
+    """A message's lines joined with ' | ': stderr gets exactly one line per error."""
+    return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
 def command(*args, **kwargs):
@@ -37,7 +96,7 @@ def command(*args, **kwargs):
             except CdiffError as e:
                 if debug():
                     raise
-                term.error(str(e))
+                term.error(_one_line(str(e)))
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
                 if debug():
@@ -47,8 +106,11 @@ def command(*args, **kwargs):
             except Exception as e:  # an unexpected failure still gets one line (set CDIFF_DEBUG=1 for the traceback)
                 if debug():
                     raise
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                term.error(f"{type(e).__name__}: {first} (set CDIFF_DEBUG=1 for details)")
+                if isinstance(e, OSError) and e.strerror:  # disk full, permission denied...: the system's words
+                    term.error(e.strerror + (f": {e.filename}" if e.filename else ""))
+                else:
+                    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+                    term.error(f"{type(e).__name__}: {first} (set CDIFF_DEBUG=1 for details)")
                 raise typer.Exit(1) from None
 
         return app.command(*args, **kwargs)(wrapper)

@@ -20,8 +20,8 @@ Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULE
 @command("gen")
 def gen_cmd(
     prompt: Annotated[str, typer.Argument(help='Prompt, e.g. "<mycat> cat on <mychair> chair".')],
-    n: Annotated[int, typer.Option("-n", "--num", help="Number of images.")] = 1,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 1,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
@@ -30,7 +30,7 @@ def gen_cmd(
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler (default: DPM-Solver++ multistep).")] = Scheduler.dpm,
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cdiff-out"),
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
     base: Base = None,
     precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision.fp16,
     device: Device = "auto",

@@ -1,0 +1,581 @@
+"""The bad-input corpus: every case must fail with one clear `error: ...` line on stderr, a documented exit
+code (README: 1 bad input or failure, 2 not found or usage error), no traceback, and the registry unchanged.
+
+Image files, locks and training resume have their own tests. Two small concepts (one on the tiny SD 1.x
+base, one on the tiny SD 2.x base) and their exports are made once per module; each test works on a copy
+of that registry home.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from typer.testing import CliRunner
+
+from cdiff_cli.cli import app
+from cdiff_cli.registry import Registry
+
+from .conftest import RES, make_images
+
+runner = CliRunner()
+TRAIN = ["--steps", "2", "--batch-size", "2", "--resolution", str(RES), "--device", "cpu", "--reg", "none",
+         "--aug-pool", "2"]
+GEN = ["--steps", "2", "--device", "cpu", "--height", str(RES), "--width", str(RES)]
+SKIP = ("cache", "locks")  # reusable work and lock files may change; concepts may not
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def snapshot(home: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under the registry home (folders too, even empty ones:
+    a temporary folder left behind counts as a change), except caches and locks."""
+    home = Path(home)
+    if not home.exists():
+        return {}
+    out = {}
+    for p in sorted(home.rglob("*")):
+        rel = p.relative_to(home)
+        if rel.parts[0] in SKIP:
+            continue
+        out[rel.as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def check_failure(rc: int, stderr: str, stdout: str, code: int, match: str, home: Path, before: dict) -> str:
+    """The shared assertions; returns the error line."""
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert rc == code, f"exit code {rc}, expected {code}; stderr:\n{stderr}"
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    line = lines[0]
+    assert line.startswith("error: "), line
+    assert match.lower() in line.lower(), f"{match!r} not in {line!r}"
+    assert "Traceback" not in stderr + stdout
+    assert snapshot(home) == before, "the registry changed"
+    print(line)  # shown by `pytest -rP`: the corpus's messages, for review
+    return line
+
+
+def expect_failure(args, code: int, match: str, home: Path, **invoke) -> str:
+    """Run `cdiff ARGS` in-process (CliRunner) and check the failure; returns the error line."""
+    before = snapshot(home)
+    r = runner.invoke(app, [str(a) for a in args], **invoke)
+    return check_failure(r.exit_code, r.stderr, r.stdout, code, match, home, before)
+
+
+def run_cdiff(args, home: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "cdiff_cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def expect_failure_process(args, code: int, match: str, home: Path, env: dict | None = None, timeout: float = 120) -> str:
+    """The same checks on a real `python -m cdiff_cli` process."""
+    before = snapshot(home)
+    p = run_cdiff(args, home, env, timeout)
+    return check_failure(p.returncode, p.stderr, p.stdout, code, match, home, before)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, sd1_base, sd2_base):
+    """A registry with `mycat` (sd1, token <mycat>) and `sd2cat` (sd2, token <sd2cat>), plus exports of both."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    images = make_images(root / "imgs")
+    home = root / "home"
+    env = {"CDIFF_HOME": str(home), "CDIFF_BASE": None}
+    for name, base in (("mycat", sd1_base), ("sd2cat", sd2_base)):
+        r = runner.invoke(app, ["-q", "train", name, str(images), "--class", "cat", "--base", str(base), *TRAIN], env=env)
+        assert r.exit_code == 0, r.output
+    exports = root / "exports"
+    for args in (["mycat", "--format", "cdiff"], ["sd2cat", "--format", "diffusers"]):
+        r = runner.invoke(app, ["export", *args, "-o", str(exports / f"{args[0]}-{args[2]}")], env=env)
+        assert r.exit_code == 0, r.output
+    return {"home": home, "images": images, "exports": exports, "sd1": sd1_base, "sd2": sd2_base}
+
+
+@pytest.fixture
+def home(world, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the module's registry home, as CDIFF_HOME."""
+    h = tmp_path / "home"
+    shutil.copytree(world["home"], h)
+    monkeypatch.setenv("CDIFF_HOME", str(h))
+    monkeypatch.delenv("CDIFF_BASE", raising=False)
+    return h
+
+
+# ------------------------------------------------------------------------------------------- names
+
+BAD_NAMES = {
+    "dotdot": "../x",
+    "slash": "a/b",
+    "empty": "",
+    "too-long": "x" * 65,
+    "non-ascii": "café",
+    "leading-dot": ".x",
+    "leading-dash": "-x",
+    "space": "my cat",
+    "newline": "x\n",
+}
+
+
+def name_args(cmd: str, name: str, w: dict, out: Path) -> list:
+    """Options first, then `--`, so that a name starting with '-' stays a name."""
+    return {
+        "train": ["train", "--class", "cat", "--base", w["sd1"], *TRAIN, "--", name, w["images"]],
+        "add": ["add", "--base", w["sd1"], "--", name, w["exports"] / "mycat-cdiff"],
+        "merge": ["merge", f"--name={name}", "--", "mycat", "sd2cat"],
+        "show": ["show", "--", name],
+        "rm": ["rm", "-y", "--", name],
+        "export": ["export", "-o", out, "--", name],
+        "path": ["path", "--", name],
+    }[cmd]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES.values(), ids=BAD_NAMES.keys())
+@pytest.mark.parametrize("cmd", ["train", "add", "merge"])
+def test_bad_name_for_a_new_entry(cmd, name, home, world, tmp_path):
+    expect_failure(name_args(cmd, name, world, tmp_path / "out"), 1, "invalid name", home)
+
+
+@pytest.mark.parametrize(
+    "cmd, name",
+    [pytest.param(cmd, name, id=f"{cmd}-{key}") for cmd in ("show", "rm", "export", "path")
+     for key, name in BAD_NAMES.items() if (cmd, name) != ("path", "")],  # `cdiff path ''` is the home
+)
+def test_bad_name_of_an_existing_entry_is_not_found(cmd, name, home, world, tmp_path):
+    expect_failure(name_args(cmd, name, world, tmp_path / "out"), 2, "no concept named", home)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_name_is_not_replaced_without_force(home, world):
+    expect_failure(["train", "mycat", world["images"], "--class", "cat", "--base", world["sd1"], *TRAIN], 1,
+                   "already exists", home)
+    expect_failure(["add", "mycat", world["exports"] / "mycat-cdiff", "--base", world["sd1"]], 1, "already exists", home)
+
+
+# ------------------------------------------------------------------------------------------- tokens
+
+
+@pytest.mark.parametrize(
+    "token, match",
+    [
+        ("cat", "too short"),  # a vocabulary word, and short enough to split others (`cat` in `catalog`)
+        ("chair", "ordinary word"),
+        ("<MyCat>", "already used by concept 'mycat'"),  # tokens are case-insensitive
+        ("my token", "invalid token"),
+    ],
+)
+def test_train_token_collision(token, match, home, world):
+    expect_failure(["train", "x", world["images"], "--class", "cat", "--token", token, "--base", world["sd1"], *TRAIN],
+                   1, match, home)
+
+
+def test_joint_training_with_one_token_twice(home, world):
+    concept = f"<twin>:cat:{world['images']}"
+    expect_failure(["train", "x", "--concept", concept, "--concept", concept.replace("twin", "TWIN"),
+                    "--base", world["sd1"], *TRAIN], 1, "<twin>", home)
+
+
+def test_add_token_of_another_concept(home, world):
+    # The cdiff export of `mycat` carries the token <mycat>, which `mycat` owns.
+    expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--base", world["sd1"]], 1,
+                   "already used by concept 'mycat'", home)
+
+
+def test_add_rename_to_a_vocabulary_word(home, world):
+    expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--token", "chair", "--base", world["sd1"]], 1,
+                   "ordinary word", home)
+
+
+def test_gen_prompt_with_an_unknown_token(home, tmp_path):
+    expect_failure(["gen", "photo of a <mycat> cat and a <nobody> dog", *GEN, "-o", tmp_path / "g"], 2, "<nobody>", home)
+    assert not (tmp_path / "g").exists()
+
+
+# ------------------------------------------------------------------------------------------- bases
+
+
+def test_merge_across_different_bases(home):
+    expect_failure(["merge", "mycat", "sd2cat"], 1, "different base models", home)
+
+
+def test_add_delta_of_another_architecture(home, world):
+    # An SD 2.x concept (wider cross-attention inputs) exported, then imported onto the SD 1.x base.
+    expect_failure(["add", "x", world["exports"] / "sd2cat-diffusers", "--token", "<x2>", "--base", world["sd1"]], 1,
+                   "another base model", home)
+
+
+def test_gen_concept_on_another_base(home, world, tmp_path):
+    expect_failure(["gen", "photo of a <sd2cat> cat", *GEN, "--base", world["sd1"], "-o", tmp_path / "g"], 1,
+                   "belongs to base", home)
+
+
+def test_unreachable_hub_offline(home, tmp_path):
+    line = expect_failure(["gen", "photo of a cat", *GEN, "--base", "some-org/some-model", "-o", tmp_path / "g"], 1,
+                          "cannot load base model some-org/some-model", home)
+    assert "HF_HUB_OFFLINE=1" in line and "--base" in line
+
+
+def test_unreachable_hub_connection_refused(home, tmp_path):
+    """A real process with the offline switch off and the hub endpoint on a closed port."""
+    env = {"HF_HUB_OFFLINE": None, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    line = expect_failure_process(["gen", "photo of a cat", *GEN, "--base", "some-org/some-model", "-o", tmp_path / "g"],
+                                  1, "cannot load base model some-org/some-model", home, env=env, timeout=120)
+    assert "unreachable" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "no-model-index", "bad-model-index", "garbage-file"])
+def test_gen_with_an_unreadable_base(kind, home, tmp_path):
+    base = tmp_path / "base"
+    code, match = 1, "cannot load base model"
+    if kind == "missing":
+        base, code, match = tmp_path / "no-such-base", 2, "base not found"
+    elif kind == "no-model-index":
+        base.mkdir()
+        match = "not a diffusers model folder"
+    elif kind == "bad-model-index":
+        base.mkdir()
+        (base / "model_index.json").write_text("{not json")
+    else:
+        base = tmp_path / "base.safetensors"
+        base.write_bytes(os.urandom(4096))
+    expect_failure(["gen", "photo of a cat", *GEN, "--base", base, "-o", tmp_path / "g"], code, match, home)
+
+
+# ------------------------------------------------------------------------------------------- delta files
+
+
+def safetensors_bytes(header: bytes, claimed: int | None = None, body: bytes = b"") -> bytes:
+    return (len(header) if claimed is None else claimed).to_bytes(8, "little") + header + body
+
+
+MALFORMED = {
+    "random-bytes": lambda: os.urandom(1000),
+    "garbage-json": lambda: safetensors_bytes(b"{this is not json" + b" " * 20, body=b"\0" * 64),
+    "header-too-long": lambda: safetensors_bytes(b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}',
+                                                 claimed=10**6, body=b"\0" * 16),
+    "data-past-the-end": lambda: safetensors_bytes(b'{"a": {"dtype": "F32", "shape": [4096], "data_offsets": [0, 16384]}}',
+                                                   body=b"\0" * 16),
+    "empty": lambda: b"",
+}
+
+
+@pytest.mark.parametrize("make", MALFORMED.values(), ids=MALFORMED.keys())
+def test_add_malformed_safetensors(make, home, world, tmp_path):
+    f = tmp_path / "delta.safetensors"
+    f.write_bytes(make())
+    expect_failure(["add", "x", f, "--base", world["sd1"]], 1, "delta.safetensors", home)
+    # The same file as a diffusers folder's weights.
+    folder = tmp_path / "diffusers"
+    folder.mkdir()
+    shutil.copyfile(f, folder / "pytorch_custom_diffusion_weights.safetensors")
+    expect_failure(["add", "x", folder, "--base", world["sd1"]], 1, "pytorch_custom_diffusion_weights", home)
+
+
+def test_damaged_entry_delta(home, tmp_path):
+    d = home / "concepts" / "mycat" / "delta.safetensors"
+    d.write_bytes(d.read_bytes()[: d.stat().st_size // 2])
+    expect_failure(["gen", "photo of a <mycat> cat", *GEN, "-o", tmp_path / "g"], 1, "cannot read delta", home)
+    expect_failure(["export", "mycat", "--format", "reference", "-o", tmp_path / "e"], 1, "cannot read delta", home)
+
+
+class _Payload:
+    """Unpickling this runs `fn(*args)`: what a malicious delta would do."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_pickle_that_runs_code_is_refused(home, world, tmp_path):
+    """A reference delta.bin whose unpickling runs a shell command, in a real process: refused, and the
+    command never ran."""
+    sentinel = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"unet": _Payload(os.system, f"touch {sentinel}"), "modifier_token": {}}, evil / "delta.bin")
+    line = expect_failure_process(["add", "x", evil / "delta.bin", "--base", world["sd1"]], 1, "weights_only", home)
+    assert "system" in line  # names what the file tried to call
+    assert not sentinel.exists()
+    # The control: an unrestricted load really would have run it.
+    torch.load(evil / "delta.bin", weights_only=False)
+    assert sentinel.exists()
+
+
+def test_pickled_checkpoint_that_writes_a_file_is_refused(home, world, tmp_path):
+    sentinel = tmp_path / "written"
+    torch.save({"state_dict": _Payload(open, str(sentinel), "w")}, tmp_path / "delta_epoch=1.ckpt")
+    expect_failure(["add", "x", tmp_path / "delta_epoch=1.ckpt", "--base", world["sd1"]], 1, "not a plain tensor file", home)
+    assert not sentinel.exists()
+    # A plain pickle (not torch's zip format) of the same.
+    (tmp_path / "delta.bin").write_bytes(pickle.dumps(_Payload(open, str(sentinel), "w")))
+    expect_failure(["add", "x", tmp_path / "delta.bin", "--base", world["sd1"]], 1, "not a plain tensor file", home)
+    assert not sentinel.exists()
+
+
+def test_add_missing_path(home, tmp_path):
+    expect_failure(["add", "x", tmp_path / "nothing-here"], 2, "not found", home)
+
+
+def test_add_folder_without_a_delta(home, world, tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    expect_failure(["add", "x", tmp_path / "empty", "--base", world["sd1"]], 1, "unknown folder layout", home)
+
+
+def test_add_single_token_file(home, world, tmp_path):
+    token_file = world["exports"] / "sd2cat-diffusers" / "<sd2cat>.safetensors"
+    expect_failure(["add", "x", token_file, "--base", world["sd2"]], 1, "single token embedding", home)
+
+
+def test_add_class_count_mismatch(home, world):
+    expect_failure(["add", "x", world["exports"] / "mycat-cdiff", "--token", "<c9>", "--class", "cat", "--class", "dog",
+                    "--base", world["sd1"]], 1, "--class was given 2 time(s)", home)
+
+
+# ------------------------------------------------------------------------------------------- missing things
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["show", "ghost"],
+        ["rm", "-y", "mycat", "ghost"],  # all must exist: mycat stays
+        ["export", "ghost", "-o", "OUT"],
+        ["gen", "a photo", "-c", "ghost", *GEN, "-o", "OUT"],
+        ["compress", "ghost"],
+        ["eval", "ghost"],
+        ["path", "ghost"],
+        ["merge", "mycat", "ghost"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_missing_concept(args, home, tmp_path):
+    args = [tmp_path / "out" if a == "OUT" else a for a in args]
+    expect_failure(args, 2, "no concept named 'ghost'", home)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_onto_an_existing_file(home, tmp_path):
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    for fmt in ("diffusers", "reference", "cdiff"):
+        expect_failure(["export", "mycat", "--format", fmt, "-o", f], 1, "not a folder", home)
+    assert f.read_text() == "keep me"
+
+
+def test_rm_without_an_answer(home):
+    """`rm` asks first (on stderr); end of input is no answer: one error line after the question."""
+    before = snapshot(home)
+    r = runner.invoke(app, ["rm", "mycat"], input="")
+    question, *rest = [x for x in r.stderr.splitlines() if x.strip()]
+    assert question.startswith("Remove mycat?")
+    check_failure(r.exit_code, "\n".join(rest), r.stdout, 1, "aborted: nothing was changed", home, before)
+
+
+def test_merge_needs_two_different_concepts(home):
+    expect_failure(["merge", "mycat"], 1, "at least two", home)
+    expect_failure(["merge", "mycat", "mycat"], 1, "only once", home)
+
+
+# ------------------------------------------------------------------------------------------- option values
+
+
+BAD_OPTIONS = {
+    "train-steps-0": (["train", "x", "IMGS", "--class", "cat", "--base", "SD1", *TRAIN, "--steps", "0"], 2, "'--steps'"),
+    "train-batch-size-0": (["train", "x", "IMGS", "--class", "cat", "--batch-size", "0"], 2, "'--batch-size'"),
+    "train-lr-nan": (["train", "x", "IMGS", "--class", "cat", "--base", "SD1", *TRAIN, "--lr", "nan"], 1, "finite"),
+    "train-lr-inf": (["train", "x", "IMGS", "--class", "cat", "--base", "SD1", *TRAIN, "--lr", "inf"], 1, "finite"),
+    "train-resolution-0": (["train", "x", "IMGS", "--class", "cat", "--resolution", "0"], 2, "'--resolution'"),
+    "train-aug-pool-negative": (["train", "x", "IMGS", "--class", "cat", "--aug-pool", "-1"], 2, "'--aug-pool'"),
+    "train-num-reg-negative": (["train", "x", "IMGS", "--class", "cat", "--num-reg", "-5"], 2, "'--num-reg'"),
+    "train-checkpoint-every-negative": (["train", "x", "IMGS", "--class", "cat", "--checkpoint-every", "-1"], 2, "'--checkpoint-every'"),
+    "train-resume-nothing": (["train", "x", "IMGS", "--class", "cat", "--base", "SD1", *TRAIN, "--resume"], 2, "nothing to resume"),
+    "train-steps-not-a-number": (["train", "x", "IMGS", "--class", "cat", "--steps", "many"], 2, "'--steps'"),
+    "train-mode-bogus": (["train", "x", "IMGS", "--class", "cat", "--mode", "everything"], 2, "'--mode'"),
+    "train-no-class": (["train", "x", "IMGS", "--base", "SD1", *TRAIN], 1, "--class"),
+    "train-no-name": (["train"], 2, "missing argument"),
+    "gen-steps-0": (["gen", "a photo", "--steps", "0"], 2, "'--steps'"),
+    "gen-num-0": (["gen", "a photo", "-n", "0"], 2, "'-n'"),
+    "gen-batch-size-0": (["gen", "a photo", "--batch-size", "0"], 2, "'--batch-size'"),
+    "gen-scheduler-bogus": (["gen", "a photo", "--scheduler", "bogus"], 2, "'--scheduler'"),
+    "export-format-bogus": (["export", "mycat", "-o", "OUT", "--format", "bogus"], 2, "'--format'"),
+    "export-no-out": (["export", "mycat"], 2, "'-o'"),
+    "export-rank-0": (["export", "mycat", "-o", "OUT", "--format", "lora", "--rank", "0"], 1, "--rank"),
+    "export-rank-not-lora": (["export", "mycat", "-o", "OUT", "--rank", "4"], 1, "--format lora only"),
+    "compress-energy-1.5": (["compress", "mycat", "--energy", "1.5"], 1, "--energy"),
+    "compress-rank-and-energy": (["compress", "mycat", "--rank", "2", "--energy", "0.9"], 1, "not both"),
+    "merge-ridge-not-a-number": (["merge", "mycat", "sd2cat", "--ridge", "lots"], 2, "'--ridge'"),
+    "unknown-command": (["bogus"], 2, "no such command"),
+    "unknown-option": (["list", "--bogus"], 2, "no such option"),
+}
+
+
+@pytest.mark.parametrize("args, code, match", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
+def test_bad_option_values(args, code, match, home, world, tmp_path):
+    subst = {"IMGS": world["images"], "SD1": world["sd1"], "OUT": tmp_path / "out"}
+    expect_failure([subst.get(a, a) for a in args], code, match, home)
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_error_in_a_real_process_is_one_line(home, world):
+    line = expect_failure_process(["train", "x", world["images"], "--class", "cat", "--steps", "many"], 2,
+                                  "invalid value for '--steps'", home)
+    assert "--help" in line  # points at the help, on the same line
+    p = run_cdiff(["train", "--help"], home)
+    assert p.returncode == 0 and "Usage" in p.stdout and p.stderr == ""
+    p = run_cdiff(["--version"], home)
+    assert p.returncode == 0 and p.stdout.startswith("cdiff ")
+
+
+# ------------------------------------------------------------------------------------------- failures while running
+
+
+def test_disk_full_while_saving(home, world, monkeypatch):
+    """The write of the delta fails half-way: one line, nothing in the registry, no temporary folder."""
+    import cdiff_cli.delta as delta_mod
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 1024)  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(delta_mod, "save_file", full_disk)
+    before = sorted(p.name for p in (home / "concepts").iterdir())
+    expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--token", "<copycat>", "--base", world["sd1"]], 1,
+                   "no space left on device", home)
+    assert sorted(p.name for p in (home / "concepts").iterdir()) == before  # no .tmp-* folder
+
+
+def test_nan_loss_stops_with_a_message(home, world):
+    """A learning rate so large that the weights overflow after the first step: the loss is no longer
+    finite and training stops; no entry, no checkpoint. (-q: the progress lines before it are not errors.)"""
+    args = ["--steps", "4", "--batch-size", "2", "--resolution", RES, "--device", "cpu", "--reg", "none", "--aug-pool", "2"]
+    expect_failure(["-q", "train", "x", world["images"], "--class", "cat", "--base", world["sd1"], *args,
+                    "--lr", "1e30", "--precision", "fp32"], 1, "training diverged at step", home)
+
+
+
+# ------------------------------------------------------------------------------------------- image folders
+
+
+def _photo(path: Path, colour=(200, 40, 40), size=(64, 48), **save) -> Path:
+    im = Image.new("RGB", size, (30, 90, 160))
+    ImageDraw.Draw(im).ellipse((8, 8, 40, 40), fill=colour)
+    im.save(path, **save)
+    return path
+
+
+def _bomb_png(path: Path, side: int = 20000) -> Path:
+    """A small valid PNG whose header claims side x side pixels (Pillow refuses it at open)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _folder_with(tmp_path: Path, bad: str) -> tuple[Path, str]:
+    """Two good photos plus one bad file of kind `bad`; returns (folder, the bad file's name)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    _photo(folder / "b.png", colour=(40, 200, 40))
+    if bad == "not-an-image":
+        (folder / "c.jpg").write_text("this is not a photo")
+        return folder, "c.jpg"
+    if bad == "truncated":
+        data = _photo(tmp_path / "full.jpg", quality=90).read_bytes()
+        (folder / "c.jpg").write_bytes(data[: len(data) // 2])
+        return folder, "c.jpg"
+    if bad == "animated":
+        frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 255, 0))]
+        frames[0].save(folder / "c.gif", save_all=True, append_images=frames[1:], duration=100)
+        return folder, "c.gif"
+    if bad == "tiny":
+        _photo(folder / "c.png", size=(8, 8))
+        return folder, "c.png"
+    if bad == "huge":
+        _bomb_png(folder / "c.png")
+        return folder, "c.png"
+    if bad == "duplicate":
+        (folder / "c.png").write_bytes((folder / "a.png").read_bytes())
+        return folder, "c.png"
+    raise AssertionError(bad)
+
+
+BAD_IMAGES = {
+    "not-an-image": "not an image",
+    "truncated": "truncated or corrupt",
+    "animated": "animated",
+    "tiny": "at least 32 px",
+    "huge": "too large",
+    "duplicate": "is a copy of",
+}
+
+
+@pytest.mark.parametrize("bad, match", BAD_IMAGES.items(), ids=BAD_IMAGES.keys())
+def test_bad_image_in_the_folder(bad, match, home, world, tmp_path):
+    """Refused before any model is loaded (no --base given: the default hub base is never touched)."""
+    folder, name = _folder_with(tmp_path, bad)
+    line = expect_failure(["train", "x", folder, "--class", "cat", *TRAIN], 1, match, home)
+    assert name in line
+
+
+def test_missing_image_folder(home, tmp_path):
+    expect_failure(["train", "x", tmp_path / "nowhere", "--class", "cat"], 2, "image folder not found", home)
+
+
+def test_empty_image_folder(home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    expect_failure(["train", "x", tmp_path / "empty", "--class", "cat"], 1, "no images", home)
+
+
+def test_folder_of_non_image_files(home, tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    (folder / "IMG_1.heic").write_bytes(b"\0" * 64)
+    expect_failure(["train", "x", folder, "--class", "cat"], 1, "skipped 2 other files", home)
+
+
+def test_unusual_but_valid_images_train(home, world, tmp_path):
+    """EXIF-rotated, CMYK, 16-bit, palette and transparent images are handled, not refused."""
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown upright
+    _photo(folder / "rotated.jpg", size=(64, 48), exif=exif, quality=95)
+    Image.new("CMYK", (48, 48), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((48, 48), 40000, np.uint16)).save(folder / "grey16.png")
+    Image.open(_photo(tmp_path / "p.png")).convert("P").save(folder / "palette.png", transparency=0)
+    rgba = Image.new("RGBA", (48, 48), (0, 0, 0, 0))
+    ImageDraw.Draw(rgba).ellipse((8, 8, 40, 40), fill=(200, 40, 40, 255))
+    rgba.save(folder / "alpha.png")
+    r = runner.invoke(app, ["-q", "train", "phone", str(folder), "--class", "cat", "--base", str(world["sd1"]), *TRAIN])
+    assert r.exit_code == 0, r.output
+    entry = Registry(home).get("phone")
+    assert sorted(i["file"] for i in entry.manifest["concepts"][0]["images"]) == sorted(p.name for p in folder.iterdir())
