@@ -426,10 +426,10 @@ def train(
                 bar.advance(1, loss=value)
                 done = step + 1
                 if stop is not None and stop.requested and done < cfg.steps:
-                    checkpointer.save(capture(done), done, cfg.steps)
-                    raise StopRequested(done, cfg.steps, saved=True)
+                    saved = _try_save(checkpointer, capture(done), done, cfg.steps, progress)
+                    raise StopRequested(done, cfg.steps, saved=saved)
                 if checkpointer is not None and checkpointer.due(done, cfg.steps):
-                    checkpointer.save(capture(done), done, cfg.steps)
+                    _try_save(checkpointer, capture(done), done, cfg.steps, progress)
     finally:
         for h in hooks:
             h.remove()
@@ -450,6 +450,17 @@ def train(
     delta = Delta(read_weights(unet, names), toks, learned[0], cfg.mode,
                   embeddings_2=learned[1] if len(learned) > 1 else None)
     return TrainResult(delta, losses, time.perf_counter() - t0, lr, processes)
+
+
+def _try_save(checkpointer: Checkpointer, state: dict, step: int, steps: int, progress: Progress) -> bool:
+    """Save a checkpoint; a failure (a full disk) is a warning, not the end of the run: the training
+    itself is fine, and the previous checkpoint is intact."""
+    try:
+        checkpointer.save(state, step, steps)
+        return True
+    except OSError as e:
+        progress.warn(f"could not save the checkpoint at step {step}: {e.strerror or e}; training goes on")
+        return False
 
 
 def _all_reduce_mean(tensors: list[torch.Tensor], processes: int) -> None:

@@ -188,6 +188,9 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
                        checkpointer=ckpt if accelerator is None else None, resume=resume)
     except StopRequested as e:
+        if not e.saved:
+            raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
+                                  f"{_kept(ckpt)}") from None
         raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; checkpoint saved: run the same command "
                               "with --resume to continue") from None
     if not main:
@@ -213,9 +216,19 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         ],
         "parents": [],
     }
-    entry = registry.create(name, result.delta, manifest, overwrite=force)
+    try:
+        entry = registry.create(name, result.delta, manifest, overwrite=force)
+    except OSError as e:  # a full disk: say what is left to resume from
+        raise CdiffError(f"cannot save concept {name!r}: {e.strerror or e}{_kept(ckpt)}") from e
     ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
+
+
+def _kept(ckpt) -> str:
+    """What an interrupted run still has to resume from, as the end of an error message."""
+    if not ckpt.exists:
+        return " (no checkpoint is kept)"
+    return f"; the checkpoint of step {ckpt.info().get('step')} is kept: free space and run the same command with --resume"
 
 
 def _preflight(pipe, cfg, device, progress: Progress) -> None:

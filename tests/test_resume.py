@@ -110,3 +110,39 @@ def test_killed_process_resumes_from_its_periodic_checkpoint(tmp_path, sd1_base,
     ref = subprocess.run(cmd, env=env(whole), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     _assert_same_delta(Registry(whole).get("mycat").load_delta(), Registry(killed).get("mycat").load_delta())
+
+
+class _Warnings(Progress):
+    def __init__(self):
+        self.warnings = []
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+
+def test_a_full_disk_costs_the_checkpoint_not_the_run(tmp_path, sd1_base, cat_images, monkeypatch):
+    import errno
+
+    import cdiff_cli.checkpoint as ckpt_mod
+    import cdiff_cli.delta as delta_mod
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # Periodic checkpoints fail: a warning each time, and the run still ends with its entry.
+    reg, progress = Registry(tmp_path / "a"), _Warnings()
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod.torch, "save", full)
+        entry, _ = _train(reg, cat_images, sd1_base, progress=progress, every=2)
+    assert entry is not None and len(progress.warnings) == 3  # steps 2, 4, 6 of 7
+    assert "could not save the checkpoint at step 2: No space left on device" in progress.warnings[0]
+    # Writing the entry fails: the message says which checkpoint is kept, and --resume finishes the run.
+    reg = Registry(tmp_path / "b")
+    with monkeypatch.context() as m:
+        m.setattr(delta_mod, "save_file", full)
+        with pytest.raises(CdiffError, match=r"No space left on device; the checkpoint of step 6 is kept"):
+            _train(reg, cat_images, sd1_base, every=2)
+    assert reg.entries() == [] and not any(p.name.startswith(".") for p in reg.concepts.iterdir())
+    resumed, _ = _train(reg, cat_images, sd1_base, resume=True, every=2)
+    whole, _ = _train(Registry(tmp_path / "c"), cat_images, sd1_base)
+    _assert_same_delta(whole.load_delta(), resumed.load_delta())
