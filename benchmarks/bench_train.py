@@ -85,7 +85,7 @@ def worker_cdiff(args) -> dict:
                       gradient_checkpointing=args.gradient_checkpointing)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
-        train(pipe, [concept], cfg, device=device, progress=Clock())
+        train(pipe, [concept], cfg, device=device, progress=Clock(), keep_vae=False)  # as `cdiff train` calls it
     wall = time.perf_counter() - t0
     steps = marks["training"]
     cache = marks.get("encoding latents", [steps[0], steps[0]])

@@ -98,3 +98,17 @@ def test_training_lowers_loss_on_a_fixed_image(tmp_path):
     res = _run(pipe, [Concept("<a1>", "cat", imgs)], steps=40, batch_size=2, aug=False, hflip=False)
     first, last = sum(res.losses[:8]) / 8, sum(res.losses[-8:]) / 8
     assert last < first
+
+
+def test_freeing_the_vae_after_caching_changes_nothing_but_memory(tmp_path):
+    """`cdiff train` frees the VAE on a CPU once the latents are cached: the same weights come out."""
+    imgs = list_images(make_images(tmp_path / "a"))
+    results = []
+    for keep in (True, False):
+        pipe = build_tiny_pipeline("sd1")
+        cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, resolution=RES, aug_pool=2)
+        results.append(train(pipe, [Concept("<a1>", "cat", imgs, reg=imgs)], cfg, keep_vae=keep).delta)
+        assert all(p.is_meta for p in pipe.vae.parameters()) is (not keep)
+    kept, freed = results
+    assert torch.equal(kept.embeddings, freed.embeddings)
+    assert all(torch.equal(kept.weights[n], freed.weights[n]) for n in kept.weights)
