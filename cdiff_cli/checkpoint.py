@@ -15,6 +15,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -59,14 +60,15 @@ class Checkpointer:
 
     @property
     def exists(self) -> bool:
-        recover(self.folder)
+        """A complete checkpoint is there (call `recover` first, under the training lock, to finish what a
+        killed save left undone)."""
         return (self.folder / STATE_FILE).is_file() and (self.folder / RUN_FILE).is_file()
 
     def info(self) -> dict:
         try:
             return json.loads((self.folder / RUN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise CdiffError(f"the checkpoint in {self.folder} is damaged ({e}); delete it with `cdiff doctor --fix`") from e
+            raise CdiffError(f"the checkpoint in {self.folder} is damaged ({e}); start over with --force") from e
 
     def due(self, step: int, steps: int) -> bool:
         """Save after `step` (1-based count of finished steps)? Never after the last: the entry follows."""
@@ -101,6 +103,7 @@ class Checkpointer:
 
     def load(self) -> dict:
         """The saved state, after checking it belongs to this very run."""
+        recover(self.folder)
         if not self.exists:
             raise NotFoundError(f"no checkpoint to resume in {self.folder}")
         info = self.info()
@@ -120,11 +123,19 @@ class Checkpointer:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    """Folders a killed `Checkpointer.save` of `folder` left beside it, newest first."""
+    """Folders a killed `Checkpointer.save` of `folder` left beside it, newest first. Matched exactly:
+    `.tmp-cat-1-<pid>` belongs to `cat-1`, not to `cat`."""
     if not folder.parent.is_dir():
         return []
-    found = [p for p in folder.parent.iterdir() if p.is_dir() and p.name.startswith((f".tmp-{folder.name}-", f".old-{folder.name}-"))]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    pattern = re.compile(rf"\.(?:tmp|old)-{re.escape(folder.name)}-\d+")
+    found = []
+    for p in folder.parent.iterdir():
+        if pattern.fullmatch(p.name):
+            try:
+                found.append((p.stat().st_mtime, p))
+            except FileNotFoundError:  # renamed by a save meanwhile
+                pass
+    return [p for _, p in sorted(found, key=lambda x: x[0], reverse=True)]
 
 
 def recover(folder: Path) -> None:

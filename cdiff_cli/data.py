@@ -49,7 +49,10 @@ def list_images(folder: str | Path, *, with_captions: bool = False) -> list[Imag
             cap = None
             side = p.with_suffix(".txt")
             if with_captions and side.is_file():
-                cap = side.read_text(encoding="utf-8").strip() or None
+                try:
+                    cap = side.read_text(encoding="utf-8").strip() or None
+                except (OSError, UnicodeDecodeError) as e:
+                    raise CdiffError(f"cannot read the caption {side}: {e}; save it as UTF-8 text") from e
             items.append(ImageItem(p, cap))
         else:
             skipped.append(p)
@@ -172,14 +175,16 @@ def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
     `convert("RGB")` clips every value above 255 to white. I;16* and I hold 0..65535 (16-bit PNG/TIFF);
     I values beyond that are scaled by their maximum. F in 0..1 is scaled by 255, other F ranges like I.
     """
-    arr = np.asarray(im).astype(np.float64)
-    arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    arr = np.asarray(im).astype(np.float32)  # one working copy, changed in place (big scans stay affordable)
+    np.nan_to_num(arr, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     if im.mode == "F" and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-        arr = arr * 255.0
+        arr *= 255.0
     else:
         top = float(arr.max()) if arr.size else 0.0
-        arr = arr * (255.0 / (top if top > 65535 else 65535))
-    grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # uint8 2-D: mode L
+        arr *= 255.0 / (top if top > 65535 else 65535)
+    np.rint(arr, out=arr)
+    np.clip(arr, 0, 255, out=arr)
+    grey = Image.fromarray(arr.astype(np.uint8))  # uint8 2-D: mode L
     return grey.convert("RGB")
 
 

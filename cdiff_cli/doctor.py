@@ -10,7 +10,8 @@ Checks, per name and under that name's lock (so nothing a live process is writin
   the manifest's `content_hash`, or one that safetensors cannot read; files or badly named folders in
   `concepts/`: moved by `--fix` to `quarantine/NAME-<UTC time>/` (user data is never deleted, and nothing
   is re-hashed: a mismatch may be corruption);
-- training checkpoints in `checkpoints/NAME/` (resumable training): deleted by `--fix`.
+- training checkpoints in `checkpoints/NAME/` (resumable training): reported, not a problem; deleted
+  only by `--fix --discard-checkpoints`. A save killed between its renames is completed by `--fix`.
 
 A name whose lock another process holds (a training run, a write) is reported as busy and not checked.
 """
@@ -79,7 +80,7 @@ def manifest_problems(manifest: dict) -> list[str]:
         out.append("tokens")
     if not isinstance(manifest.get("base"), dict):
         out.append("base")
-    if not (isinstance(manifest.get("content_hash"), str) and HASH_RE.match(manifest["content_hash"])):
+    if not (isinstance(manifest.get("content_hash"), str) and HASH_RE.fullmatch(manifest["content_hash"])):
         out.append("content_hash")
     return out
 
@@ -168,8 +169,8 @@ def _delete(path: Path) -> None:
 
 
 class _Doctor:
-    def __init__(self, reg: Registry, fix: bool, wait: float):
-        self.reg, self.fix, self.wait = reg, fix, wait
+    def __init__(self, reg: Registry, fix: bool, wait: float, discard: bool = False):
+        self.reg, self.fix, self.wait, self.discard = reg, fix, wait, discard
         self.findings: list[Finding] = []
 
     def run(self) -> list[Finding]:
@@ -202,10 +203,22 @@ class _Doctor:
         guard = self.reg.lock(name, shared=not self.fix, wait=self.wait) if valid else nullcontext()
         try:
             with guard:
+                if valid:  # look again under the lock: the listing may be stale by now
+                    entry, temps = self._rescan(name)
                 self._check(name, valid, entry, temps, checkpoint)
         except BusyError as e:
             path = entry or checkpoint or (temps[0] if temps else self.reg.checkpoints / name)
             self.findings.append(Finding("busy", name, str(path), f"not checked: {e}", fixable=False))
+
+    def _rescan(self, name: str) -> tuple[Path | None, list[Path]]:
+        entry = self.reg.concepts / name
+        temps = []
+        if self.reg.concepts.is_dir():
+            for p in sorted(self.reg.concepts.iterdir()):
+                m = TEMP_RE.match(p.name)
+                if m and m.group(2) == name and p.is_dir():
+                    temps.append(p)
+        return (entry if entry.exists() else None), temps
 
     def _check(self, name: str, valid: bool, entry: Path | None, temps: list[Path], checkpoint: Path | None) -> None:
         if entry is not None:
@@ -242,10 +255,13 @@ class _Doctor:
                     ckpt.recover(folder)  # a save killed between its renames: the previous version returns
                 if not folder.exists() and not ckpt.leftovers(folder):
                     return
+                # Not damage: the work of an unfinished run. Deleted only when asked to.
                 f = self._add("checkpoint", name, folder,
                               f"resumable training of {name}: run the same `cdiff train` with --resume, "
-                              "or `cdiff doctor --fix` to delete")
-                if self.fix:
+                              "or `cdiff doctor --fix --discard-checkpoints` to delete it")
+                f.fixable = self.discard
+                f.action = "delete" if self.discard else ""
+                if self.fix and self.discard:
                     _delete(folder)
                     f.fixed = True
         except BusyError:
@@ -282,14 +298,17 @@ class _Doctor:
         return f
 
 
-def check(registry: Registry, *, fix: bool = False, wait: float | None = None) -> list[Finding]:
+def check(registry: Registry, *, fix: bool = False, discard_checkpoints: bool = False,
+          wait: float | None = None) -> list[Finding]:
     """Every problem found (and, with `fix`, repaired: see the module doc). Never raises for what it
-    finds on disk; a name busy for longer than `wait` seconds (default LOCK_WAIT) is reported as `busy`."""
-    return _Doctor(registry, fix, LOCK_WAIT if wait is None else wait).run()
+    finds on disk; a name busy for longer than `wait` seconds (default LOCK_WAIT) is reported as `busy`.
+    Training checkpoints are reported, and deleted only with `fix` and `discard_checkpoints`."""
+    return _Doctor(registry, fix, LOCK_WAIT if wait is None else wait, discard_checkpoints).run()
 
 
 def exit_code(findings: list[Finding]) -> int:
-    """0 healthy or all fixed, 1 problems remain, 3 only busy names could not be checked."""
-    if any(not f.fixed and f.kind != "busy" for f in findings):
+    """0 healthy or all fixed, 1 problems remain, 3 only busy names could not be checked. A resumable
+    checkpoint is not a problem."""
+    if any(not f.fixed and f.kind not in ("busy", "checkpoint") for f in findings):
         return 1
     return 3 if any(f.kind == "busy" for f in findings) else 0

@@ -27,6 +27,7 @@ every lock is exclusive.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -199,7 +200,13 @@ def acquire(path: str | Path, *, shared: bool = False, wait: float = 0.0, what: 
                                    "process; take the exclusive lock first")
             held.count += 1
             return
-    new = _acquire_fcntl(path, shared, wait, what) if fcntl is not None else _acquire_filelock(path, wait, what)
+    try:
+        new = _acquire_fcntl(path, shared, wait, what) if fcntl is not None else _acquire_filelock(path, wait, what)
+    except OSError as e:
+        # A read-only registry (a shared mount): nobody can write it, so a reader needs no lock.
+        if not (shared and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)):
+            raise
+        new = _Held(shared=True, count=1)
     with _table_guard:
         other = _table.get(key)
         if other is None:

@@ -186,7 +186,8 @@ class Registry:
         return locks.lock(self.train_lock_path(name), wait=0, what=f"concept {name!r}")
 
     def train_lock_path(self, name: str) -> Path:
-        return self.locks / f"{validate_name(name)}.train.lock"
+        # A folder of its own: `NAME.train.lock` would be the entry lock of a concept named "NAME.train".
+        return self.locks / "train" / f"{validate_name(name)}.lock"
 
     @contextmanager
     def reading(self, name: str, *, wait: float | None = None) -> Iterator[Entry]:
@@ -232,6 +233,7 @@ class Registry:
             raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
         self.concepts.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.concepts))
+        trash = None
         try:
             delta.save(tmp / DELTA_FILE)
             digest = hashlib.sha256((tmp / DELTA_FILE).read_bytes()).hexdigest()
@@ -254,8 +256,15 @@ class Registry:
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
+            if trash is not None and not final.exists() and (trash / name).exists():
+                os.replace(trash / name, final)  # stopped between the two renames: the old version stays
+                shutil.rmtree(trash, ignore_errors=True)
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and not isinstance(e, CdiffError):
+                # A full disk, a read-only home (OSError, or safetensors' own error type): one clear line.
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CdiffError(f"cannot save concept {name!r}: {reason}") from e
             raise
         return Entry(name, final, manifest, self)
 

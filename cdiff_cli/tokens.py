@@ -31,7 +31,7 @@ def validate_token(token: str, tokenizer=None, ordinary_words: set[str] | None =
     token would split other words (`at` inside `cat`), so those are refused. Tokens with a digit or
     punctuation (`<mycat>`, `V1`) are safe.
     """
-    if not _TOKEN_RE.match(token):
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):  # fullmatch: `$` also matches before a final newline
         raise CdiffError(f"invalid token {token!r}: use 1-40 characters without spaces, commas or quotes")
     low = canonical(token)
     if low.isalpha():

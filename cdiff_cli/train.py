@@ -364,6 +364,7 @@ def train(
             "py_rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "mps_rng": torch.mps.get_rng_state() if device.type == "mps" else None,
             "target_orders": [list(c.order) for c in target_cycles],
             "reg_orders": {i: list(c.order) for i, c in reg_cycles.items()},
             "losses": list(losses),
@@ -383,6 +384,8 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if state.get("mps_rng") is not None and device.type == "mps":
+            torch.mps.set_rng_state(state["mps_rng"])
         for c, order in zip(target_cycles, state["target_orders"]):
             c.order = list(order)
         for i, order in state["reg_orders"].items():
@@ -465,8 +468,9 @@ def _try_save(checkpointer: Checkpointer, state: dict, step: int, steps: int, pr
     try:
         checkpointer.save(state, step, steps)
         return True
-    except OSError as e:
-        progress.warn(f"could not save the checkpoint at step {step}: {e.strerror or e}; training goes on")
+    except Exception as e:  # OSError, or torch.save's RuntimeError on a really full disk
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        progress.warn(f"could not save the checkpoint at step {step}: {reason}; training goes on")
         return False
 
 

@@ -86,8 +86,6 @@ def train_entry(
 
     The run holds NAME's registry lock from start to end: a second run for the same name fails at once
     (BusyError, exit code 3) instead of racing for the checkpoint and the entry."""
-    import os
-
     validate_name(name)
     args = dict(base=base, reg=reg, device=device, force=force, resume=resume, checkpoint_every=checkpoint_every,
                 progress=progress)
@@ -98,7 +96,7 @@ def train_entry(
 
 
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
-    from cdiff_cli.checkpoint import DEFAULT_EVERY, Checkpointer, StopRequested
+    from cdiff_cli.checkpoint import DEFAULT_EVERY, Checkpointer, StopRequested, recover
     from cdiff_cli.regset import generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
@@ -106,6 +104,8 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     reg = reg or RegOptions()
     ckpt_dir = registry.home / "checkpoints" / name
     ckpt = Checkpointer(ckpt_dir, {}, DEFAULT_EVERY if checkpoint_every is None else checkpoint_every)
+    if int(os.environ.get("RANK", "0")) == 0:
+        recover(ckpt_dir)  # under the training lock (see train_entry): finish a save that was killed
     if checkpoint_every is not None and checkpoint_every < 0:
         raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
     if resume and not ckpt.exists:
@@ -178,9 +178,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     ckpt.description = {
         "train": config_dict(cfg),
         "base": fp,
+        "device": dev.type,  # random numbers (and rounding) differ between devices
         "concepts": [{"token": c.token, "class": c.class_word, "images": [file_sha256(i.path) for i in c.images],
-                      "reg": [i.caption or i.path.name for i in c.reg]} for c in concepts],
-        "regularisation": {"kind": reg.kind, "count": reg.count},
+                      "reg": [[file_sha256(i.path), i.caption] for i in c.reg]} for c in concepts],
+        "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
     if force and not resume:
         ckpt.clear()
@@ -218,8 +219,9 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     }
     try:
         entry = registry.create(name, result.delta, manifest, overwrite=force)
-    except OSError as e:  # a full disk: say what is left to resume from
-        raise CdiffError(f"cannot save concept {name!r}: {e.strerror or e}{_kept(ckpt)}") from e
+    except CdiffError as e:  # a full disk, a busy name: say what is left to resume from
+        e.args = (f"{e}{_kept(ckpt)}",)
+        raise
     ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
 
@@ -228,7 +230,7 @@ def _kept(ckpt) -> str:
     """What an interrupted run still has to resume from, as the end of an error message."""
     if not ckpt.exists:
         return " (no checkpoint is kept)"
-    return f"; the checkpoint of step {ckpt.info().get('step')} is kept: free space and run the same command with --resume"
+    return f"; the checkpoint of step {ckpt.info().get('step')} is kept: run the same command with --resume"
 
 
 def _preflight(pipe, cfg, device, progress: Progress) -> None:
@@ -541,7 +543,10 @@ def compress_entry(
     }
     keep = {k: v for k, v in entry.manifest.items()
             if k not in ("name", "id", "tokens", "mode", "size_bytes", "content_hash", "created", "cdiff_version", "metrics")}
-    new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
+    with registry.lock(name):  # replace exactly the version that was compressed, not one written meanwhile
+        if registry.get(name).manifest.get("content_hash") != entry.manifest.get("content_hash"):
+            raise CdiffError(f"concept {name!r} was replaced while it was being compressed; run it again")
+        new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
     report["bytes_after"] = int(new.manifest["size_bytes"])
     registry.update_manifest(name, compression=report)
     return registry.get(name), report

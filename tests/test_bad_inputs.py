@@ -464,7 +464,7 @@ def test_disk_full_while_saving(home, world, monkeypatch):
     monkeypatch.setattr(delta_mod, "save_file", full_disk)
     before = sorted(p.name for p in (home / "concepts").iterdir())
     expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--token", "<copycat>", "--base", world["sd1"]], 1,
-                   "no space left on device", home)
+                   "cannot save concept 'copy': no space left on device", home)
     assert sorted(p.name for p in (home / "concepts").iterdir()) == before  # no .tmp-* folder
 
 

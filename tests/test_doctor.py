@@ -104,15 +104,19 @@ def test_doctor_finds_each_damage_and_fix_repairs_it(home):
     assert code == 1
     assert {(f["kind"], f["name"]) for f in found} == EXPECTED
     assert len(found) == len(EXPECTED) and not any(f["fixed"] for f in found)
-    assert all(f["fixable"] for f in found)
+    assert all(f["fixable"] for f in found if f["kind"] != "checkpoint")
     cp = next(f for f in found if f["kind"] == "checkpoint")
-    assert "--resume" in cp["detail"] and "cdiff doctor --fix" in cp["detail"]
+    assert "--resume" in cp["detail"] and "--discard-checkpoints" in cp["detail"] and not cp["fixable"]
     # Checking changed nothing.
     assert (home / "concepts" / ".tmp-ghost-abcd1234").exists() and not (home / "quarantine").exists()
 
     code, fixed = doctor_json("--fix")
-    assert code == 0, fixed
-    assert {(f["kind"], f["name"]) for f in fixed} == EXPECTED and all(f["fixed"] for f in fixed)
+    assert code == 0, fixed  # the unfinished run's checkpoint is kept: it is not damage
+    assert {(f["kind"], f["name"]) for f in fixed} == EXPECTED
+    assert all(f["fixed"] for f in fixed if f["kind"] != "checkpoint")
+    assert (home / "checkpoints" / "cp").exists()
+    code, fixed = doctor_json("--fix", "--discard-checkpoints")
+    assert code == 0 and [(f["kind"], f["fixed"]) for f in fixed] == [("checkpoint", True)]
     # Damaged entries were moved aside, not deleted; leftovers and the checkpoint are gone.
     q = sorted(p.name for p in (home / "quarantine").iterdir())
     assert {n.rsplit("-", 1)[0] for n in q} == QUARANTINED
@@ -183,6 +187,6 @@ def test_doctor_leaves_a_busy_name_alone(home, monkeypatch):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    code, found = doctor_json("--fix")
+    code, found = doctor_json("--fix", "--discard-checkpoints")
     assert code == 0 and {(f["kind"], f["fixed"]) for f in found} == {("checkpoint", True)}
     assert not ckpt.exists() and reg.exists("x")

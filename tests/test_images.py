@@ -338,3 +338,12 @@ def test_missing_folder_is_not_found(tmp_path):
     with pytest.raises(NotFoundError) as ei:
         list_images(tmp_path / "nope")
     assert ei.value.exit_code == 2 and "nope" in str(ei.value)
+
+
+def test_caption_that_is_not_utf8_is_refused_by_name(tmp_path):
+    folder = tmp_path / "reg"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), BLUE).save(folder / "a.png")
+    (folder / "a.txt").write_bytes("photo of a café".encode("latin-1"))
+    with pytest.raises(CdiffError, match=r"cannot read the caption .*a\.txt.*UTF-8"):
+        list_images(folder, with_captions=True)

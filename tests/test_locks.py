@@ -243,3 +243,24 @@ def test_training_lock_is_separate_from_the_entry_lock(home):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+
+def test_training_locks_cannot_collide_with_entry_locks(home):
+    reg = Registry(home)
+    assert reg.train_lock_path("x") != reg.lock_path("x.train")
+
+
+def test_a_read_only_registry_can_still_be_read(home, monkeypatch):
+    """No lock file can be created there, and nobody can write it either: readers go on unlocked."""
+    import errno
+
+    reg = Registry(home)
+    reg.create("x", _small_delta(), {})
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(locks, "_open", read_only)
+    assert reg.get("x").load_delta().tokens == ["<x1>"]
+    with pytest.raises(OSError):
+        reg.remove("x")  # a writer still fails (the CLI shows it as one line)

@@ -46,9 +46,32 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(Delta, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(CdiffError, match="cannot save concept 'mycat': disk full"):
         reg.create("mycat", _delta(), {})
     assert list((tmp_path / "concepts").iterdir()) == []
+
+
+def test_ctrl_c_between_the_renames_of_a_replacement_keeps_the_old_version(tmp_path, monkeypatch):
+    import os
+
+    import cdiff_cli.registry as registry_mod
+
+    reg = Registry(tmp_path)
+    old = reg.create("mycat", _delta(), {"note": "old"})
+    real, calls = os.replace, []
+
+    def stop_after_first(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the old version is aside, the new one not yet in place
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(registry_mod.os, "replace", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        reg.create("mycat", _delta(), {"note": "new"}, overwrite=True)
+    monkeypatch.setattr(registry_mod.os, "replace", real)
+    assert reg.get("mycat").manifest["note"] == "old" and reg.get("mycat").id == old.id
+    assert [p.name for p in (tmp_path / "concepts").iterdir()] == ["mycat"]
 
 
 def test_tokens_are_owned_once_case_insensitively(tmp_path):

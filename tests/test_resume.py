@@ -123,26 +123,48 @@ class _Warnings(Progress):
 def test_a_full_disk_costs_the_checkpoint_not_the_run(tmp_path, sd1_base, cat_images, monkeypatch):
     import errno
 
+    from safetensors import SafetensorError
+
     import cdiff_cli.checkpoint as ckpt_mod
     import cdiff_cli.delta as delta_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def torch_full(*a, **k):  # what torch.save raises on a really full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
     # Periodic checkpoints fail: a warning each time, and the run still ends with its entry.
     reg, progress = Registry(tmp_path / "a"), _Warnings()
     with monkeypatch.context() as m:
-        m.setattr(ckpt_mod.torch, "save", full)
+        m.setattr(ckpt_mod.torch, "save", torch_full)
         entry, _ = _train(reg, cat_images, sd1_base, progress=progress, every=2)
     assert entry is not None and len(progress.warnings) == 3  # steps 2, 4, 6 of 7
-    assert "could not save the checkpoint at step 2: No space left on device" in progress.warnings[0]
+    assert "could not save the checkpoint at step 2: [enforce fail" in progress.warnings[0]
     # Writing the entry fails: the message says which checkpoint is kept, and --resume finishes the run.
     reg = Registry(tmp_path / "b")
-    with monkeypatch.context() as m:
-        m.setattr(delta_mod, "save_file", full)
-        with pytest.raises(CdiffError, match=r"No space left on device; the checkpoint of step 6 is kept"):
+    with monkeypatch.context() as m:  # safetensors raises its own error type on a full disk
+        m.setattr(delta_mod, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("No space left on device (os error 28)")))
+        with pytest.raises(CdiffError, match=r"cannot save concept 'mycat': No space left on device \(os error 28\); "
+                                             r"the checkpoint of step 6 is kept"):
             _train(reg, cat_images, sd1_base, every=2)
     assert reg.entries() == [] and not any(p.name.startswith(".") for p in reg.concepts.iterdir())
     resumed, _ = _train(reg, cat_images, sd1_base, resume=True, every=2)
     whole, _ = _train(Registry(tmp_path / "c"), cat_images, sd1_base)
     _assert_same_delta(whole.load_delta(), resumed.load_delta())
+
+
+def test_checkpoint_leftovers_belong_to_one_name_only(tmp_path):
+    """A killed save of `cat-1` leaves `.old-cat-1-<pid>`: it must never be taken for `cat`'s."""
+    from cdiff_cli.checkpoint import RUN_FILE, STATE_FILE, Checkpointer, leftovers, recover
+
+    root = tmp_path / "checkpoints"
+    old = root / ".old-cat-1-4242"
+    old.mkdir(parents=True)
+    (old / STATE_FILE).write_bytes(b"x")
+    (old / RUN_FILE).write_text("{}")
+    assert leftovers(root / "cat") == [] and leftovers(root / "cat-1") == [old]
+    recover(root / "cat")
+    assert not Checkpointer(root / "cat", {}).exists and old.exists()
+    recover(root / "cat-1")  # the killed save of cat-1 is completed: its previous version comes back
+    assert Checkpointer(root / "cat-1", {}).exists and not old.exists()

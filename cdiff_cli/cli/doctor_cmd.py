@@ -13,13 +13,16 @@ from cdiff_cli.cli._term import term
 
 @command("doctor")
 def doctor_cmd(
-    fix: Annotated[bool, typer.Option("--fix", help="Repair what was found: delete leftovers of killed writes and "
-                                                    "training checkpoints, move damaged entries to HOME/quarantine/.")] = False,
+    fix: Annotated[bool, typer.Option("--fix", help="Repair what was found: delete leftovers of killed writes, "
+                                                    "move damaged entries to HOME/quarantine/.")] = False,
+    discard_checkpoints: Annotated[bool, typer.Option("--discard-checkpoints", help="With --fix, also delete the "
+                                                      "checkpoints of unfinished training runs (they are not damage: "
+                                                      "`cdiff train ... --resume` continues them).")] = False,
     as_json: Json = False,
 ):
     """Check the registry for damage and leftovers; repair it with --fix.
 
-    Finds leftovers of killed writes, entries without manifest or delta, damaged manifests, deltas that do not match their content hash, and training checkpoints (resumable with `cdiff train --resume`).
+    Finds leftovers of killed writes, entries without manifest or delta, damaged manifests, and deltas that do not match their content hash. It also lists the checkpoints of unfinished training runs (resumable with `cdiff train ... --resume`; not a problem).
 
     Damaged entries are never deleted: --fix moves them to HOME/quarantine/NAME-<UTC time>/. Concepts that another cdiff process is using are not touched.
 
@@ -28,7 +31,7 @@ def doctor_cmd(
     from cdiff_cli.doctor import check, exit_code
 
     reg = registry()
-    findings = check(reg, fix=fix)
+    findings = check(reg, fix=fix, discard_checkpoints=discard_checkpoints)
     code = exit_code(findings)
     if as_json:
         term.json([f.to_dict() for f in findings])
@@ -42,11 +45,12 @@ def doctor_cmd(
                 state = f"--fix: {f.action}" if f.fixable else "-"
             rows.append([f.kind, where, f.detail, state])
         term.table(["PROBLEM", "NAME", "DETAIL", "FIX"], rows)
-    if not findings:
+    problems = [f for f in findings if f.kind != "checkpoint"]  # an unfinished run's checkpoint is not damage
+    if not problems:
         n = len(reg.entries())
         term.ok(f"the registry is healthy ({n} concept{'s' if n != 1 else ''}, {reg.home})")
     elif code == 0:
-        term.ok(f"fixed {len(findings)} problem{'s' if len(findings) != 1 else ''}")
+        term.ok(f"fixed {len(problems)} problem{'s' if len(problems) != 1 else ''}")
     elif code == 1 and not fix:
         term.info("run `cdiff doctor --fix` to repair: damaged entries go to the quarantine folder, leftovers are deleted")
     elif code == 3:
