@@ -19,8 +19,10 @@ import re
 import shutil
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,7 +30,8 @@ from cdiff_cli.errors import CdiffError, NotFoundError
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
-DEFAULT_EVERY = 100  # steps between checkpoints: ~10 min of SD 1.x on a CPU, ~15 s on an H100
+DEFAULT_SECONDS = 300.0  # by default a checkpoint every 5 minutes of training, whatever a step costs
+# (100 steps are 10 minutes of SD 1.x on a CPU but 15 s on an H100: a step count fits neither)
 
 
 def run_id(description: dict) -> str:
@@ -52,11 +55,20 @@ def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
 
 @dataclass
 class Checkpointer:
-    """Where and how often a run saves its state. `every` = 0: only when stopped by a signal."""
+    """Where and how often a run saves its state: every `every` steps, or when `every` is None every
+    `seconds` of training; `every` = 0: only when stopped by a signal."""
 
     folder: Path
     description: dict  # the run's settings and inputs (see `run_id`); JSON-serialisable
-    every: int = DEFAULT_EVERY
+    every: int | None = None
+    seconds: float = DEFAULT_SECONDS
+    clock: Callable[[], float] = time.monotonic
+    _last: float | None = None
+
+    def describe(self) -> str:
+        if self.every is None:
+            return f"every {self.seconds / 60:g} minutes"
+        return f"every {self.every} steps" if self.every else "only when training is stopped"
 
     @property
     def exists(self) -> bool:
@@ -71,8 +83,16 @@ class Checkpointer:
             raise CdiffError(f"the checkpoint in {self.folder} is damaged ({e}); start over with --force") from e
 
     def due(self, step: int, steps: int) -> bool:
-        """Save after `step` (1-based count of finished steps)? Never after the last: the entry follows."""
-        return self.every > 0 and step < steps and step % self.every == 0
+        """Save after `step` (1-based count of finished steps)? Never after the last: the entry follows.
+        The time-based schedule counts from the first step it is asked about (or the last save)."""
+        if step >= steps:
+            return False
+        if self.every is not None:
+            return self.every > 0 and step % self.every == 0
+        now = self.clock()
+        if self._last is None:
+            self._last = now
+        return now - self._last >= self.seconds
 
     def save(self, state: dict, step: int, steps: int) -> None:
         """Write state.pt and run.json into a temporary folder, then swap it in: a kill at any moment
@@ -97,6 +117,7 @@ class Checkpointer:
                 os.replace(self.folder, old)
             os.replace(tmp, self.folder)
             shutil.rmtree(old, ignore_errors=True)
+            self._last = self.clock()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -80,11 +80,12 @@ def train_entry(
     """Train one or several concepts jointly into a new registry entry. Returns (entry, result); the
     entry is None on the secondary processes of a multi-process run (only the main one writes).
 
-    A single-process run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (default
-    `checkpoint.DEFAULT_EVERY`; 0: only when stopped) and when Ctrl-C/SIGTERM stops it (exit 130);
+    A single-process run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (None, the
+    default: every `checkpoint.DEFAULT_SECONDS` of training; 0: only when stopped) and when Ctrl-C/SIGTERM
+    stops it (exit 130);
     `resume` continues such a run and ends with the weights an uninterrupted run would have.
 
-    The run holds NAME's registry lock from start to end: a second run for the same name fails at once
+    The run holds NAME's training lock from start to end: a second run for the same name fails at once
     (BusyError, exit code 3) instead of racing for the checkpoint and the entry."""
     validate_name(name)
     args = dict(base=base, reg=reg, device=device, force=force, resume=resume, checkpoint_every=checkpoint_every,
@@ -96,21 +97,21 @@ def train_entry(
 
 
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
-    from cdiff_cli.checkpoint import DEFAULT_EVERY, Checkpointer, StopRequested, recover
+    from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
     from cdiff_cli.regset import generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
     ckpt_dir = registry.home / "checkpoints" / name
-    ckpt = Checkpointer(ckpt_dir, {}, DEFAULT_EVERY if checkpoint_every is None else checkpoint_every)
+    ckpt = Checkpointer(ckpt_dir, {}, checkpoint_every)
     if int(os.environ.get("RANK", "0")) == 0:
         recover(ckpt_dir)  # under the training lock (see train_entry): finish a save that was killed
     if checkpoint_every is not None and checkpoint_every < 0:
         raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
     if resume and not ckpt.exists:
-        raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved every "
-                            f"{ckpt.every} steps and when training is stopped)")
+        raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved {ckpt.describe()} "
+                            "and when training is stopped)")
     if ckpt.exists and not resume and not force:
         info = ckpt.info()
         raise CdiffError(f"{name!r} has an unfinished training (step {info.get('step')}/{info.get('steps')}): "

@@ -59,7 +59,7 @@ def train_cmd(
     aug_pool: Annotated[int, typer.Option("--aug-pool", min=0, help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped or killed run from its checkpoint (give the same arguments); ends with the same weights as an uninterrupted run.")] = False,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Save a resumable checkpoint every N steps (0: only when stopped by Ctrl-C or SIGTERM).")] = 100,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=0, show_default=False, help="Save a resumable checkpoint every N steps (0: only when stopped by Ctrl-C or SIGTERM). Default: every 5 minutes of training.")] = None,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing entry of this name, and discard an unfinished run's checkpoint.")] = False,
     as_json: Json = False,
 ):
