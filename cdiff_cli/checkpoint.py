@@ -40,17 +40,29 @@ def run_id(description: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs between two run descriptions, for the error message."""
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            inner = first_difference(va, vb, f"{prefix}{key}.")
+def first_difference(a, b, prefix: str = "") -> str | None:
+    """The first place (a dotted path, list items by index) where two run descriptions differ, with both
+    values shortened, for a one-line error message."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            inner = first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
             if inner:
                 return inner
-        elif va != vb:
-            return f"{prefix}{key} ({va!r} then, {vb!r} now)"
-    return None
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            inner = first_difference(x, y, f"{prefix}{i}.")
+            if inner:
+                return inner
+        return None
+    if a == b:
+        return None
+
+    def short(v) -> str:
+        text = repr(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return f"{prefix.rstrip('.')} ({short(a)} then, {short(b)} now)"
 
 
 @dataclass

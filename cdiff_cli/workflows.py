@@ -180,8 +180,9 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         "train": config_dict(cfg),
         "base": fp,
         "device": dev.type,  # random numbers (and rounding) differ between devices
-        "concepts": [{"token": c.token, "class": c.class_word, "images": [file_sha256(i.path) for i in c.images],
-                      "reg": [[file_sha256(i.path), i.caption] for i in c.reg]} for c in concepts],
+        # Images by file name, so that a refusal names the file that changed.
+        "concepts": [{"token": c.token, "class": c.class_word, "images": {i.path.name: file_sha256(i.path) for i in c.images},
+                      "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
     if force and not resume:

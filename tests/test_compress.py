@@ -102,3 +102,28 @@ def test_compress_bad_options(home, sd1_base, cat_images):
     assert not Registry().get("mycat").compressed
     r = runner.invoke(app, ["compress", "nosuch"])
     assert r.exit_code == 2
+
+
+def test_compress_never_overwrites_an_entry_replaced_meanwhile(home, sd1_base, cat_images, monkeypatch):
+    """`train --force` finishing while `compress` factorises must not be overwritten by the old version."""
+    import cdiff_cli.compress as compress_mod
+    from cdiff_cli.workflows import compress_entry
+
+    args = ["--base", str(sd1_base), "--steps", "2", "--batch-size", "2", "--resolution", str(RES), "--reg", "none", "--device", "cpu"]
+    assert runner.invoke(app, ["train", "mycat", str(cat_images), "--class", "cat", *args]).exit_code == 0
+    reg = Registry()
+    real = compress_mod.compress_delta
+
+    def replaced_meanwhile(delta, *a, **k):
+        entry = reg.get("mycat")
+        other = entry.load_delta()
+        other.embeddings = other.embeddings + 1.0
+        reg.create("mycat", other, {k: v for k, v in entry.manifest.items() if k == "base"}, overwrite=True)
+        return real(delta, *a, **k)
+
+    monkeypatch.setattr(compress_mod, "compress_delta", replaced_meanwhile)
+    replacement_hash = None
+    with pytest.raises(CdiffError, match="was replaced while it was being compressed"):
+        compress_entry(reg, "mycat", rank=2)
+    replacement_hash = reg.get("mycat").manifest["content_hash"]
+    assert not reg.get("mycat").compressed and replacement_hash

@@ -52,7 +52,8 @@ class _SignalAt(Progress):
 
 def _train(registry, folder, base, *, progress=None, **kw):
     cfg = TrainConfig(steps=7, batch_size=4, lr=1e-3, resolution=RES, aug_pool=3, precision="fp32")
-    args = dict(base=str(base), reg=RegOptions("none", None, 0), device="cpu", checkpoint_every=kw.pop("every", 0))
+    args = dict(base=str(base), reg=kw.pop("reg_opts", RegOptions("none", None, 0)), device="cpu",
+                checkpoint_every=kw.pop("every", 0))
     if progress is not None:
         args["progress"] = progress
     return train_entry(registry, "mycat", [ConceptSpec("<mycat>", "cat", folder)], cfg, **args, **kw)
@@ -80,9 +81,19 @@ def test_resume_refuses_another_run_and_a_missing_checkpoint(tmp_path, sd1_base,
     with pytest.raises(TrainingStopped):
         _train(reg, cat_images, sd1_base, progress=_SignalAt(2))
     Image.new("RGB", (80, 64), (9, 9, 9)).save(cat_images / "img0.png")  # the images changed
-    with pytest.raises(CdiffError, match=r"different run: concepts"):
+    with pytest.raises(CdiffError, match=r"different run: concepts.0.images.img0.png \("):
         _train(reg, cat_images, sd1_base, resume=True)
     assert reg.entries() == []
+
+
+def test_resume_refuses_changed_regularisation_images(tmp_path, sd1_base, cat_images, chair_images):
+    reg = Registry(tmp_path / "h")
+    real = RegOptions("dir", chair_images, 3)
+    with pytest.raises(TrainingStopped):
+        _train(reg, cat_images, sd1_base, progress=_SignalAt(2), reg_opts=real)
+    Image.new("RGB", (64, 90), (9, 9, 9)).save(chair_images / "img0.png")  # one class image changed
+    with pytest.raises(CdiffError, match=r"different run: concepts.0.reg images.img0.png.sha256 \("):
+        _train(reg, cat_images, sd1_base, resume=True, reg_opts=real)
 
 
 def test_killed_process_resumes_from_its_periodic_checkpoint(tmp_path, sd1_base, cat_images):
