@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.errors import CdiffError, NotFoundError, first_line
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
@@ -138,8 +138,7 @@ def hub_unreachable() -> str | None:
     try:  # any HTTP answer, even an error status, means the hub is there
         get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"{constants.ENDPOINT}: {first}"
+        return f"{constants.ENDPOINT}: {first_line(e)}"
     return None
 
 
@@ -168,7 +167,7 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
         if hub_down:
             raise CdiffError(f"cannot load base model {base.ref}: the hub is unreachable ({hub_down}) and the model "
                              "is not in the local cache; pass --base with a local folder or file") from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         hint = ""
         if base.kind == "hub" and _hub_offline():
             hint = " (offline mode, HF_HUB_OFFLINE=1: only the local cache is used; pass --base with a local folder or file)"

@@ -155,15 +155,19 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# `Checkpointer.save`'s temporary folders: `.tmp-NAME-<pid>` and `.old-NAME-<pid>`.
+LEFTOVER_RE = re.compile(r"\.(?:tmp|old)-(.+)-\d+")
+
+
 def leftovers(folder: Path) -> list[Path]:
     """Folders a killed `Checkpointer.save` of `folder` left beside it, newest first. Matched exactly:
     `.tmp-cat-1-<pid>` belongs to `cat-1`, not to `cat`."""
     if not folder.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.(?:tmp|old)-{re.escape(folder.name)}-\d+")
     found = []
     for p in folder.parent.iterdir():
-        if pattern.fullmatch(p.name):
+        m = LEFTOVER_RE.fullmatch(p.name)
+        if m and m.group(1) == folder.name:
             try:
                 found.append((p.stat().st_mtime, p))
             except FileNotFoundError:  # renamed by a save meanwhile

@@ -28,12 +28,11 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cdiff_cli.errors import BusyError
+from cdiff_cli.errors import BusyError, first_line
 from cdiff_cli.registry import DELTA_FILE, MANIFEST_FILE, NAME_RE, Registry, read_manifest
 
 LOCK_WAIT = 2.0  # seconds the doctor waits for a name that another process is using
 TEMP_RE = re.compile(r"^\.(tmp|old|rm)-(.+)-[a-z0-9_]{8}$")  # Registry.create/remove's mkdtemp folders
-CKPT_TEMP_RE = re.compile(r"^\.(?:tmp|old)-(.+)-\d+$")  # checkpoint.Checkpointer.save's folders (pid suffix)
 HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 # kind -> what `--fix` does about it
@@ -104,7 +103,7 @@ def delta_problem(path: Path) -> str | None:
             meta = f.metadata() or {}
             keys = set(f.keys())
     except Exception as e:  # safetensors raises several types for a damaged file
-        return f"safetensors cannot read it: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        return f"safetensors cannot read it: {first_line(e)}"
     if meta.get("format") != FORMAT:
         return "it is not a cdiff delta (no format metadata)"
     if EMBED_KEY not in keys:
@@ -174,6 +173,8 @@ class _Doctor:
         self.findings: list[Finding] = []
 
     def run(self) -> list[Finding]:
+        from cdiff_cli.checkpoint import LEFTOVER_RE
+
         reg = self.reg
         names: dict[str, dict] = {}  # name -> {"entry": Path | None, "temps": [Path], "checkpoint": Path | None}
 
@@ -192,7 +193,7 @@ class _Doctor:
             for p in sorted(reg.checkpoints.iterdir()):
                 if not p.name.startswith("."):  # `.tmp-`/`.old-` folders of a killed save: see _checkpoint
                     slot(p.name)["checkpoint"] = p
-                elif m := CKPT_TEMP_RE.match(p.name):
+                elif m := LEFTOVER_RE.fullmatch(p.name):
                     slot(m.group(1)).setdefault("checkpoint", None)
         for name in sorted(names):
             self._name(name, **names[name])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cdiff_cli.defaults import DEFAULT_CLIP, PAPER_DINO  # noqa: E402,F401  (re-exported)
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, first_line
 from cdiff_cli.progress import Task
 
 FEATURE_BATCH = 32
@@ -42,7 +42,7 @@ def _check_ref(ref: str, what: str) -> str:
 
 
 def _load_error(ref: str, what: str, option: str, e: Exception) -> CdiffError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     hint = ""
     if not Path(ref).is_dir() and (os.environ.get("HF_HUB_OFFLINE") or any(
             w in first.lower() for w in ("offline", "connect", "resolve", "internet", "network"))):

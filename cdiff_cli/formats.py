@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from cdiff_cli.delta import FORMAT as CDIFF_FORMAT
 from cdiff_cli.delta import Delta
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, first_line
 
 FORMATS = ("cdiff", "diffusers", "reference", "reference-ckpt", "lora")
 
@@ -166,7 +166,7 @@ def _read_tensor_file(path: Path) -> dict:
         try:
             return load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises several types for a corrupt file
-            raise CdiffError(f"cannot read {path}: {_first_line(e)}") from e
+            raise CdiffError(f"cannot read {path}: {first_line(e)}") from e
     _refuse_broken_safetensors(path, problem)
     try:
         with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol: not for our users
@@ -190,11 +190,6 @@ def _refuse_broken_safetensors(path: Path, problem: str) -> None:
         raise CdiffError(f"{path} is not a valid safetensors file: {problem}")
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _pickle_refusal(e: Exception) -> str:
     # torch's message is long and suggests weights_only=False; keep only what the file contained.
     # torch words it "Unsupported global: GLOBAL io.open" or "unsupported GLOBAL posix.system whose module ...".
@@ -208,7 +203,7 @@ def _safetensors_metadata(path: Path) -> tuple[dict, list[str]]:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}, list(f.keys())
     except Exception as e:
-        raise CdiffError(f"cannot read {path}: {_first_line(e)}") from e
+        raise CdiffError(f"cannot read {path}: {first_line(e)}") from e
 
 
 def _single_token_error(path: Path) -> CdiffError:

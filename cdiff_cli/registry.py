@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from cdiff_cli import __version__, locks
-from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.errors import CdiffError, NotFoundError, reason
 from cdiff_cli.tokens import canonical
 
 if TYPE_CHECKING:
@@ -263,8 +263,7 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, Exception) and not isinstance(e, CdiffError):
                 # A full disk, a read-only home (OSError, or safetensors' own error type): one clear line.
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise CdiffError(f"cannot save concept {name!r}: {reason}") from e
+                raise CdiffError(f"cannot save concept {name!r}: {reason(e)}") from e
             raise
         return Entry(name, final, manifest, self)
 

@@ -39,7 +39,7 @@ from cdiff_cli.data import (
     to_tensor,
 )
 from cdiff_cli.delta import Delta
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.layers import read_weights, trainable_names
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.tokens import add_tokens, initial_embedding
@@ -469,8 +469,7 @@ def _try_save(checkpointer: Checkpointer, state: dict, step: int, steps: int, pr
         checkpointer.save(state, step, steps)
         return True
     except Exception as e:  # OSError, or torch.save's RuntimeError on a really full disk
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        progress.warn(f"could not save the checkpoint at step {step}: {reason}; training goes on")
+        progress.warn(f"could not save the checkpoint at step {step}: {reason(e)}; training goes on")
         return False
 
 

@@ -129,6 +129,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
     for items in images.values():
         check_images(items)  # every image decodes, none is a copy of another
+    digests = {it.path: file_sha256(it.path) for items in images.values() for it in items}  # run id and manifest
     cfg.precision = resolve_precision(cfg.precision, pick_device(device))
     accelerator = _launched_accelerator()
     main = accelerator is None or accelerator.is_main_process
@@ -181,7 +182,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         "base": fp,
         "device": dev.type,  # random numbers (and rounding) differ between devices
         # Images by file name, so that a refusal names the file that changed.
-        "concepts": [{"token": c.token, "class": c.class_word, "images": {i.path.name: file_sha256(i.path) for i in c.images},
+        "concepts": [{"token": c.token, "class": c.class_word, "images": {i.path.name: digests[i.path] for i in c.images},
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
@@ -214,7 +215,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         },
         "concepts": [
             {"token": s.token, "class": s.class_word, "images_dir": str(Path(s.images_dir).resolve()),
-             "images": [{"file": it.path.name, "sha256": file_sha256(it.path)} for it in images[s.token]]}
+             "images": [{"file": it.path.name, "sha256": digests[it.path]} for it in images[s.token]]}
             for s in specs
         ],
         "parents": [],

@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from cdiff_cli.cli._term import term
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, first_line
 
 try:  # recent typer vendors click as typer._click; older versions use click itself
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -109,8 +109,8 @@ def command(*args, **kwargs):
                 if isinstance(e, OSError) and e.strerror:  # disk full, permission denied...: the system's words
                     term.error(e.strerror + (f": {e.filename}" if e.filename else ""))
                 else:
-                    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-                    term.error(f"{type(e).__name__}: {first} (set CDIFF_DEBUG=1 for details)")
+                    name, text = type(e).__name__, first_line(e)
+                    term.error(f"{name}{'' if text == name else ': ' + text} (set CDIFF_DEBUG=1 for details)")
                 raise typer.Exit(1) from None
 
         return app.command(*args, **kwargs)(wrapper)
