@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli import textcond
+from cdiff_cli import frozen_ops, textcond
 from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.data import (
     ImageItem,
@@ -405,7 +405,8 @@ def train(
     hooks += [mod.register_forward_hook(_detach_first_hook) for n, mod in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
     t0 = time.perf_counter()
     try:
-        with (StopSignals() if checkpointer is not None else nullcontext()) as stop, progress.task("training", cfg.steps) as bar:
+        with (StopSignals() if checkpointer is not None else nullcontext()) as stop, frozen_ops.saving_less(unet), \
+                progress.task("training", cfg.steps) as bar:
             if start:
                 bar.advance(start)
             for step in range(start, cfg.steps):
