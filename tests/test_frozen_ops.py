@@ -5,7 +5,7 @@ import torch
 from diffusers.models.activations import GEGLU
 
 from cdiff_cli import frozen_ops
-from cdiff_cli.frozen_ops import FrozenConv2d, saving_less
+from cdiff_cli.frozen_ops import saving_less
 from cdiff_cli.layers import trainable_names
 from cdiff_cli.tiny import build_tiny_pipeline
 
