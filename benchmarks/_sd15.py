@@ -63,6 +63,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device, self.peak_mb, self.start_mb = device, 0.0, 0.0
+        self.reserved_mb = None  # CUDA: the most the caching allocator held (what the GPU must have)
 
     @staticmethod
     def rss_mb() -> float:
@@ -95,6 +96,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
         else:
             self._stop.set()
             self._thread.join()

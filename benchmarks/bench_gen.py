@@ -7,6 +7,7 @@
   base and cached; its one-off cost is reported separately).
 
     python benchmarks/bench_gen.py [--resolution 256] [--steps 10] [--repeats 3]
+    python benchmarks/bench_gen.py --device cuda --precision fp16 --resolution 512 --steps 25
 
 Uses the random full-size SD 1.x model that bench_train.py saves (built here if missing).
 """
@@ -45,6 +46,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights of both pipelines")
     ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "cdiff-bench-sd15")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--parts", default="sampling,merge", help="what to measure; results are merged into an existing JSON")
@@ -66,18 +68,20 @@ def main():
         print(f"building the random SD 1.x model in {args.model_dir} ...", file=sys.stderr, flush=True)
         build_sd15().save_pretrained(str(args.model_dir))
     device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
 
     parts = set(args.parts.split(","))
     out = args.out or HERE / "results" / f"bench_gen-{args.device.split(':')[0]}.json"
     results = json.loads(out.read_text())["results"] if out.is_file() else {}
 
     # Plain diffusers pipeline.
-    plain = StableDiffusionPipeline.from_pretrained(str(args.model_dir), safety_checker=None, requires_safety_checker=False).to(device)
+    plain = StableDiffusionPipeline.from_pretrained(str(args.model_dir), dtype=dtype, safety_checker=None,
+                                                    requires_safety_checker=False).to(device)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config)
 
     # cdiff's pipeline with a concept written into it.
-    pipe = load_pipeline(str(args.model_dir), device=device)
+    pipe = load_pipeline(str(args.model_dir), dtype=dtype, device=device)
     d1, d2 = synthetic_delta(pipe, "<c1>", 1), synthetic_delta(pipe, "<c2>", 2)
     t0 = time.perf_counter()
     apply_delta(pipe, d1)
@@ -127,7 +131,7 @@ def main():
         print(f"cdiff sampling vs plain: {100 * results['sampling_overhead']:+.1f} %")
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
             f"threads_{args.parts.replace(',', '_')}": torch.get_num_threads(),
-            "resolution": args.resolution, "steps": args.steps, "repeats": args.repeats}
+            "resolution": args.resolution, "steps": args.steps, "repeats": args.repeats, "precision": args.precision}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -10,6 +10,11 @@ with the other rows' gradients zeroed, VAE encoding and text encoding of every i
 
     python benchmarks/bench_train.py                      # CPU: 256 px, batch 2, a few steps
     python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 8 --steps 250
+    # --low-memory on an emulated 8 GB GPU: the process may use only 7 GiB (the rest is the CUDA context)
+    python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 2 --steps 30 \
+        --precision bf16 --low-memory --memory-cap-gb 7 --out benchmarks/results/bench_train-cuda-lowmem.json
+
+A run that does not fit (an out-of-memory under the cap) is recorded as such, not as a failure.
 
 Prints a table and writes JSON (default benchmarks/results/bench_train-<device>.json).
 """
@@ -43,6 +48,10 @@ def _setup(args):
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
+    if args.memory_cap_gb and device.type == "cuda":
+        # Emulates a smaller GPU: the caching allocator refuses to grow past the cap.
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     t0 = time.perf_counter()
     # Loaded the way users load a base: from a diffusers folder, frozen weights in the run's precision.
@@ -59,7 +68,7 @@ def worker_cdiff(args) -> dict:
 
     from cdiff_cli.data import ImageItem
     from cdiff_cli.progress import Progress, Task
-    from cdiff_cli.train import Concept, TrainConfig, train
+    from cdiff_cli.train import Concept, TrainConfig, low_memory_config, train
 
     pipe.to(device)
     marks: dict[str, list[float]] = {}
@@ -83,6 +92,8 @@ def worker_cdiff(args) -> dict:
     concept = Concept("<bench>", "cat", [ImageItem(p) for p in targets], [ImageItem(p, "photo of a cat") for p in regs])
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, resolution=args.resolution, precision=args.precision,
                       gradient_checkpointing=args.gradient_checkpointing)
+    if args.low_memory:
+        cfg = low_memory_config(cfg)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         train(pipe, [concept], cfg, device=device, progress=Clock(), keep_vae=False)  # as `cdiff train` calls it
@@ -90,7 +101,7 @@ def worker_cdiff(args) -> dict:
     steps = marks["training"]
     cache = marks.get("encoding latents", [steps[0], steps[0]])
     return {"setup_s": setup_s, "cache_s": cache[-1] - cache[0], "step_times": [b - a for a, b in zip(steps, steps[1:])],
-            "train_wall_s": wall, "peak_memory_mb": mem.peak_mb, "memory_before_mb": mem.start_mb}
+            "train_wall_s": wall, "peak_memory_mb": mem.peak_mb, "reserved_mb": mem.reserved_mb, "memory_before_mb": mem.start_mb}
 
 
 def worker_baseline(args) -> dict:
@@ -142,6 +153,8 @@ def worker_baseline(args) -> dict:
             procs[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
     del st
     unet.set_attn_processor(procs)
+    if args.gradient_checkpointing or args.low_memory:  # the example's --gradient_checkpointing
+        unet.enable_gradient_checkpointing()
     layers = AttnProcsLayers(unet.attn_processors).to(device)  # fp32 trainable copies
     lr = 1e-5 * args.batch_size
     opt = torch.optim.AdamW(list(layers.parameters()) + list(te.get_input_embeddings().parameters()), lr=lr, weight_decay=1e-2)
@@ -188,7 +201,8 @@ def worker_baseline(args) -> dict:
         times.append(time.perf_counter())
     mem.__exit__(None, None, None)
     return {"setup_s": setup_s, "cache_s": 0.0, "step_times": [b - a for a, b in zip(times, times[1:])],
-            "train_wall_s": time.perf_counter() - t0, "peak_memory_mb": mem.peak_mb, "memory_before_mb": mem.start_mb}
+            "train_wall_s": time.perf_counter() - t0, "peak_memory_mb": mem.peak_mb, "reserved_mb": mem.reserved_mb,
+            "memory_before_mb": mem.start_mb}
 
 
 def worker_main(args):
@@ -205,9 +219,15 @@ def run_worker(args, trainer: str, precision: str) -> dict:
            "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--resolution", str(args.resolution)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
+    if args.low_memory:
+        cmd.append("--low-memory")
+    if args.memory_cap_gb:
+        cmd += ["--memory-cap-gb", str(args.memory_cap_gb)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not line:
+        if "OutOfMemoryError" in r.stderr or "CUDA out of memory" in r.stderr:
+            return {"out_of_memory": True, "error": r.stderr.strip().splitlines()[-1][:300]}
         raise SystemExit(f"{trainer}/{precision} failed:\n{r.stderr[-3000:]}")
     res = json.loads(line[-1][7:])
     warm = res["step_times"][1:] or res["step_times"]  # the first step pays one-off kernel setup
@@ -225,6 +245,9 @@ def main():
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--precision", default="fp32,bf16", help="comma list; each is run for both trainers")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--low-memory", action="store_true", help="cdiff with --low-memory; the baseline with its --gradient_checkpointing")
+    ap.add_argument("--memory-cap-gb", type=float, default=0.0, help="CUDA: let each process use at most this many GiB")
+    ap.add_argument("--trainers", default="baseline,cdiff", help="comma list")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "cdiff-bench-sd15",
                     help="where the random SD 1.x model is saved once (about 4 GB) and loaded from")
@@ -238,30 +261,40 @@ def main():
         build_sd15().save_pretrained(str(args.model_dir))
 
     rows, results = [], {}
-    for precision in args.precision.split(","):
-        for trainer in ("baseline", "cdiff"):
+    precisions, trainers = args.precision.split(","), args.trainers.split(",")
+    for precision in precisions:
+        for trainer in trainers:
             print(f"running {trainer} ({precision}) ...", file=sys.stderr, flush=True)
             results[f"{trainer}-{precision}"] = r = run_worker(args, trainer, precision)
             rows.append((trainer, precision, r))
-    ratios = {}
-    for precision in args.precision.split(","):
-        b, c = results[f"baseline-{precision}"], results[f"cdiff-{precision}"]
-        ratios[precision] = {"speedup_steps_per_s": b["s_per_step"] / c["s_per_step"],
-                             "memory_ratio": c["peak_memory_mb"] / b["peak_memory_mb"]}
-    if "fp32" in args.precision.split(",") and "bf16" in args.precision.split(","):
-        b, c = results["baseline-fp32"], results["cdiff-bf16"]
-        ratios["cdiff-bf16 vs baseline-fp32 (each tool's CPU default)"] = {
-            "speedup_steps_per_s": b["s_per_step"] / c["s_per_step"], "memory_ratio": c["peak_memory_mb"] / b["peak_memory_mb"]}
 
-    mem = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"\nSD 1.x architecture, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, device {args.device}")
-    print(f"{'trainer':<10}{'precision':<11}{'s/step':>8}{'cache s':>9}{mem:>15}{'250-step wall s':>17}")
+    def ratio(b, c):
+        if b is None or c is None or b.get("out_of_memory") or c.get("out_of_memory"):
+            return None
+        return {"speedup_steps_per_s": b["s_per_step"] / c["s_per_step"], "memory_ratio": c["peak_memory_mb"] / b["peak_memory_mb"]}
+
+    ratios = {p: ratio(results.get(f"baseline-{p}"), results.get(f"cdiff-{p}")) for p in precisions}
+    if "fp32" in precisions and "bf16" in precisions:
+        ratios["cdiff-bf16 vs baseline-fp32 (each tool's CPU default)"] = ratio(results.get("baseline-fp32"), results.get("cdiff-bf16"))
+    ratios = {k: v for k, v in ratios.items() if v is not None}
+
+    cuda = args.device.startswith("cuda")
+    mem = "peak GPU MiB" if cuda else "peak RSS MiB"
+    print(f"\nSD 1.x architecture, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, device {args.device}"
+          + (", --low-memory" if args.low_memory else "") + (f", capped at {args.memory_cap_gb} GiB" if args.memory_cap_gb else ""))
+    print(f"{'trainer':<10}{'precision':<11}{'s/step':>8}{'cache s':>9}{mem:>15}{'reserved MiB':>14}{'wall s':>9}{'250-step wall s':>17}")
     for trainer, precision, r in rows:
-        print(f"{trainer:<10}{precision:<11}{r['s_per_step']:>8.2f}{r['cache_s']:>9.1f}{r['peak_memory_mb']:>15.0f}{r['wall_250_steps_s']:>17.0f}")
+        if r.get("out_of_memory"):
+            print(f"{trainer:<10}{precision:<11}  out of memory: {r['error']}")
+            continue
+        reserved = f"{r['reserved_mb']:.0f}" if r.get("reserved_mb") else "-"
+        print(f"{trainer:<10}{precision:<11}{r['s_per_step']:>8.2f}{r['cache_s']:>9.1f}{r['peak_memory_mb']:>15.0f}{reserved:>14}"
+              f"{r['train_wall_s']:>9.1f}{r['wall_250_steps_s']:>17.0f}")
     for k, v in ratios.items():
         print(f"{k}: cdiff {v['speedup_steps_per_s']:.2f}x the baseline's steps/s, {v['memory_ratio']:.2f}x its peak memory")
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "device": args.device, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps}
+            "device": args.device, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
+            "low_memory": args.low_memory, "memory_cap_gb": args.memory_cap_gb}
     try:
         import torch
 
