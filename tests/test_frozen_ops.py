@@ -7,7 +7,7 @@ from diffusers.models.activations import GEGLU
 from cdiff_cli import frozen_ops
 from cdiff_cli.frozen_ops import saving_less
 from cdiff_cli.layers import trainable_names
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 
 def _saved_bytes(module, fn) -> tuple[int, torch.Tensor]:
@@ -101,9 +101,9 @@ def test_trainable_layers_keep_their_forward_and_everything_is_restored():
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
-def test_unet_kv_gradients_are_bit_identical_and_activations_smaller():
+def _kv_unet(kind: str = "sd1"):
     torch.manual_seed(0)
-    pipe = build_tiny_pipeline("sd1")
+    pipe = build_tiny_pipeline(kind) if kind == "sd1" else build_tiny_sdxl_pipeline()
     unet = pipe.unet
     unet.requires_grad_(False)
     params = dict(unet.named_parameters())
@@ -114,12 +114,22 @@ def test_unet_kv_gradients_are_bit_identical_and_activations_smaller():
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
     t = torch.tensor([10, 500])
     enc = torch.randn(2, 77, c.cross_attention_dim)
+    added = None
+    if kind == "sdxl":
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}
 
     def grads():
-        saved, out = _saved_bytes(unet, lambda: unet(x, t, enc).sample)
+        saved, out = _saved_bytes(unet, lambda: unet(x, t, enc, added_cond_kwargs=added).sample)
         g = torch.autograd.grad(out.square().mean(), [params[n] for n in names])
         return saved, out, g
 
+    return unet, grads
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_unet_kv_gradients_are_bit_identical_and_activations_smaller(kind):
+    unet, grads = _kv_unet(kind)
     stock_saved, out, g = grads()
     with saving_less(unet) as n:
         assert n > 0
@@ -128,6 +138,18 @@ def test_unet_kv_gradients_are_bit_identical_and_activations_smaller():
     assert all(torch.equal(a, b) for a, b in zip(g, g2))
     assert lean_saved < stock_saved
     assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_bit_identical_under_gradient_checkpointing_too():
+    # The checkpointed blocks run their forward again in the backward: through the lean layers as well.
+    unet, grads = _kv_unet()
+    _, out, g = grads()
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    with saving_less(unet):
+        _, out2, g2 = grads()
+    assert torch.equal(out, out2)
+    assert all(torch.equal(a, b) for a, b in zip(g, g2))
 
 
 def test_training_uses_the_lean_layers(tmp_path, monkeypatch):
