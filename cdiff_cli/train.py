@@ -14,6 +14,9 @@ pool of `aug_pool` augmented variants of every target image are VAE-encoded once
 the first step; the VAE then leaves the accelerator. Caption features of regularisation images are
 cached. Under `accelerate launch` each process trains on its own draws and the trainable gradients
 are all-reduced directly (no wrapper module around the UNet).
+
+Memory: while training, the frozen convolutions and GEGLU layers keep less for the backward
+(`frozen_ops.saving_less`; the gradients are bit-identical).
 """
 
 from __future__ import annotations
