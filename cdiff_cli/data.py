@@ -6,7 +6,6 @@ The augmentation is split into a pure sampler (`sample_augmentation`) and pure a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import re
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.hashing import file_sha256
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIN_SIDE = 32  # shorter image side, in pixels, below which a photo carries too little to learn from
@@ -204,29 +204,31 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def check_images(items: list[ImageItem]) -> None:
-    """Decode every image and refuse exact duplicates, so a bad file is reported before a model loads."""
+def check_images(items: list[ImageItem]) -> dict[Path, str]:
+    """Decode every image and refuse exact duplicates, so a bad file is reported before a model loads.
+    Returns each item's sha256 (for the run id and the manifest: every photo is hashed once per run)."""
     seen: dict[str, Path] = {}
-    done: set[Path] = set()
+    digests: dict[Path, str] = {}
+    done: dict[Path, str] = {}  # resolved path -> digest: the same file listed twice is not a copy
     for item in items:
         path = Path(item.path)
         key = path.resolve()
-        if key in done:  # the same file listed twice is not a copy
+        if key in done:
+            digests[item.path] = done[key]
             continue
-        done.add(key)
         open_rgb(path).close()
         try:
             digest = file_sha256(path)
         except OSError as e:
             raise CdiffError(f"cannot read {path}: {_one_line(e)}") from e
+        done[key] = digests[item.path] = digest
         first = seen.setdefault(digest, path)
         if first != path:
             a, b = (first.name, path.name) if first.parent == path.parent else (str(first), str(path))
             raise CdiffError(f"{b} is a copy of {a}: remove one (duplicates weight training towards one photo)")
+    return digests
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def center_square(img: Image.Image) -> Image.Image:

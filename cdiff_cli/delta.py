@@ -143,23 +143,34 @@ class LowRankDelta:
 
 
 def apply_delta(pipe, delta: Delta) -> list[int]:
-    """Write a delta into a loaded pipeline: UNet weights in place, tokens added to the tokenizer.
+    """Write a delta into a loaded pipeline: UNet weights in place, tokens added to the tokenizer(s).
 
     Returns the token ids. Sampling afterwards costs exactly what the plain pipeline costs.
     """
-    from cdiff_cli.tokens import add_tokens
-
+    _check_text_encoders(pipe, delta.embeddings_2)  # before anything is written
     try:
         write_weights(pipe.unet, delta.weights)
     except KeyError as e:
         raise CdiffError(f"the delta's layer {e.args[0]} does not exist in this base model") from e
     except ValueError as e:
         raise CdiffError(f"the delta does not fit this base model: {e}") from e
-    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, delta.tokens, delta.embeddings)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        if delta.embeddings_2 is None:
-            raise CdiffError("this delta has no embeddings for SDXL's second text encoder: it was trained on an SD 1.x/2.x base")
-        add_tokens(pipe.tokenizer_2, pipe.text_encoder_2, delta.tokens, delta.embeddings_2)
-    elif delta.embeddings_2 is not None:
-        raise CdiffError("this delta was trained on an SDXL base (two text encoders); this base has one")
+    return add_delta_tokens(pipe, delta.tokens, delta.embeddings, delta.embeddings_2)
+
+
+def add_delta_tokens(pipe, tokens: list[str], embeddings: torch.Tensor, embeddings_2: torch.Tensor | None = None) -> list[int]:
+    """Add concept tokens with their rows to the pipeline's tokenizer and text encoder, and for SDXL to
+    the second pair too. Returns the ids in the first tokenizer."""
+    from cdiff_cli.tokens import add_tokens
+
+    _check_text_encoders(pipe, embeddings_2)
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, embeddings)
+    if embeddings_2 is not None:
+        add_tokens(pipe.tokenizer_2, pipe.text_encoder_2, tokens, embeddings_2)
     return ids
+
+
+def _check_text_encoders(pipe, embeddings_2: torch.Tensor | None) -> None:
+    if getattr(pipe, "text_encoder_2", None) is not None and embeddings_2 is None:
+        raise CdiffError("this delta has no embeddings for SDXL's second text encoder: it was trained on an SD 1.x/2.x base")
+    if getattr(pipe, "text_encoder_2", None) is None and embeddings_2 is not None:
+        raise CdiffError("this delta was trained on an SDXL base (two text encoders); this base has one")

@@ -19,7 +19,6 @@ A name whose lock another process holds (a training run, a write) is reported as
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cdiff_cli.errors import BusyError, first_line
+from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import DELTA_FILE, MANIFEST_FILE, NAME_RE, Registry, read_manifest
 
 LOCK_WAIT = 2.0  # seconds the doctor waits for a name that another process is using
@@ -82,14 +82,6 @@ def manifest_problems(manifest: dict) -> list[str]:
     if not (isinstance(manifest.get("content_hash"), str) and HASH_RE.fullmatch(manifest["content_hash"])):
         out.append("content_hash")
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def delta_problem(path: Path) -> str | None:

@@ -42,10 +42,11 @@ WEIGHTS_SAFE = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUST
 WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME
 EXPORT_MANIFEST = "cdiff_export.json"
 REFERENCE_FILE = "delta.bin"
-LORA_MANIFEST = "cdiff_lora.json"  # cdiff_cli.lora.MANIFEST (not imported: that module needs nothing from here)
+LORA_MANIFEST = "cdiff_lora.json"  # which token each embedding file of a LoRA export is (cdiff_cli.lora)
 LDM_PREFIX = "model.diffusion_model."
 CKPT_EMBED_KEY = "embed"
-SDXL_EMBED_KEYS = ("clip_l", "clip_g")  # an SDXL token file: first and second text encoder (cdiff_cli.lora.SDXL_KEYS)
+SDXL_EMBED_KEYS = ("clip_l", "clip_g")  # an SDXL token file: first and second text encoder
+WEBUI_EMBED_KEY = "emb_params"  # the webui's single-vector embedding file; it names the token by the file
 
 # Attention parameter (relative to `...attn2.`) -> key inside diffusers' CustomDiffusionAttnProcessor.
 # The processor's state dict is saved under `<attention module>.processor.<key>`.
@@ -432,23 +433,37 @@ def _renamed(delta: Delta, token_rename, path) -> Delta:
     return Delta(delta.weights, new, delta.embeddings, delta.mode, dict(delta.extra), embeddings_2=delta.embeddings_2)
 
 
+def _read_lora_export(folder: Path) -> tuple[Path, list[str], torch.Tensor, torch.Tensor | None]:
+    """(LoRA file, tokens, embeddings, SDXL second-encoder embeddings or None) of a `cdiff export --format lora`
+    folder: its manifest names the LoRA file and which token each embedding file is."""
+    try:
+        manifest = json.loads((folder / LORA_MANIFEST).read_text(encoding="utf-8"))
+        entries = manifest["tokens"]
+        lora_file = folder / manifest["lora"]
+        files = [(str(e["token"]), folder / e["file"]) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CdiffError(f"{folder / LORA_MANIFEST} is not a valid cdiff LoRA export manifest: {first_line(e)}") from e
+    read = [_read_token_file(f) for _, f in files]
+    return lora_file, [t for t, _ in files], *_stack_pairs(folder, [(a, b) for _, a, b in read])
+
+
 def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
-    from cdiff_cli.lora import read_lora, read_lora_export
+    from cdiff_cli.lora import read_lora
 
     if base_unet is None:
         raise CdiffError(f"{path}: a LoRA holds differences from its base model; the base is needed to import it")
     emb_2 = None
     if path.is_dir():
-        lora_file, tokens, emb, emb_2 = read_lora_export(path)
+        lora_file, tokens, emb, emb_2 = _read_lora_export(path)
     elif (path.parent / LORA_MANIFEST).is_file() and not embeddings:
-        lora_file, tokens, emb, emb_2 = read_lora_export(path.parent)
+        lora_file, tokens, emb, emb_2 = _read_lora_export(path.parent)
     else:
         if not embeddings:
             raise CdiffError(f"{path} is a bare LoRA: give its token embedding file(s) with --embedding")
         lora_file, tokens, pairs = path, [], []
         for f in map(Path, embeddings):
             token, vec, vec_2 = _read_token_file(f)
-            tokens.append(f"<{f.stem}>" if token == "emb_params" else token)  # the webui names a token by its file
+            tokens.append(f"<{f.stem}>" if token == WEBUI_EMBED_KEY else token)
             pairs.append((vec, vec_2))
         emb, emb_2 = _stack_pairs(path, pairs)
     weights = read_lora(lora_file, dict(base_unet.named_parameters()))
@@ -540,7 +555,7 @@ def export_diffusers(delta: Delta, out_dir) -> list[Path]:
     save_file(weights, str(out / WEIGHTS_SAFE), metadata={"format": "pt"})
     written = [out / WEIGHTS_SAFE]
     for token, name in zip(delta.tokens, names):
-        save_file(_token_tensors(delta, token), str(out / name), metadata={"format": "pt", "cdiff_token": token})
+        save_file(token_tensors(delta, token), str(out / name), metadata={"format": "pt", "cdiff_token": token})
         written.append(out / name)
     manifest = {
         "format": "cdiff-diffusers-export",
@@ -561,12 +576,13 @@ def _token_rows(delta: Delta, token: str) -> list[torch.Tensor]:
     return [r.detach().to("cpu", torch.float32).clone() for r in rows]
 
 
-def _token_tensors(delta: Delta, token: str) -> dict[str, torch.Tensor]:
-    """A token file's tensors: `{token: row}` as diffusers' script writes it, or for SDXL
-    `{"clip_l": [1, d1], "clip_g": [1, d2]}`, the layout diffusers' docs, the webui and ComfyUI read."""
+def token_tensors(delta: Delta, token: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A token file's tensors: `{key: row}` (`key` defaults to the token, as diffusers' script writes it),
+    or for SDXL `{"clip_l": [1, d1], "clip_g": [1, d2]}`, the layout diffusers' docs, the webui and ComfyUI read."""
     rows = _token_rows(delta, token)
     if len(rows) == 1:
-        return {token: rows[0]}
+        # diffusers' script stores {token: [dim]}; the webui's files are {"emb_params": [1, dim]}
+        return {token: rows[0]} if key is None else {key: rows[0].reshape(1, -1).contiguous()}
     return {k: r.reshape(1, -1).contiguous() for k, r in zip(SDXL_EMBED_KEYS, rows)}
 
 

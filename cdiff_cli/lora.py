@@ -1,6 +1,6 @@
 """A concept as a LoRA plus textual-inversion embeddings: the files ComfyUI and AUTOMATIC1111 load.
 
-Layout written by `export_lora` (and read back by `read_lora_export`):
+Layout written by `export_lora` (and read back by `cdiff_cli.formats`, for `cdiff add`):
 
     OUT/NAME.safetensors                 the k/v updates W - W0 as a kohya-style LoRA:
                                          lora_unet_<module>.lora_down.weight [r, in]
@@ -21,19 +21,16 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.formats import LORA_MANIFEST, WEBUI_EMBED_KEY, token_tensors
 from cdiff_cli.layers import is_kv
 from cdiff_cli.lowrank import factorize, relative_error
 
 PREFIX = "lora_unet_"
-MANIFEST = "cdiff_lora.json"
 EMBED_DIR = "embeddings"
-EMBED_KEY = "emb_params"
-SDXL_KEYS = ("clip_l", "clip_g")  # SDXL embeddings: first and second text encoder
 
 
 def lora_module(param: str) -> str:
@@ -107,14 +104,9 @@ def export_lora(
     lora_file = out / f"{name}.safetensors"
     save_file(tensors, str(lora_file), metadata=meta)
     written = [lora_file]
-    for i, (token, stem) in enumerate(zip(delta.tokens, stems)):
+    for token, stem in zip(delta.tokens, stems):
         file = out / EMBED_DIR / f"{stem}.safetensors"
-        row = delta.embeddings[i].detach().to("cpu", torch.float32).reshape(1, -1).contiguous()
-        if delta.embeddings_2 is None:
-            tensors_ = {EMBED_KEY: row}
-        else:  # SDXL: the webui/ComfyUI layout names the two encoders' rows clip_l and clip_g
-            tensors_ = {SDXL_KEYS[0]: row, SDXL_KEYS[1]: delta.embeddings_2[i].detach().to("cpu", torch.float32).reshape(1, -1).contiguous()}
-        save_file(tensors_, str(file), metadata={"cdiff_token": token})
+        save_file(token_tensors(delta, token, key=WEBUI_EMBED_KEY), str(file), metadata={"cdiff_token": token})
         written.append(file)
     manifest = {
         "format": "cdiff-lora-export",
@@ -122,22 +114,14 @@ def export_lora(
         "lora": lora_file.name,
         "tokens": [{"token": t, "file": f"{EMBED_DIR}/{s}.safetensors"} for t, s in zip(delta.tokens, stems)],
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    written.append(out / MANIFEST)
+    (out / LORA_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    written.append(out / LORA_MANIFEST)
     stats = {"max_relative_error": worst, "min_rank": min(ranks, default=0), "max_rank": max(ranks, default=0),
              "bytes": lora_file.stat().st_size}
     return written, stats
 
 
 # --------------------------------------------------------------------------- reading LoRA files
-
-
-def is_lora_file(path: Path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k.endswith(".lora_down.weight") for k in f.keys())
-    except Exception:
-        return False
 
 
 def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,31 +156,3 @@ def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
     if not weights:
         raise CdiffError(f"{path}: no LoRA layers found")
     return weights
-
-
-def read_lora_export(folder) -> tuple[Path, list[str], torch.Tensor, torch.Tensor | None]:
-    """(LoRA file, tokens, embeddings, SDXL second-encoder embeddings or None) of an `export_lora` folder."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        entries = manifest["tokens"]
-        lora = folder / manifest["lora"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CdiffError(f"{folder / MANIFEST} is not a valid cdiff LoRA export manifest: {e}") from e
-    tokens, rows, rows_2 = [], [], []
-    for e in entries:
-        file = folder / e["file"]
-        try:
-            state = load_file(str(file), device="cpu")
-        except Exception as err:
-            raise CdiffError(f"cannot read the embedding {file}: {err}") from err
-        tokens.append(str(e["token"]))
-        if set(SDXL_KEYS) <= set(state):
-            rows.append(state[SDXL_KEYS[0]].reshape(-1).float())
-            rows_2.append(state[SDXL_KEYS[1]].reshape(-1).float())
-        else:
-            rows.append(next(iter(state.values())).reshape(-1).float())
-    if len({r.numel() for r in rows}) > 1 or len({r.numel() for r in rows_2}) > 1 or (rows_2 and len(rows_2) != len(rows)):
-        raise CdiffError(f"{folder}: the token embeddings have different widths")
-    emb = torch.stack(rows) if rows else torch.zeros(0, 0)
-    return lora, tokens, emb, (torch.stack(rows_2) if rows_2 else None)

@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 
 from cdiff_cli import textcond
 from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
-from cdiff_cli.delta import Delta
+from cdiff_cli.delta import Delta, add_delta_tokens
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import kv_names
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.tokens import add_tokens, canonical
+from cdiff_cli.tokens import canonical
 
 _JITTER = 1e-9
 _DUP_TOL = 1e-6
@@ -158,12 +158,11 @@ def merge_deltas(
             seen[canonical(t)] = i
     tokens = [t for d in deltas for t in d.tokens]
     embeddings = torch.cat([d.embeddings for d in deltas])
-    if textcond.is_sdxl(pipe) and any(d.embeddings_2 is None for d in deltas):
-        raise CdiffError("a delta without SDXL second-encoder embeddings cannot be merged on an SDXL base")
-    embeddings_2 = torch.cat([d.embeddings_2 for d in deltas]) if textcond.is_sdxl(pipe) else None
-    add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, embeddings)
-    if embeddings_2 is not None:
-        add_tokens(pipe.tokenizer_2, pipe.text_encoder_2, tokens, embeddings_2)
+    seconds = [d.embeddings_2 for d in deltas]
+    if any(e is None for e in seconds) and any(e is not None for e in seconds):
+        raise CdiffError("concepts trained on SDXL cannot be merged with concepts trained on SD 1.x/2.x")
+    embeddings_2 = torch.cat(seconds) if seconds[0] is not None else None
+    add_delta_tokens(pipe, tokens, embeddings, embeddings_2)
 
     # C_n, the rows of concept n's own prompts, each computed with all tokens present.
     C_parts = []

@@ -14,7 +14,6 @@ for a whole training run; writes inside it are reentrant. A busy name raises Bus
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from cdiff_cli import __version__, locks
 from cdiff_cli.errors import CdiffError, NotFoundError, reason
+from cdiff_cli.hashing import file_sha256
 from cdiff_cli.tokens import canonical
 
 if TYPE_CHECKING:
@@ -236,7 +236,7 @@ class Registry:
         trash = None
         try:
             delta.save(tmp / DELTA_FILE)
-            digest = hashlib.sha256((tmp / DELTA_FILE).read_bytes()).hexdigest()
+            digest = file_sha256(tmp / DELTA_FILE)
             manifest = {
                 "name": name,
                 "id": digest[:8],

@@ -19,10 +19,11 @@ import torch
 
 from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
-from cdiff_cli.data import check_images, file_sha256, list_images
+from cdiff_cli.data import check_images, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
+from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
@@ -103,7 +104,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
-    ckpt_dir = registry.home / "checkpoints" / name
+    ckpt_dir = registry.checkpoints / name
     ckpt = Checkpointer(ckpt_dir, {}, checkpoint_every)
     if int(os.environ.get("RANK", "0")) == 0:
         recover(ckpt_dir)  # under the training lock (see train_entry): finish a save that was killed
@@ -127,9 +128,9 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    digests = {}  # each photo's sha256, for the run id and the manifest
     for items in images.values():
-        check_images(items)  # every image decodes, none is a copy of another
-    digests = {it.path: file_sha256(it.path) for items in images.values() for it in items}  # run id and manifest
+        digests.update(check_images(items))  # every image decodes, none is a copy of another
     cfg.precision = resolve_precision(cfg.precision, pick_device(device))
     accelerator = _launched_accelerator()
     main = accelerator is None or accelerator.is_main_process
@@ -496,8 +497,7 @@ def export_entry(
 
         base_weights = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
         meta = {"cdiff_entry": entry.name, "cdiff_base": str(spec.ref)}
-        return export_lora(delta, base_weights, out_dir, entry.name, rank=rank,
-                           energy=None if rank is not None else (energy or 1.0), metadata=meta)
+        return export_lora(delta, base_weights, out_dir, entry.name, rank=rank, energy=energy or 1.0, metadata=meta)
     raise CdiffError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 
 
@@ -550,6 +550,6 @@ def compress_entry(
         if registry.get(name).manifest.get("content_hash") != entry.manifest.get("content_hash"):
             raise CdiffError(f"concept {name!r} was replaced while it was being compressed; run it again")
         new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
-    report["bytes_after"] = int(new.manifest["size_bytes"])
-    registry.update_manifest(name, compression=report)
+        report["bytes_after"] = int(new.manifest["size_bytes"])  # the file as written, header included
+        registry.update_manifest(name, compression=report)  # still under the lock: this very version
     return registry.get(name), report

@@ -3,6 +3,7 @@
 Every image is built here with Pillow (or a few hand-written bytes); there are no binary fixtures.
 """
 
+import hashlib
 import io
 import struct
 import zlib
@@ -287,7 +288,9 @@ def _photos(folder, n=3):
 
 def test_check_images_refuses_exact_duplicates(tmp_path):
     folder = _photos(tmp_path / "cat")
-    check_images(list_images(folder))  # distinct photos pass
+    digests = check_images(list_images(folder))  # distinct photos pass
+    # ... and each is hashed (once): the run id and the manifest reuse these
+    assert digests == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
     (folder / "img3.png").write_bytes((folder / "img1.png").read_bytes())
     with pytest.raises(CdiffError) as ei:
         check_images(list_images(folder))
