@@ -187,7 +187,8 @@ def train(
 
     With a `checkpointer`, the run saves its state every `checkpointer.every` steps and when Ctrl-C or
     SIGTERM asks it to stop (then raising `StopRequested`); `resume` continues from the saved state and
-    ends with the same weights as an uninterrupted run (single process only).
+    ends with the same weights as an uninterrupted run. Under a multi-process launch every process passes
+    the same `checkpointer`; only the main one reads or writes its folder.
 
     `keep_vae=False` says the caller will not use `pipe.vae` again: on a CPU, where it has nowhere to be
     moved, its weights (330 MB for SD 1.x in fp32) are then freed once the latents are cached; the
@@ -356,21 +357,33 @@ def train(
 
     losses: list[float] = []
 
-    def capture(done: int) -> dict:
-        """Everything the remaining steps depend on: weights, optimizer, data order and random states."""
+    def own_state() -> dict:
+        """What differs between processes: each draws its own data, augmentations and noise."""
         return {
-            "step": done,
-            "weights": {n: params[n].detach().to("cpu", copy=True) for n in names},
-            "rows": [r.detach().to("cpu", copy=True) for r in row_params],
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
             "py_rng": rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "mps_rng": torch.mps.get_rng_state() if device.type == "mps" else None,
             "target_orders": [list(c.order) for c in target_cycles],
             "reg_orders": {i: list(c.order) for i, c in reg_cycles.items()},
+        }
+
+    def capture(done: int) -> dict | None:
+        """Everything the remaining steps depend on: weights, optimizer, data order and the random states
+        of every process. Collective under a multi-process launch; the state is returned on the main
+        process only (weights and optimizer are the same in every process: gradients are all-reduced)."""
+        ranks = _gather_objects(own_state(), processes)
+        if rank != 0:
+            return None
+        return {
+            "step": done,
+            "processes": processes,
+            "weights": {n: params[n].detach().to("cpu", copy=True) for n in names},
+            "rows": [r.detach().to("cpu", copy=True) for r in row_params],
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "losses": list(losses),
+            "ranks": ranks,
         }
 
     def restore(state: dict) -> int:
@@ -382,25 +395,24 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        version, internal, gauss = state["py_rng"]
+        own = state["ranks"][rank] if "ranks" in state else state  # before 0.5: one process, no "ranks"
+        version, internal, gauss = own["py_rng"]
         rng.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if state.get("mps_rng") is not None and device.type == "mps":
-            torch.mps.set_rng_state(state["mps_rng"])
-        for c, order in zip(target_cycles, state["target_orders"]):
+        torch.set_rng_state(own["torch_rng"])
+        if own["cuda_rng"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], device)
+        if own.get("mps_rng") is not None and device.type == "mps":
+            torch.mps.set_rng_state(own["mps_rng"])
+        for c, order in zip(target_cycles, own["target_orders"]):
             c.order = list(order)
-        for i, order in state["reg_orders"].items():
+        for i, order in own["reg_orders"].items():
             reg_cycles[int(i)].order = list(order)
         losses[:] = state["losses"]
         return int(state["step"])
 
-    if (checkpointer is not None or resume) and processes > 1:
-        raise CdiffError("checkpoints and --resume work with one process only, not under a multi-process launch")
     if resume and checkpointer is None:
         raise CdiffError("resume needs a checkpointer")
-    start = restore(checkpointer.load()) if resume else 0
+    start = restore(_load_everywhere(checkpointer, rank, processes)) if resume else 0
     if start >= cfg.steps:
         raise CdiffError(f"the checkpoint is at step {start}, and this run has only {cfg.steps} steps")
 
@@ -427,23 +439,30 @@ def train(
                     loss = step_loss(part, n_target, n_reg)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                     value += float(loss.detach())
+                done = step + 1
+                due = checkpointer is not None and rank == 0 and checkpointer.due(done, cfg.steps)
+                stopping = stop is not None and stop.requested
                 if processes > 1:
-                    _all_reduce_mean(trainable, processes)
+                    # One all-reduce carries the gradients, the losses and the decisions to stop or save,
+                    # so every process stops or saves after the same step (a signal may reach only one).
+                    total, stops, saves = _all_reduce_mean(trainable, processes, [value, stopping, due])
+                    value, stopping, due = total / processes, stops > 0, saves > 0
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     optimizer.step()
                 if not math.isfinite(value):
-                    raise CdiffError(f"training diverged at step {step + 1} (loss {value}); try a lower --lr")
+                    raise CdiffError(f"training diverged at step {done} (loss {value}); try a lower --lr")
                 losses.append(value)
                 bar.advance(1, loss=value)
-                done = step + 1
-                if stop is not None and stop.requested and done < cfg.steps:
-                    saved = _try_save(checkpointer, capture(done), done, cfg.steps, progress)
+                if processes == 1:  # alone, a stop asked for during this step is honoured right after it
+                    stopping = stop is not None and stop.requested
+                if stopping and done < cfg.steps:
+                    saved = _save_on_main(checkpointer, capture(done), done, cfg.steps, progress, rank, processes)
                     raise StopRequested(done, cfg.steps, saved=saved)
-                if checkpointer is not None and checkpointer.due(done, cfg.steps):
-                    _try_save(checkpointer, capture(done), done, cfg.steps, progress)
+                if due:
+                    _save_on_main(checkpointer, capture(done), done, cfg.steps, progress, rank, processes)
     finally:
         for h in hooks:
             h.remove()
@@ -477,19 +496,63 @@ def _try_save(checkpointer: Checkpointer, state: dict, step: int, steps: int, pr
         return False
 
 
-def _all_reduce_mean(tensors: list[torch.Tensor], processes: int) -> None:
-    """Average gradients over processes: one flat all-reduce, no DDP wrapper around the UNet."""
+def _save_on_main(checkpointer, state, step: int, steps: int, progress: Progress, rank: int, processes: int) -> bool:
+    """The main process writes the checkpoint; every process learns whether it was saved."""
+    saved = _try_save(checkpointer, state, step, steps, progress) if rank == 0 else False
+    if processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        saved = broadcast_object_list([saved])[0]
+    return saved
+
+
+def _load_everywhere(checkpointer: Checkpointer, rank: int, processes: int) -> dict:
+    """The checkpoint, read (and checked against this run) by the main process and sent to the others,
+    so that only the process holding the training lock touches the checkpoint folder, and a refusal
+    stops every process with the same message."""
+    if processes == 1:
+        return checkpointer.load()
+    from accelerate.utils import broadcast_object_list
+
+    box: list = [None, None]  # [state, error message]
+    if rank == 0:
+        try:
+            box[0] = checkpointer.load()
+        except CdiffError as e:
+            box[1] = str(e)
+            broadcast_object_list(box)
+            raise
+    broadcast_object_list(box)
+    if box[1] is not None:
+        raise CdiffError(box[1])
+    return box[0]
+
+
+def _gather_objects(obj, processes: int) -> list:
+    """`obj` of every process, in process order (a one-item list with one process)."""
+    if processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], processes: int, extra: list[float] = ()) -> list[float]:
+    """Average gradients over processes: one flat all-reduce, no DDP wrapper around the UNet. `extra`
+    numbers ride along in the same all-reduce and come back summed over the processes."""
     import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([float(x) for x in extra], device=grads[0].device)])
     dist.all_reduce(flat)
+    sums = flat[flat.numel() - len(extra):].tolist()
     flat /= processes
     offset = 0
     for p, g in zip(tensors, grads):
         n = g.numel()
         p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
+    return sums
 
 
 class _PixelCache:

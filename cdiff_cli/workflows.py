@@ -81,7 +81,7 @@ def train_entry(
     """Train one or several concepts jointly into a new registry entry. Returns (entry, result); the
     entry is None on the secondary processes of a multi-process run (only the main one writes).
 
-    A single-process run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (None, the
+    The run checkpoints into HOME/checkpoints/NAME every `checkpoint_every` steps (None, the
     default: every `checkpoint.DEFAULT_SECONDS` of training; 0: only when stopped) and when Ctrl-C/SIGTERM
     stops it (exit 130);
     `resume` continues such a run and ends with the weights an uninterrupted run would have.
@@ -175,8 +175,6 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
 
     if accelerator is not None and main:
         accelerator.wait_for_everyone()
-    if accelerator is not None and resume:
-        raise CdiffError("--resume works with one process only, not under a multi-process launch")
     # Everything the result depends on: a checkpoint only resumes the very same run.
     ckpt.description = {
         "train": config_dict(cfg),
@@ -187,11 +185,13 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
-    if force and not resume:
+    if accelerator is not None:  # each process draws its own data: resume with as many
+        ckpt.description["processes"] = accelerator.num_processes
+    if force and not resume and main:
         ckpt.clear()
     try:
         result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
-                       checkpointer=ckpt if accelerator is None else None, resume=resume, keep_vae=False)
+                       checkpointer=ckpt, resume=resume, keep_vae=False)
     except StopRequested as e:
         if not e.saved:
             raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
