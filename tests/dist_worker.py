@@ -1,6 +1,6 @@
 """One process of a data-parallel training run, for tests/test_distributed.py to start under
 `accelerate launch`: trains `cat` into the registry at HOME, optionally sending itself SIGINT (a Ctrl-C
-that reaches this process only; only the main process has a progress bar to hook) when its training bar reaches a step, or resuming.
+that reaches this process only) when its training bar reaches a step, or resuming.
 
     accelerate launch ... tests/dist_worker.py HOME BASE IMAGES [--stop-rank R --stop-at N] [--resume]
 """
@@ -48,7 +48,13 @@ def main() -> int:
     a = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     cfg = TrainConfig(steps=6, batch_size=2, lr=1e-3, resolution=64, aug_pool=2, precision="fp32")
-    progress = SignalAt(a.stop_at) if rank == a.stop_rank else SILENT
+    progress = SILENT
+    if rank == a.stop_rank:
+        progress = SignalAt(a.stop_at)
+        if rank != 0:  # secondary processes report nothing: hook the progress they are given instead
+            import cdiff_cli.workflows
+
+            cdiff_cli.workflows.SILENT = progress
     try:
         entry, result = train_entry(Registry(a.home), "cat", [ConceptSpec("<cat>", "cat", a.images)], cfg,
                                     base=a.base, reg=RegOptions("generated", None, 2), device="cpu",

@@ -51,9 +51,9 @@ def test_two_processes_stop_together_and_resume_bit_identical(tmp_path, sd1_base
     losses = [line for line in r.stdout.splitlines() if "losses" in line]
     assert len(losses) == 2 and losses[0].split(": ", 1)[1] == losses[1].split(": ", 1)[1]  # the mean loss, everywhere
 
-    # A Ctrl-C that reaches the main process only, during step 3: both stop after step 4, the
+    # A Ctrl-C that reaches the second process only, during step 3: both stop after step 4, the
     # first all-reduce that carries the request, and the main process saves every process's state.
-    r = _launch(worker, str(stopped), str(sd1_base), str(cat_images), "--stop-rank", "0", "--stop-at", "3", home=stopped)
+    r = _launch(worker, str(stopped), str(sd1_base), str(cat_images), "--stop-rank", "1", "--stop-at", "3", home=stopped)
     assert r.returncode != 0
     assert r.stderr.count("stopped at step 4/6; checkpoint saved") == 2, r.stderr[-3000:]
     run = json.loads((stopped / "checkpoints" / "cat" / "run.json").read_text())
