@@ -120,6 +120,11 @@ def _pipeline_class(base: BaseSpec, local_files_only: bool = False):
     return StableDiffusionXLPipeline if name.startswith("StableDiffusionXL") else StableDiffusionPipeline
 
 
+def _network_failure(message: str) -> bool:
+    low = message.lower()
+    return any(w in low for w in ("offline", "connect", "outgoing traffic", "resolve host", "timed out"))
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -171,8 +176,12 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
         hint = ""
         if base.kind == "hub" and _hub_offline():
             hint = " (offline mode, HF_HUB_OFFLINE=1: only the local cache is used; pass --base with a local folder or file)"
-        elif base.kind == "hub" and ("offline" in first.lower() or "connect" in first.lower()):
+        elif base.kind == "hub" and _network_failure(first):
             hint = " (the hub is unreachable: pass --base with a local folder or file)"
+        elif base.kind == "single_file" and not os.environ.get("CDIFF_BASE_CONFIG") and (_hub_offline() or _network_failure(first)):
+            # diffusers fetches the configs of the model a single file holds from the hub
+            hint = (" (a single file needs its model's diffusers configs from the hub: offline, set CDIFF_BASE_CONFIG "
+                    "to a local diffusers folder of the same model)")
         raise CdiffError(f"cannot load base model {base.ref}: {first}{hint}") from e
     pipe.set_progress_bar_config(disable=True)
     if not any(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()):
