@@ -91,3 +91,41 @@ def sd_to_ldm(pipe) -> dict[str, torch.Tensor]:
     """An SD 1.x/2.x pipeline's UNet, VAE and (HF-layout) CLIP text encoder, in one original-layout dict."""
     text = {f"cond_stage_model.transformer.{_text_model(k)}": v for k, v in pipe.text_encoder.state_dict().items()}
     return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
+
+
+_OPENCLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+
+
+def openclip_layout(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in OpenCLIP's layout (SD 2.x's and SDXL's second encoder): fused q/k/v
+    projections, `resblocks`, and `text_projection` as a matrix applied on the right."""
+    sd = {_text_model(k): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": sd.pop("text_model.embeddings.token_embedding.weight"),
+        "positional_embedding": sd.pop("text_model.embeddings.position_embedding.weight"),
+        "ln_final.weight": sd.pop("text_model.final_layer_norm.weight"),
+        "ln_final.bias": sd.pop("text_model.final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in sd:
+        out["text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+    layers = {int(m[1]) for k in sd if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
+    for i in sorted(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([sd.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+        for k in [k for k in sd if k.startswith(src)]:
+            rest = k[len(src):]
+            for old, new in _OPENCLIP.items():
+                rest = rest.replace(old, new)
+            out[dst + rest] = sd.pop(k)
+    if sd:
+        raise KeyError(f"no OpenCLIP names for {sorted(sd)}")
+    return {prefix + k: v for k, v in out.items()}
+
+
+def sdxl_to_sgm(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline in the original (SGM) layout: its first text encoder in HF layout, its second in
+    OpenCLIP layout (`conditioner.embedders.1.`, the key cdiff recognises SDXL files by)."""
+    text = {f"conditioner.embedders.0.transformer.{_text_model(k)}": v for k, v in pipe.text_encoder.state_dict().items()}
+    return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text, **openclip_layout(pipe.text_encoder_2, "conditioner.embedders.1.model.")}

@@ -1,5 +1,5 @@
-"""Single-file bases (`--base model.safetensors` or `.ckpt` in the original LDM layout, the files users
-download) load offline through diffusers' `from_single_file`, with `CDIFF_BASE_CONFIG` giving the configs,
+"""Single-file bases (`--base model.safetensors` or `.ckpt` in the original LDM/SGM layout, the files
+users download; SD 1.x and SDXL) load offline through diffusers' `from_single_file`, with `CDIFF_BASE_CONFIG` giving the configs,
 and hold exactly the weights of the same model as a diffusers folder."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from cdiff_cli.errors import CdiffError
 from cdiff_cli.tiny import build_tiny_pipeline
 
 from .conftest import RES
-from .ldm_layout import sd_to_ldm
+from .ldm_layout import sd_to_ldm, sdxl_to_sgm
 from .test_cli import GEN, TRAIN, cdiff, out_json
 
 
@@ -73,3 +73,22 @@ def test_train_on_a_single_file_and_generate_with_either_form(home, single_file,
         assert g["concepts"] == ["mycat"]
         images.append(np.asarray(Image.open(g["images"][0])))
     assert images[0].shape == (RES, RES, 3) and np.array_equal(images[0], images[1])
+
+
+def test_sdxl_single_file_loads_trains_and_generates(home, sdxl_base, cat_images, tmp_path, monkeypatch):
+    """SDXL's original layout: the second text encoder in OpenCLIP form (fused q/k/v) under
+    `conditioner.embedders.1.`, which is how cdiff tells an SDXL file from an SD one."""
+    folder_pipe = load_pipeline(str(sdxl_base))
+    path = tmp_path / "sdxl.safetensors"
+    save_file({k: v.contiguous() for k, v in sdxl_to_sgm(folder_pipe).items()}, str(path))
+    monkeypatch.setenv("CDIFF_BASE_CONFIG", str(sdxl_base))
+    pipe = load_pipeline(str(path))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _assert_same_weights(getattr(folder_pipe, name).state_dict(), getattr(pipe, name).state_dict())
+    cdiff("train", "mycat", cat_images, "--class", "cat", "--base", path, *TRAIN, "--reg", "none")
+    images = []
+    for i, base in enumerate((path, sdxl_base)):
+        g = out_json(cdiff("gen", "photo of a <mycat> cat", *GEN, "--base", base, "--seed", "3", "-o", tmp_path / str(i), "--json"))
+        images.append(np.asarray(Image.open(g["images"][0])))
+    assert np.array_equal(images[0], images[1])
