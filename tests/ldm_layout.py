@@ -87,9 +87,13 @@ def _text_model(key: str) -> str:
     return key if key.startswith("text_model.") or key.startswith("text_projection") else f"text_model.{key}"
 
 
-def sd_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """An SD 1.x/2.x pipeline's UNet, VAE and (HF-layout) CLIP text encoder, in one original-layout dict."""
-    text = {f"cond_stage_model.transformer.{_text_model(k)}": v for k, v in pipe.text_encoder.state_dict().items()}
+def sd_to_ldm(pipe, openclip: bool = False) -> dict[str, torch.Tensor]:
+    """An SD 1.x/2.x pipeline's UNet, VAE and text encoder, in one original-layout dict; the text encoder
+    in HF CLIP layout (SD 1.x) or with `openclip` in OpenCLIP layout (SD 2.x)."""
+    if openclip:
+        text = openclip_layout(pipe.text_encoder, "cond_stage_model.model.")
+    else:
+        text = {f"cond_stage_model.transformer.{_text_model(k)}": v for k, v in pipe.text_encoder.state_dict().items()}
     return {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
 
 

@@ -1,5 +1,5 @@
 """Single-file bases (`--base model.safetensors` or `.ckpt` in the original LDM/SGM layout, the files
-users download; SD 1.x and SDXL) load offline through diffusers' `from_single_file`, with `CDIFF_BASE_CONFIG` giving the configs,
+users download; SD 1.x, 2.x and SDXL) load offline through diffusers' `from_single_file`, with `CDIFF_BASE_CONFIG` giving the configs,
 and hold exactly the weights of the same model as a diffusers folder."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.errors import CdiffError
@@ -35,21 +35,23 @@ def test_the_ldm_layout_helper_inverts_diffusers_converters(kind):
     _assert_same_weights(pipe.vae.state_dict(), convert_ldm_vae_checkpoint(ldm, dict(pipe.vae.config)))
 
 
-@pytest.fixture
-def single_file(sd1_base, tmp_path, monkeypatch):
-    pipe = load_pipeline(str(sd1_base))
+@pytest.fixture(params=["sd1", "sd2"])
+def single_file(request, tmp_path, monkeypatch):
+    """(file, the folder's pipeline, the folder): SD 2.x files hold their text encoder in OpenCLIP form."""
+    folder = request.getfixturevalue(f"{request.param}_base")
+    pipe = load_pipeline(str(folder))
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in sd_to_ldm(pipe).items()}, str(path))
-    monkeypatch.setenv("CDIFF_BASE_CONFIG", str(sd1_base))
-    return path, pipe
+    save_file({k: v.contiguous() for k, v in sd_to_ldm(pipe, openclip=request.param == "sd2").items()}, str(path))
+    monkeypatch.setenv("CDIFF_BASE_CONFIG", str(folder))
+    return path, pipe, folder
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
 def test_single_file_holds_the_folders_weights(single_file, suffix):
-    path, folder_pipe = single_file
+    path, folder_pipe, _ = single_file
     if suffix == ".ckpt":  # a pickled {"state_dict": ...}, read with weights_only
         ckpt = path.with_suffix(".ckpt")
-        torch.save({"state_dict": sd_to_ldm(folder_pipe)}, ckpt)
+        torch.save({"state_dict": load_file(str(path))}, ckpt)
         path = ckpt
     pipe = load_pipeline(str(path))
     assert type(pipe).__name__ == "StableDiffusionPipeline"
@@ -64,11 +66,11 @@ def test_single_file_offline_without_configs_says_what_to_set(single_file, monke
         load_pipeline(str(single_file[0]))
 
 
-def test_train_on_a_single_file_and_generate_with_either_form(home, single_file, sd1_base, cat_images, tmp_path):
-    path, _ = single_file
+def test_train_on_a_single_file_and_generate_with_either_form(home, single_file, cat_images, tmp_path):
+    path, _, folder = single_file
     cdiff("train", "mycat", cat_images, "--class", "cat", "--base", path, *TRAIN, "--reg", "none")
     images = []
-    for i, base in enumerate((path, sd1_base)):  # the same model, as a file and as a folder
+    for i, base in enumerate((path, folder)):  # the same model, as a file and as a folder
         g = out_json(cdiff("gen", "photo of a <mycat> cat", *GEN, "--base", base, "--seed", "3", "-o", tmp_path / str(i), "--json"))
         assert g["concepts"] == ["mycat"]
         images.append(np.asarray(Image.open(g["images"][0])))
