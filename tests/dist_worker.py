@@ -19,6 +19,9 @@ from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
 
 class SignalAt(Progress):
+    """Sends this process SIGINT when the training bar reaches `at` steps (a Ctrl-C mid-run); also used
+    by tests/test_resume.py."""
+
     def __init__(self, at: int):
         self.at = at
 

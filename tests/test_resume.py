@@ -7,19 +7,19 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
 from PIL import Image
 
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
-from cdiff_cli.progress import Progress, Task
+from cdiff_cli.progress import Progress
 from cdiff_cli.registry import Registry
 from cdiff_cli.train import TrainConfig
 from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
 from .conftest import RES
+from .dist_worker import SignalAt
 
 
 def _assert_same_delta(a, b):
@@ -27,27 +27,6 @@ def _assert_same_delta(a, b):
     assert torch.equal(a.embeddings, b.embeddings)
     for n in a.weights:
         assert torch.equal(a.weights[n], b.weights[n]), n
-
-
-class _SignalAt(Progress):
-    """Sends this process SIGINT when the training bar reaches `at` steps (a Ctrl-C mid-run)."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    @contextmanager
-    def task(self, description, total):
-        at = self.at if description == "training" else None
-
-        class _T(Task):
-            count = 0
-
-            def advance(self, n=1, **fields):
-                self.count += n
-                if self.count == at:
-                    os.kill(os.getpid(), signal.SIGINT)
-
-        yield _T()
 
 
 def _train(registry, folder, base, *, progress=None, **kw):
@@ -63,7 +42,7 @@ def test_ctrl_c_checkpoints_and_resume_is_bit_identical(tmp_path, sd1_base, cat_
     whole, _ = _train(Registry(tmp_path / "a"), cat_images, sd1_base)
     reg = Registry(tmp_path / "b")
     with pytest.raises(TrainingStopped, match=r"stopped at step 3/7; checkpoint saved"):
-        _train(reg, cat_images, sd1_base, progress=_SignalAt(3))
+        _train(reg, cat_images, sd1_base, progress=SignalAt(3))
     assert reg.entries() == []
     assert json.loads((reg.home / "checkpoints" / "mycat" / "run.json").read_text())["step"] == 3
     # Without --resume the unfinished run is not silently thrown away.
@@ -79,7 +58,7 @@ def test_resume_refuses_another_run_and_a_missing_checkpoint(tmp_path, sd1_base,
     with pytest.raises(NotFoundError, match="nothing to resume"):
         _train(reg, cat_images, sd1_base, resume=True)
     with pytest.raises(TrainingStopped):
-        _train(reg, cat_images, sd1_base, progress=_SignalAt(2))
+        _train(reg, cat_images, sd1_base, progress=SignalAt(2))
     Image.new("RGB", (80, 64), (9, 9, 9)).save(cat_images / "img0.png")  # the images changed
     with pytest.raises(CdiffError, match=r"different run: concepts.0.images.img0.png \("):
         _train(reg, cat_images, sd1_base, resume=True)
@@ -90,7 +69,7 @@ def test_resume_refuses_changed_regularisation_images(tmp_path, sd1_base, cat_im
     reg = Registry(tmp_path / "h")
     real = RegOptions("dir", chair_images, 3)
     with pytest.raises(TrainingStopped):
-        _train(reg, cat_images, sd1_base, progress=_SignalAt(2), reg_opts=real)
+        _train(reg, cat_images, sd1_base, progress=SignalAt(2), reg_opts=real)
     Image.new("RGB", (64, 90), (9, 9, 9)).save(chair_images / "img0.png")  # one class image changed
     with pytest.raises(CdiffError, match=r"different run: concepts.0.reg images.img0.png.sha256 \("):
         _train(reg, cat_images, sd1_base, resume=True, reg_opts=real)
