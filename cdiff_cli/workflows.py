@@ -185,8 +185,8 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
-    if accelerator is not None:  # each process draws its own data: resume with as many
-        ckpt.description["processes"] = accelerator.num_processes
+    # Each process draws its own data: a run resumes only with as many processes.
+    ckpt.description["processes"] = accelerator.num_processes if accelerator is not None else 1
     if force and not resume and main:
         ckpt.clear()
     try:

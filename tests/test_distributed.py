@@ -63,7 +63,7 @@ def test_two_processes_stop_together_and_resume_bit_identical(tmp_path, sd1_base
     # One process cannot continue it: each process drew its own data.
     alone = subprocess.run([sys.executable, worker, str(stopped), str(sd1_base), str(cat_images), "--resume"],
                            capture_output=True, text=True, env={**os.environ, "CDIFF_HOME": str(stopped), "HF_HUB_OFFLINE": "1"})
-    assert alone.returncode != 0 and "processes (2 then, None now) differs" in alone.stderr, alone.stderr[-3000:]
+    assert alone.returncode != 0 and "processes (2 then, 1 now) differs" in alone.stderr, alone.stderr[-3000:]
 
     r = _launch(worker, str(stopped), str(sd1_base), str(cat_images), "--resume", home=stopped)
     assert r.returncode == 0, r.stderr[-3000:]
