@@ -377,7 +377,6 @@ def train(
             return None
         return {
             "step": done,
-            "processes": processes,
             "weights": {n: params[n].detach().to("cpu", copy=True) for n in names},
             "rows": [r.detach().to("cpu", copy=True) for r in row_params],
             "optimizer": optimizer.state_dict(),
@@ -395,7 +394,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        own = state["ranks"][rank] if "ranks" in state else state  # before 0.5: one process, no "ranks"
+        own = state["ranks"][rank]
         version, internal, gauss = own["py_rng"]
         rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(own["torch_rng"])
@@ -441,12 +440,12 @@ def train(
                     value += float(loss.detach())
                 done = step + 1
                 due = checkpointer is not None and rank == 0 and checkpointer.due(done, cfg.steps)
-                stopping = stop is not None and stop.requested
                 if processes > 1:
                     # One all-reduce carries the gradients, the losses and the decisions to stop or save,
                     # so every process stops or saves after the same step (a signal may reach only one).
-                    total, stops, saves = _all_reduce_mean(trainable, processes, [value, stopping, due])
-                    value, stopping, due = total / processes, stops > 0, saves > 0
+                    asked = stop is not None and stop.requested
+                    total, stops, saves = _all_reduce_mean(trainable, processes, [value, asked, due])
+                    value, due = total / processes, saves > 0
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -456,8 +455,8 @@ def train(
                     raise CdiffError(f"training diverged at step {done} (loss {value}); try a lower --lr")
                 losses.append(value)
                 bar.advance(1, loss=value)
-                if processes == 1:  # alone, a stop asked for during this step is honoured right after it
-                    stopping = stop is not None and stop.requested
+                # Alone, a stop asked for at any time during this step is honoured right after it.
+                stopping = stops > 0 if processes > 1 else stop is not None and stop.requested
                 if stopping and done < cfg.steps:
                     saved = _save_on_main(checkpointer, capture(done), done, cfg.steps, progress, rank, processes)
                     raise StopRequested(done, cfg.steps, saved=saved)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -14,15 +13,18 @@ from cdiff_cli.registry import Registry
 from .conftest import RES
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-                    reason="accelerate launcher not installed")
-def test_two_cpu_processes_train_one_entry(home, sd1_base, cat_images):
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "cdiff_cli", "train", "dp", str(cat_images), "--class", "cat", "--base", str(sd1_base),
-           "--steps", "4", "--batch-size", "2", "--num-reg", "2", "--resolution", str(RES), "--json"]
+def _launch(*args: str, home, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` with two CPU processes (run as a module: accelerate is a dependency, so this
+    never depends on where its console script went)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *args]
     env = {**os.environ, "CDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_two_cpu_processes_train_one_entry(home, sd1_base, cat_images):
+    r = _launch("-m", "cdiff_cli", "train", "dp", str(cat_images), "--class", "cat", "--base", str(sd1_base),
+                "--steps", "4", "--batch-size", "2", "--num-reg", "2", "--resolution", str(RES), "--json", home=home)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])  # only the main process reports
     assert out["processes"] == 2 and out["effective_batch_size"] == 4
@@ -33,16 +35,6 @@ def test_two_cpu_processes_train_one_entry(home, sd1_base, cat_images):
     assert entries[0].load_delta().embeddings.shape[0] == 1
 
 
-def _launch(*args: str, home, timeout: int = 300) -> subprocess.CompletedProcess:
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", *args]
-    env = {**os.environ, "CDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-
-
-@pytest.mark.skipif(shutil.which("accelerate") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "accelerate")),
-                    reason="accelerate launcher not installed")
 def test_two_processes_stop_together_and_resume_bit_identical(tmp_path, sd1_base, cat_images):
     worker = os.path.join(os.path.dirname(__file__), "dist_worker.py")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
