@@ -76,6 +76,9 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], embeddings: torch.Ten
     """Add tokens (if new) and, if given, set their embedding rows. Returns their ids."""
     import torch
 
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if embeddings is not None and embeddings.shape[1] != width:  # checked first: a refusal changes nothing
+        raise CdiffError(f"token embeddings are {embeddings.shape[1]}-wide but this base's text encoder is {width}-wide")
     vocab = tokenizer.get_vocab()
     for tok in tokens:
         if tok not in vocab and tok.lower() not in vocab:
@@ -86,10 +89,6 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], embeddings: torch.Ten
     ids = token_ids(tokenizer, tokens)
     if embeddings is not None:
         table = text_encoder.get_input_embeddings().weight
-        if embeddings.shape[1] != table.shape[1]:
-            raise CdiffError(
-                f"token embeddings are {embeddings.shape[1]}-wide but this base's text encoder is {table.shape[1]}-wide"
-            )
         with torch.no_grad():
             table[torch.tensor(ids, device=table.device)] = embeddings.to(table.device, table.dtype)
     return ids

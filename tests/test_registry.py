@@ -8,7 +8,7 @@ import torch
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.registry import Registry, validate_name
-from cdiff_cli.tokens import validate_token
+from cdiff_cli.tokens import add_tokens, validate_token
 
 
 def _delta(tokens=("<a1>",)):
@@ -94,6 +94,17 @@ def test_token_validation(sd1_pipe):
                      ("", "invalid"), ("tree", "ordinary word")):
         with pytest.raises(CdiffError, match=why):
             validate_token(bad, tok)
+
+
+def test_adding_a_token_of_the_wrong_width_changes_nothing():
+    from cdiff_cli.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    n_tok, table = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(CdiffError, match="wide"):
+        add_tokens(pipe.tokenizer, pipe.text_encoder, ["<w1>"], torch.zeros(1, table.shape[1] + 1))
+    assert len(pipe.tokenizer) == n_tok
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table)
 
 
 def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
