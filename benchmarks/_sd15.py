@@ -13,22 +13,33 @@ import torch
 from PIL import Image, ImageDraw
 
 
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(cross_attention_dim=768)
+
+
+def sd15_text_config(**ids):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                          projection_dim=768, **ids)
+
+
 def build_sd15(seed: int = 0):
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from cdiff_cli.tiny import write_tiny_tokenizer
 
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tempfile.mkdtemp())), model_max_length=77)
-    te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    ))
-    unet = UNet2DConditionModel(cross_attention_dim=768)
+    te = CLIPTextModel(sd15_text_config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    unet = sd15_unet()
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,

@@ -1,10 +1,12 @@
 """A preflight estimate of training memory, so an out-of-memory is predicted before minutes of work.
 
-The estimate is deliberately simple and errs high: weights at their storage precision, fp32
-trainable weights with their gradients and AdamW state, and UNet activations proportional to the
-number of latent pixels in one forward/backward. The activation constant was measured on the full
-SD 1.x UNet (k/v training, 256 px, CPU, fp32 and bf16: see benchmarks/bench_train.py); gradient
-checkpointing keeps roughly a third of them.
+The estimate is deliberately simple and errs a little high: weights at their storage precision, fp32
+trainable weights with their gradients and AdamW state, UNet activations proportional to the number
+of latent pixels in one forward/backward, and what the device adds on top. The activation constants
+come from tracing cdiff's own step on the full SD 1.x UNet (`benchmarks/trace_memory.py`: every
+tensor the step creates, counted on fake tensors, up to 512 px and batch 8); the CPU overhead from
+the process RSS that `benchmarks/bench_train.py` measures against that trace. The test suite holds
+the estimate to the trace.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ from pathlib import Path
 
 import torch
 
-# Bytes of saved activations per latent pixel per image, full SD 1.x UNet (fp32 measurement).
-ACT_BYTES_PER_LATENT_PIXEL_FP32 = 700e3
-HALF_ACTIVATION_FACTOR = 0.65  # autocast keeps some fp32 tensors, so half precision saves less than 2x
+# Bytes of activations per latent pixel per image (saved for the backward, and the backward's
+# temporaries), full SD 1.x UNet, fp32, with cdiff's frozen layers (traced: 288e3 at 256 px).
+ACT_BYTES_PER_LATENT_PIXEL_FP32 = 300e3
+HALF_ACTIVATION_FACTOR = 0.55  # autocast keeps some tensors in fp32 (traced: 0.55 at 256 px, 0.49 at 512)
 CHECKPOINT_FACTOR = 0.35
 CUDA_CONTEXT_BYTES = 600e6
+CUDA_FRAGMENTATION = 0.2  # the caching allocator reserves more than the live tensors: rounding, fragments
+# On a CPU the Python/PyTorch runtime, and glibc keeping freed activation memory about as large as
+# the activations themselves (bench_train.py: RSS 5.16 GiB fp32 / 3.03 GiB bf16 against 5.36 / 3.04 here).
+CPU_RUNTIME_BYTES = 350e6
+CPU_ALLOCATOR_RETENTION = 1.0
 
 
 @dataclass
@@ -59,7 +67,11 @@ def estimate_training_memory(
     if gradient_checkpointing:
         act *= CHECKPOINT_FACTOR
     trainable = trainable_params * 4 * 4  # fp32 weight, gradient, two AdamW moments
-    return Estimate(frozen_params * frozen_bytes_per_param, trainable, act, CUDA_CONTEXT_BYTES if cuda else 0.0)
+    if cuda:
+        overhead = CUDA_CONTEXT_BYTES + CUDA_FRAGMENTATION * act
+    else:
+        overhead = CPU_RUNTIME_BYTES + CPU_ALLOCATOR_RETENTION * act
+    return Estimate(frozen_params * frozen_bytes_per_param, trainable, act, overhead)
 
 
 def available_memory(device: torch.device) -> float | None:

@@ -1,5 +1,10 @@
 """Preflight memory estimate and the low-memory configuration."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from cdiff_cli.data import list_images
@@ -23,6 +28,36 @@ def test_estimate_scales_as_documented():
     assert low.total < 8e9 * 0.9 < full.total  # --low-memory fits an 8 GB GPU by the estimate; batch 8 does not
     half_res = estimate_training_memory(frozen_bytes_per_param=2, images_per_pass=8, resolution=256, half=True, **SD15)
     assert abs(full.activations / half_res.activations - 4) < 1e-6
+
+
+def _trace_memory_module():
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))  # the benchmark imports its _sd15 helper
+    try:
+        spec = importlib.util.spec_from_file_location("trace_memory", bench / "trace_memory.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(bench))
+
+
+@pytest.mark.parametrize("resolution,batch,precision,low_memory", [(512, 8, "bf16", False), (512, 2, "bf16", True)])
+def test_estimate_covers_the_traced_step_of_the_full_unet_without_overstating_it(resolution, batch, precision, low_memory):
+    """The preflight's tensor terms against every tensor cdiff's step creates on the full SD 1.x UNet
+    (traced on fake tensors: no memory, no GPU): at least the traced peak, so it warns before an
+    out-of-memory, and at most 1.3x it, so it does not send users to --low-memory for nothing."""
+    trace = _trace_memory_module()
+    r = trace.trace_step(resolution, batch, precision, low_memory)
+    te_params = trace.text_encoder_params()
+    assert 850e6 < r["unet_params"] < 870e6 and 120e6 < te_params < 125e6  # it is the real architecture
+    traced = r["peak_bytes"] + te_params * 2
+    est = estimate_training_memory(
+        frozen_params=r["unet_params"] + te_params - r["trainable_params"], frozen_bytes_per_param=2,
+        trainable_params=r["trainable_params"], images_per_pass=r["images_per_pass"], resolution=resolution,
+        unet_params=r["unet_params"], half=True, gradient_checkpointing=low_memory, cuda=True)
+    tensors = est.weights + est.trainable + est.activations
+    assert traced <= tensors <= 1.3 * traced, (traced / 2**30, tensors / 2**30)
 
 
 def test_preflight_warns_only_when_short():

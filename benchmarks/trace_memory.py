@@ -1,0 +1,146 @@
+"""Tensor memory of cdiff's training step on the full SD 1.x UNet, traced without allocating it.
+
+The step runs on fake tensors (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no data), so
+a batch of 8 at 512 px, which needs gigabytes, is traced on any machine in about half a minute.
+PyTorch's `MemTracker` follows every tensor the step creates and reports the peak: frozen and
+trainable weights, saved activations, the backward's temporaries, gradients and AdamW state. The
+step is cdiff's own: only the k/v weights trainable (fp32), frozen layers that keep less
+(`cdiff_cli.frozen_ops`), autocast, gradient checkpointing and one image per pass for `--low-memory`.
+
+What it is not: a GPU measurement. It traces the CPU kernels (autocast's CPU casting rules, the CPU
+flash-attention kernel, which like CUDA's keeps only its output and log-sum-exp), and counts tensor
+bytes, not the CUDA caching allocator's rounding and fragmentation, cuBLAS workspaces or the CUDA
+context (about 0.5 GB). `memory.py`'s preflight estimate adds those; this table puts the two side by
+side. The text encoder's weights are added by count (its activations for 77 tokens are negligible).
+
+    python benchmarks/trace_memory.py [--out benchmarks/results/trace_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# (name, resolution, batch, precision, --low-memory, device the preflight total is for)
+CONFIGS = [
+    ("CPU benchmark, fp32", 256, 2, "fp32", False, "cpu"),
+    ("CPU benchmark, bf16", 256, 2, "bf16", False, "cpu"),
+    ("GPU target: 512 px, batch 8", 512, 8, "bf16", False, "cuda"),
+    ("--low-memory, 512 px, batch 2", 512, 2, "bf16", True, "cuda"),
+]
+
+
+def trace_step(resolution: int, batch: int, precision: str, low_memory: bool) -> dict:
+    """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind."""
+    import torch
+    from _sd15 import sd15_unet
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from cdiff_cli import frozen_ops
+    from cdiff_cli.layers import trainable_names
+
+    class Tracker(MemTracker):
+        # The stock tracker hooks every parameter's gradient; frozen parameters take no hook.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # --low-memory: one image per pass; later passes only accumulate into the same gradients, so one
+    # pass and the optimizer step give the peak.
+    images = 1 if low_memory else batch
+    with FakeTensorMode():
+        unet = sd15_unet()
+        for p in unet.parameters():
+            p.data = p.data.to(dtype)  # frozen weights in the run's precision, as cdiff loads them
+        unet.requires_grad_(False)
+        params = dict(unet.named_parameters())
+        trainable = [params[n] for n in trainable_names(unet, "kv")]
+        for p in trainable:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+        if low_memory:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        tracker = Tracker()
+        tracker.track_external(*unet.parameters(), *unet.buffers(), optimizer)
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        side = resolution // 8
+        with tracker, frozen_ops.saving_less(unet):
+            latents = torch.randn(images, 4, side, side)
+            text = torch.randn(images, 77, 768)
+            t = torch.randint(0, 1000, (images,))
+            with autocast:
+                pred = unet(latents.to(dtype), t, text.to(dtype)).sample
+            torch.nn.functional.mse_loss(pred.float(), latents).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+        snap = next(iter(peak.values()))
+    kinds = {str(k).split(".")[-1].lower(): int(v) for k, v in snap.items()}
+    return {"peak_bytes": kinds.pop("total"), "by_kind": kinds, "images_per_pass": images,
+            "trainable_params": sum(p.numel() for p in trainable), "unet_params": sum(p.numel() for p in params.values())}
+
+
+def text_encoder_params() -> int:
+    from _sd15 import sd15_text_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPTextModel
+
+    with FakeTensorMode():
+        return sum(p.numel() for p in CLIPTextModel(sd15_text_config()).parameters())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "trace_memory.json")
+    args = ap.parse_args()
+    import torch
+
+    from cdiff_cli.memory import estimate_training_memory
+
+    te_params = text_encoder_params()
+    rows = []
+    for name, res, batch, precision, low, device in CONFIGS:
+        t0 = time.perf_counter()
+        r = trace_step(res, batch, precision, low)
+        bytes_per = 4 if precision == "fp32" else 2
+        unet_params = r["unet_params"]
+        est = estimate_training_memory(
+            frozen_params=unet_params + te_params - r["trainable_params"], frozen_bytes_per_param=bytes_per,
+            trainable_params=r["trainable_params"], images_per_pass=r["images_per_pass"], resolution=res,
+            unet_params=unet_params, half=precision != "fp32", gradient_checkpointing=low, cuda=device == "cuda")
+        traced = r["peak_bytes"] + te_params * bytes_per  # + the text encoder's weights
+        rows.append({"config": name, "resolution": res, "batch": batch, "precision": precision, "low_memory": low, "device": device,
+                     "traced_unet_step": r, "text_encoder_weight_bytes": te_params * bytes_per,
+                     "traced_total_bytes": traced, "preflight_estimate_bytes": est.total,
+                     "preflight_tensor_terms_bytes": est.total - est.overhead,
+                     "trace_seconds": time.perf_counter() - t0})
+    gib = 2**30
+    print(f"{'configuration':<32} {'weights':>8} {'activ.':>8} {'temp':>8} {'optim.':>8} {'traced':>8} "
+          f"{'preflight tensors':>18} {'preflight total':>16}")
+    for row in rows:
+        k = row["traced_unet_step"]["by_kind"]
+        weights = (k.get("param", 0) + k.get("buffer", 0) + row["text_encoder_weight_bytes"]) / gib
+        print(f"{row['config']:<32} {weights:>8.2f} {k.get('act', 0) / gib:>8.2f} {k.get('temp', 0) / gib:>8.2f} "
+              f"{(k.get('opt', 0) + k.get('grad', 0)) / gib:>8.2f} {row['traced_total_bytes'] / gib:>8.2f} "
+              f"{row['preflight_tensor_terms_bytes'] / gib:>18.2f} {row['preflight_estimate_bytes'] / gib:>16.2f}")
+    print("GiB at the traced step's peak. 'preflight tensors': memory.py's weights + trainable + activations, to\n"
+          "compare with 'traced'; 'preflight total' adds the device's overhead (CPU: runtime and allocator; CUDA:\n"
+          "context and fragmentation), what `cdiff train` checks against the free memory.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
