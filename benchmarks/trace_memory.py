@@ -13,7 +13,7 @@ bytes, not the CUDA caching allocator's rounding and fragmentation, cuBLAS works
 context (about 0.5 GB). `memory.py`'s preflight estimate adds those; this table puts the two side by
 side. The text encoder's weights are added by count (its activations for 77 tokens are negligible).
 
-    python benchmarks/trace_memory.py [--out benchmarks/results/trace_memory.json]
+    python benchmarks/trace_memory.py [--check-real] [--out benchmarks/results/trace_memory.json]
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ CONFIGS = [
 ]
 
 
-def trace_step(resolution: int, batch: int, precision: str, low_memory: bool) -> dict:
-    """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind."""
+def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fake: bool = True) -> dict:
+    """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind. `fake=False` runs the
+    same trace on real tensors (to check the fake one; needs the memory and the time)."""
     import torch
     from _sd15 import sd15_unet
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -57,7 +58,7 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool) ->
     # --low-memory: one image per pass; later passes only accumulate into the same gradients, so one
     # pass and the optimizer step give the peak.
     images = 1 if low_memory else batch
-    with FakeTensorMode():
+    with FakeTensorMode() if fake else contextlib.nullcontext():
         unet = sd15_unet()
         for p in unet.parameters():
             p.data = p.data.to(dtype)  # frozen weights in the run's precision, as cdiff loads them
@@ -103,6 +104,8 @@ def text_encoder_params() -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "trace_memory.json")
+    ap.add_argument("--check-real", action="store_true",
+                    help="also trace the 256 px rows on real tensors (a few GB, a minute) and record the difference")
     args = ap.parse_args()
     import torch
 
@@ -125,6 +128,10 @@ def main():
                      "traced_total_bytes": traced, "preflight_estimate_bytes": est.total,
                      "preflight_tensor_terms_bytes": est.total - est.overhead,
                      "trace_seconds": time.perf_counter() - t0})
+        if args.check_real and res <= 256:
+            real = trace_step(res, batch, precision, low, fake=False)
+            rows[-1]["real_tensor_peak_bytes"] = real["peak_bytes"]
+            print(f"{name}: fake {r['peak_bytes']:,} bytes, real {real['peak_bytes']:,} bytes")
     gib = 2**30
     print(f"{'configuration':<32} {'weights':>8} {'activ.':>8} {'temp':>8} {'optim.':>8} {'traced':>8} "
           f"{'preflight tensors':>18} {'preflight total':>16}")
