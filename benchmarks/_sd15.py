@@ -19,6 +19,15 @@ def sd15_unet():
     return UNet2DConditionModel(cross_attention_dim=768)
 
 
+def sd15_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+
+
 def sd15_text_config(**ids):
     from transformers import CLIPTextConfig
 
@@ -30,7 +39,7 @@ def sd15_text_config(**ids):
 def build_sd15(seed: int = 0):
     import tempfile
 
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from cdiff_cli.tiny import write_tiny_tokenizer
@@ -40,10 +49,7 @@ def build_sd15(seed: int = 0):
     te = CLIPTextModel(sd15_text_config(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
     unet = sd15_unet()
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-    )
+    vae = sd15_vae()
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -1,4 +1,4 @@
-"""Tensor memory of cdiff's training step on the full SD 1.x UNet, traced without allocating it.
+"""Tensor memory and FLOPs of cdiff's training step on the full SD 1.x UNet, traced without allocating it.
 
 The step runs on fake tensors (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no data), so
 a batch of 8 at 512 px, which needs gigabytes, is traced on any machine in about half a minute.
@@ -6,6 +6,8 @@ PyTorch's `MemTracker` follows every tensor the step creates and reports the pea
 trainable weights, saved activations, the backward's temporaries, gradients and AdamW state. The
 step is cdiff's own: only the k/v weights trainable (fp32), frozen layers that keep less
 (`cdiff_cli.frozen_ops`), autocast, gradient checkpointing and one image per pass for `--low-memory`.
+In a separate pass, `FlopCounterMode` counts the step's FLOPs, and those of the VAE and text encoding
+that the diffusers example repeats on every step.
 
 What it is not: a GPU measurement. It traces the CPU kernels (autocast's CPU casting rules, the CPU
 flash-attention kernel, which like CUDA's keeps only its output and log-sum-exp), and counts tensor
@@ -38,26 +40,17 @@ CONFIGS = [
 ]
 
 
-def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fake: bool = True) -> dict:
-    """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind. `fake=False` runs the
-    same trace on real tensors (to check the fake one; needs the memory and the time)."""
+def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, observe, fake: bool = True):
+    """Build the SD 1.x UNet as cdiff trains it and run one forward/backward of `images` images and the
+    AdamW step inside the dispatch mode `observe(unet, optimizer)`; returns (mode, unet, trainable)."""
     import torch
     from _sd15 import sd15_unet
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from cdiff_cli import frozen_ops
     from cdiff_cli.layers import trainable_names
 
-    class Tracker(MemTracker):
-        # The stock tracker hooks every parameter's gradient; frozen parameters take no hook.
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    # --low-memory: one image per pass; later passes only accumulate into the same gradients, so one
-    # pass and the optimizer step give the peak.
-    images = 1 if low_memory else batch
     with FakeTensorMode() if fake else contextlib.nullcontext():
         unet = sd15_unet()
         for p in unet.parameters():
@@ -72,11 +65,10 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
         if low_memory:
             unet.enable_gradient_checkpointing()
         unet.train()
-        tracker = Tracker()
-        tracker.track_external(*unet.parameters(), *unet.buffers(), optimizer)
+        mode = observe(unet, optimizer)
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         side = resolution // 8
-        with tracker, frozen_ops.saving_less(unet):
+        with mode, frozen_ops.saving_less(unet):
             latents = torch.randn(images, 4, side, side)
             text = torch.randn(images, 77, 768)
             t = torch.randint(0, 1000, (images,))
@@ -85,11 +77,62 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
             torch.nn.functional.mse_loss(pred.float(), latents).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        peak = tracker.get_tracker_snapshot("peak")
-        snap = next(iter(peak.values()))
+    return mode, unet, trainable
+
+
+def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fake: bool = True) -> dict:
+    """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind. `fake=False` runs the
+    same trace on real tensors (to check the fake one; needs the memory and the time)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        # The stock tracker hooks every parameter's gradient; frozen parameters take no hook.
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    def observe(unet, optimizer):
+        tracker = Tracker()
+        tracker.track_external(*unet.parameters(), *unet.buffers(), optimizer)
+        return tracker
+
+    # --low-memory: one image per pass; later passes only accumulate into the same gradients, so one
+    # pass and the optimizer step give the peak.
+    images = 1 if low_memory else batch
+    tracker, unet, trainable = _cdiff_step(resolution, images, precision, low_memory, observe, fake)
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
     kinds = {str(k).split(".")[-1].lower(): int(v) for k, v in snap.items()}
     return {"peak_bytes": kinds.pop("total"), "by_kind": kinds, "images_per_pass": images,
-            "trainable_params": sum(p.numel() for p in trainable), "unet_params": sum(p.numel() for p in params.values())}
+            "trainable_params": sum(p.numel() for p in trainable), "unet_params": sum(p.numel() for p in unet.parameters())}
+
+
+def step_tflop(resolution: int, batch: int, low_memory: bool) -> float:
+    """FLOPs of one cdiff step (a separate pass: counting and memory tracing together disturb the
+    checkpointed backward). --low-memory repeats its checkpointed pass once per image. FLOPs do not
+    depend on the precision: counted in fp32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = 1 if low_memory else batch
+    flops, _, _ = _cdiff_step(resolution, images, "fp32", low_memory, lambda unet, opt: FlopCounterMode(display=False))
+    return flops.get_total_flops() / 1e12 * (batch // images)
+
+
+def example_extra_tflop(resolution: int, batch: int) -> float:
+    """What the diffusers example computes on every step besides the UNet: the VAE encoding of the
+    batch and the text encoding of its prompts (cdiff caches the first and the regularisation half
+    of the second). FLOPs do not depend on the precision: counted in fp32."""
+    import torch
+    from _sd15 import sd15_text_config, sd15_vae
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextModel
+
+    with FakeTensorMode():
+        vae, te = sd15_vae(), CLIPTextModel(sd15_text_config())
+        flops = FlopCounterMode(display=False)
+        with flops, torch.no_grad():
+            vae.encode(torch.randn(batch, 3, resolution, resolution))
+            te(torch.randint(0, 49408, (batch, 77)))
+    return flops.get_total_flops() / 1e12
 
 
 def text_encoder_params() -> int:
@@ -116,6 +159,7 @@ def main():
     for name, res, batch, precision, low, device in CONFIGS:
         t0 = time.perf_counter()
         r = trace_step(res, batch, precision, low)
+        r["tflop_per_step"] = step_tflop(res, batch, low)
         bytes_per = 4 if precision == "fp32" else 2
         unet_params = r["unet_params"]
         est = estimate_training_memory(
@@ -127,6 +171,7 @@ def main():
                      "traced_unet_step": r, "text_encoder_weight_bytes": te_params * bytes_per,
                      "traced_total_bytes": traced, "preflight_estimate_bytes": est.total,
                      "preflight_tensor_terms_bytes": est.total - est.overhead,
+                     "example_extra_tflop_per_step": example_extra_tflop(res, batch),
                      "trace_seconds": time.perf_counter() - t0})
         if args.check_real and res <= 256:
             real = trace_step(res, batch, precision, low, fake=False)
@@ -134,16 +179,20 @@ def main():
             print(f"{name}: fake {r['peak_bytes']:,} bytes, real {real['peak_bytes']:,} bytes")
     gib = 2**30
     print(f"{'configuration':<32} {'weights':>8} {'activ.':>8} {'temp':>8} {'optim.':>8} {'traced':>8} "
-          f"{'preflight tensors':>18} {'preflight total':>16}")
+          f"{'preflight tensors':>18} {'preflight total':>16} {'TFLOP/step':>11} {'example':>8}")
     for row in rows:
         k = row["traced_unet_step"]["by_kind"]
         weights = (k.get("param", 0) + k.get("buffer", 0) + row["text_encoder_weight_bytes"]) / gib
         print(f"{row['config']:<32} {weights:>8.2f} {k.get('act', 0) / gib:>8.2f} {k.get('temp', 0) / gib:>8.2f} "
               f"{(k.get('opt', 0) + k.get('grad', 0)) / gib:>8.2f} {row['traced_total_bytes'] / gib:>8.2f} "
-              f"{row['preflight_tensor_terms_bytes'] / gib:>18.2f} {row['preflight_estimate_bytes'] / gib:>16.2f}")
+              f"{row['preflight_tensor_terms_bytes'] / gib:>18.2f} {row['preflight_estimate_bytes'] / gib:>16.2f} "
+              f"{row['traced_unet_step']['tflop_per_step']:>11.2f} "
+              f"{row['traced_unet_step']['tflop_per_step'] + row['example_extra_tflop_per_step']:>8.2f}")
     print("GiB at the traced step's peak. 'preflight tensors': memory.py's weights + trainable + activations, to\n"
           "compare with 'traced'; 'preflight total' adds the device's overhead (CPU: runtime and allocator; CUDA:\n"
-          "context and fragmentation), what `cdiff train` checks against the free memory.")
+          "context and fragmentation), what `cdiff train` checks against the free memory. 'TFLOP/step': the\n"
+          "UNet forward and backward of cdiff's step (frozen weights get no gradient); 'example': the same plus\n"
+          "the VAE and text encoding the diffusers example repeats on every step.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
