@@ -75,17 +75,26 @@ def estimate_training_memory(
 
 
 def available_memory(device: torch.device) -> float | None:
-    """Free memory the run can use: free GPU memory, or MemAvailable on a Linux CPU."""
+    """Memory the run can have in all, to compare with the estimate, which counts the loaded base too.
+
+    Called with the base already loaded, so what is free no longer includes it: on a GPU, free memory
+    plus what PyTorch holds (`memory_reserved`: the base's weights) plus the CUDA context (created, and
+    counted by the estimate); on Linux, MemAvailable plus this process's anonymous memory (the runtime,
+    and weights converted to another precision; weights mapped from their file count as available)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return float(free)
+        return float(free) + float(torch.cuda.memory_reserved(device)) + CUDA_CONTEXT_BYTES
     try:
+        available = held = None
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
+                available = float(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                held = float(line.split()[1]) * 1024
     except OSError:
-        pass
-    return None
+        return None
+    return None if available is None else available + (held or 0.0)
 
 
 def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
@@ -112,5 +121,5 @@ def preflight_warning(estimate: Estimate, available: float | None, low_memory: b
     if available is None or estimate.total <= 0.9 * available:
         return None
     hint = "lower --batch-size or --resolution" if low_memory else "use --low-memory (or lower --batch-size)"
-    return (f"this run needs about {estimate.describe()}, but only {available / 1e9:.1f} GB are free: "
+    return (f"this run needs about {estimate.describe()}, but only {available / 1e9:.1f} GB are available: "
             f"it will probably run out of memory; {hint}")

@@ -9,7 +9,7 @@ import torch
 
 from cdiff_cli.data import list_images
 from cdiff_cli.layers import trainable_names
-from cdiff_cli.memory import Estimate, estimate_training_memory, preflight_warning
+from cdiff_cli.memory import CUDA_CONTEXT_BYTES, Estimate, available_memory, estimate_training_memory, preflight_warning
 from cdiff_cli.tiny import build_tiny_pipeline
 from cdiff_cli.train import Concept, TrainConfig, low_memory_config, train
 
@@ -67,6 +67,24 @@ def test_preflight_warns_only_when_short():
     assert "7.9 GB" in msg and "--low-memory" in msg
     assert "--low-memory" not in preflight_warning(e, 6e9, low_memory=True)
     assert preflight_warning(e, None, low_memory=False) is None
+
+
+def test_available_memory_counts_what_the_loaded_base_already_holds(monkeypatch):
+    """The estimate counts the base's weights (and the CUDA context), which are already loaded when
+    the preflight runs, so what this process holds counts as available to the run."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5e9, 8e9))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2e9)
+    assert available_memory(torch.device("cuda")) == 5e9 + 2e9 + CUDA_CONTEXT_BYTES
+
+    def mem_available():
+        return next(float(x.split()[1]) * 1024 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+
+    before, free_before = available_memory(torch.device("cpu")), mem_available()
+    held = torch.ones(100_000_000)  # 400 MB, written: resident
+    after, free_after = available_memory(torch.device("cpu")), mem_available()
+    assert free_before - free_after > 300e6  # the system lost it...
+    assert abs(after - before) < 100e6  # ...but this run still has it
+    del held
 
 
 def test_low_memory_training_trains_the_same_parameters(tmp_path):
