@@ -24,7 +24,7 @@ CHECKPOINT_FACTOR = 0.35
 CUDA_CONTEXT_BYTES = 600e6
 CUDA_FRAGMENTATION = 0.2  # the caching allocator reserves more than the live tensors: rounding, fragments
 # On a CPU the Python/PyTorch runtime, and glibc keeping freed activation memory about as large as
-# the activations themselves (bench_train.py: RSS 5.16 GiB fp32 / 3.03 GiB bf16 against 5.36 / 3.04 here).
+# the activations themselves (bench_train.py: RSS 5.16 GiB fp32 / 3.03 GiB bf16 against 5.34 / 3.04 here).
 CPU_RUNTIME_BYTES = 350e6
 CPU_ALLOCATOR_RETENTION = 1.0
 
