@@ -98,8 +98,18 @@ def available_memory(device: torch.device) -> float | None:
 
 
 def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
+    """The estimate for training `pipe` with `cfg`. Under `cfg.offload` only the UNet weights that
+    stay on the device count (`offload.resident_params`), and checkpointing is on."""
     unet = pipe.unet
-    frozen = sum(p.numel() for m in (unet, pipe.text_encoder) for p in m.parameters()) - trainable_params
+    te_params = sum(p.numel() for te in _text_encoders(pipe) for p in te.parameters())
+    unet_params = sum(p.numel() for p in unet.parameters())
+    if cfg.offload:
+        from cdiff_cli.offload import resident_params
+
+        unet_params_on_device = resident_params(unet, trainable=_trainable_names(unet, cfg.mode))
+    else:
+        unet_params_on_device = unet_params
+    frozen = unet_params_on_device + te_params - trainable_params
     dtype = unet.conv_in.weight.dtype
     images = cfg.micro_batch or cfg.batch_size
     return estimate_training_memory(
@@ -109,17 +119,33 @@ def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
         images_per_pass=images,
         resolution=cfg.resolution,
         vae_factor=int(pipe.vae_scale_factor),
-        unet_params=sum(p.numel() for p in unet.parameters()),
+        unet_params=unet_params,
         half=cfg.precision in ("bf16", "fp16"),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=cfg.gradient_checkpointing or cfg.offload,
         cuda=unet.device.type == "cuda",
     )
 
 
-def preflight_warning(estimate: Estimate, available: float | None, low_memory: bool) -> str | None:
+def _text_encoders(pipe) -> list:
+    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+
+
+def _trainable_names(unet, mode: str) -> set[str]:
+    from cdiff_cli.layers import trainable_names
+
+    return set(trainable_names(unet, mode))
+
+
+def preflight_warning(estimate: Estimate, available: float | None, low_memory: bool, offload: bool = False,
+                      gpu: bool = False) -> str | None:
     """A warning when the estimate exceeds 90 % of the memory available, with what to change."""
     if available is None or estimate.total <= 0.9 * available:
         return None
-    hint = "lower --batch-size or --resolution" if low_memory else "use --low-memory (or lower --batch-size)"
+    if not low_memory:
+        hint = "use --low-memory (or lower --batch-size)"
+    elif gpu and not offload:
+        hint = "add --offload (frozen UNet weights in CPU memory), or lower --batch-size or --resolution"
+    else:
+        hint = "lower --batch-size or --resolution"
     return (f"this run needs about {estimate.describe()}, but only {available / 1e9:.1f} GB are available: "
             f"it will probably run out of memory; {hint}")

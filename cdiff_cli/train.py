@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli import frozen_ops, textcond
+from cdiff_cli import frozen_ops, offload, textcond
 from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.data import (
     ImageItem,
@@ -80,6 +80,7 @@ class TrainConfig:
     aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
     micro_batch: int = 0  # images per forward/backward (gradients accumulate); 0 = the whole batch at once
     low_memory: bool = False  # recorded for the manifest; see `low_memory_config`
+    offload: bool = False  # frozen UNet weights in CPU memory, one layer on the device at a time (with checkpointing)
 
     def effective_lr(self, processes: int = 1) -> float:
         return self.lr * self.batch_size * processes if self.scale_lr else self.lr
@@ -222,7 +223,8 @@ def train(
     for m in (unet, vae, *(te_i for te_i, _, _ in rows_of)):
         m.requires_grad_(False)
     names = trainable_names(unet, cfg.mode)
-    params = dict(unet.named_parameters())
+    # Only the trainable ones: a reference to a frozen parameter would keep it on the device under --offload.
+    params = {n: p for n, p in unet.named_parameters() if n in set(names)}
     for n in names:
         params[n].data = params[n].data.float()
         params[n].requires_grad_(True)
@@ -269,7 +271,9 @@ def train(
         elif not keep_vae:
             vae.to("meta")  # frees the weights; only its config (the latent scaling factor) is read below
 
-    if cfg.gradient_checkpointing:
+    # --offload needs checkpointing: without it autograd would keep every layer's weights on the device.
+    checkpointing = cfg.gradient_checkpointing or cfg.offload
+    if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
 
@@ -420,6 +424,7 @@ def train(
     t0 = time.perf_counter()
     try:
         with (StopSignals() if checkpointer is not None else nullcontext()) as stop, frozen_ops.saving_less(unet), \
+                (offload.frozen_weights_offloaded(unet, device) if cfg.offload else nullcontext()), \
                 progress.task("training", cfg.steps) as bar:
             if start:
                 bar.advance(start)
@@ -466,7 +471,7 @@ def train(
         for h in hooks:
             h.remove()
         unet.eval()
-        if cfg.gradient_checkpointing:
+        if checkpointing:
             unet.disable_gradient_checkpointing()
         for n in names:
             params[n].requires_grad_(False)

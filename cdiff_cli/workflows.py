@@ -139,6 +139,9 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         if not main:
             progress = SILENT
     spec, pipe, dev = _load_base(base, device, cfg.precision)
+    if cfg.offload and dev.type == "cpu":
+        progress.warn("--offload does nothing on the CPU (the weights are in RAM already); training without it")
+        cfg.offload = False
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
     _preflight(pipe, cfg, dev, progress)
@@ -244,7 +247,8 @@ def _preflight(pipe, cfg, device, progress: Progress) -> None:
 
     params = dict(pipe.unet.named_parameters())
     n_train = sum(params[n].numel() for n in trainable_names(pipe.unet, cfg.mode))
-    warning = preflight_warning(estimate_for_pipe(pipe, cfg, n_train), available_memory(device), cfg.low_memory)
+    warning = preflight_warning(estimate_for_pipe(pipe, cfg, n_train), available_memory(device), cfg.low_memory,
+                                cfg.offload, gpu=device.type != "cpu")
     if warning:
         progress.warn(warning)
 

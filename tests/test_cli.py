@@ -90,6 +90,13 @@ def test_joint_training_makes_one_entry_with_every_token(home, sd1_base, cat_ima
     assert entry.load_delta().embeddings.shape[0] == 2
 
 
+def test_offload_on_the_cpu_warns_and_trains_without_it(home, sd1_base, cat_images):
+    r = cdiff("train", "off", cat_images, "--class", "cat", "--base", sd1_base, *TRAIN, "--reg", "none", "--offload")
+    assert "--offload does nothing on the CPU" in r.stderr
+    manifest = Registry(home).get("off").manifest
+    assert manifest["train"]["offload"] is False  # recorded as what actually ran
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

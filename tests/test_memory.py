@@ -67,6 +67,29 @@ def test_preflight_warns_only_when_short():
     assert "7.9 GB" in msg and "--low-memory" in msg
     assert "--low-memory" not in preflight_warning(e, 6e9, low_memory=True)
     assert preflight_warning(e, None, low_memory=False) is None
+    # Already low on memory: on a GPU the next step is --offload; once offloaded, only smaller batches help.
+    assert "--offload" in preflight_warning(e, 6e9, low_memory=True, gpu=True)
+    assert "--offload" not in preflight_warning(e, 6e9, low_memory=True, gpu=False)
+    assert "--offload" not in preflight_warning(e, 6e9, low_memory=True, offload=True, gpu=True)
+
+
+def test_offload_estimate_counts_only_the_unet_weights_left_on_the_device():
+    from cdiff_cli.memory import estimate_for_pipe
+    from cdiff_cli.offload import resident_params
+
+    pipe = build_tiny_pipeline("sd1")
+    names = set(trainable_names(pipe.unet, "kv"))
+    n_train = sum(p.numel() for n, p in pipe.unet.named_parameters() if n in names)
+    cfg = low_memory_config(TrainConfig(resolution=RES, batch_size=2))
+    plain = estimate_for_pipe(pipe, cfg, n_train)
+    cfg.offload = True
+    off = estimate_for_pipe(pipe, cfg, n_train)
+    te = sum(p.numel() for p in pipe.text_encoder.parameters())
+    unet = sum(p.numel() for p in pipe.unet.parameters())
+    bytes_per = 4  # the tiny base is fp32
+    assert plain.weights == (unet + te - n_train) * bytes_per
+    assert off.weights == (resident_params(pipe.unet, names) + te - n_train) * bytes_per < plain.weights
+    assert off.trainable == plain.trainable and off.activations == plain.activations
 
 
 def test_available_memory_counts_what_the_loaded_base_already_holds(monkeypatch):

@@ -56,6 +56,7 @@ def train_cmd(
     precision: Annotated[Precision, typer.Option(help="Frozen weights and autocast precision. auto: bf16 where the GPU/CPU computes it natively, else fp16 (GPU) or fp32. Trainable weights and optimizer state always stay fp32.")] = Precision.auto,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Trade compute for memory.")] = False,
     low_memory: Annotated[bool, typer.Option("--low-memory", help="Gradient checkpointing, one image per forward/backward (same update), half-precision frozen weights: SD 1.x at 512 px on an 8 GB GPU.")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="GPU: keep the UNet's frozen weights in CPU memory and copy each layer to the GPU only while it runs (turns on gradient checkpointing). For GPUs too small even for --low-memory (SD 1.x needs about 0.3 GB of UNet weights on the GPU instead of 1.7); slower, as the weights cross PCIe twice per forward/backward.")] = False,
     aug_pool: Annotated[int, typer.Option("--aug-pool", min=0, help="Augmented variants per target image, VAE-encoded once before training (0: encode a fresh draw every step).")] = 16,
     device: Device = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped or killed run from its checkpoint (give the same arguments); ends with the same weights as an uninterrupted run.")] = False,
@@ -85,7 +86,7 @@ def train_cmd(
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, scale_lr=not no_scale_lr, mode=mode.value,
         resolution=resolution, seed=seed, aug=not no_aug, hflip=not no_hflip, precision=precision.value,
-        gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool,
+        gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload,
     )
     if low_memory:
         cfg = low_memory_config(cfg)

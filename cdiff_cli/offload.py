@@ -1,0 +1,84 @@
+"""`--offload`: the UNet's frozen weights stay in CPU memory and visit the GPU one layer at a time.
+
+Custom Diffusion trains a few million parameters but must run the whole frozen UNet forward and
+backward; on a small GPU its weights alone (1.7 GB for SD 1.x, 5 GB for SDXL in half precision) do not
+leave room for the activations. accelerate's `AlignDevicesHook` (what diffusers' sequential CPU offload
+uses for inference) copies a layer's weights to the GPU before the layer runs and drops them after.
+For training that alone saves nothing: autograd keeps each layer's GPU weights for the backward. With
+gradient checkpointing (which `--offload` turns on), the checkpointed blocks keep nothing; their
+backward re-runs the block's forward, so its weights come back for that block only. What stays on the
+GPU: the trainable layers, the few layers outside checkpointed blocks (input/output convolutions, up-
+and down-samplers, the time embedding) and one block at a time (`resident_params`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# diffusers checkpoints each ResNet block and each transformer block (not the Transformer2DModel's
+# own norm and projections): these are the units whose weights come and go one at a time.
+_UNIT = re.compile(r"^(.*?\.(?:resnets|transformer_blocks)\.\d+)\.")
+
+
+def _frozen_leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules holding parameters of their own, none of them trainable."""
+    out = []
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(m)
+    return out
+
+
+@contextmanager
+def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str) -> Iterator[int]:
+    """While active, the frozen layers of `module` keep their weights in CPU memory (pinned when the
+    device is a GPU) and copy them to `device` only while they run. Trainable parameters and buffers
+    stay where they are. Yields how many layers are offloaded; on exit every weight is back on its
+    device, bit-identical, and the layers' forwards are their own again.
+
+    Drop other references to the frozen parameters first: a parameter something else still holds is
+    not freed by being offloaded."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    device = torch.device(device)
+    pin = device.type == "cuda"
+    hooked = []
+    try:
+        for m in _frozen_leaves(module):
+            if hasattr(m, "_hf_hook"):
+                continue  # already under an accelerate hook (a device map, another offload): leave it alone
+            weights = {}
+            for name, p in m.named_parameters(recurse=False):
+                cpu = p.detach().to("cpu")
+                weights[name] = cpu.pin_memory() if pin else cpu
+            add_hook_to_module(m, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights))
+            hooked.append(m)
+        yield len(hooked)
+    finally:
+        for m in reversed(hooked):
+            own_forward = m.__dict__.get("_old_forward")
+            remove_hook_from_module(m)  # puts the weights back on their device
+            # accelerate restores the old forward as an instance attribute; when that was the class's
+            # own method, remove it so the module is exactly as before (and patchable again).
+            if getattr(own_forward, "__func__", None) is getattr(type(m), "forward", None):
+                m.__dict__.pop("forward", None)
+
+
+def resident_params(unet: torch.nn.Module, trainable: set[str] | None = None) -> int:
+    """Parameters on the GPU at the worst moment of an offloaded, checkpointed step: trainable ones
+    (`trainable` names, or those that require grad), frozen ones outside checkpointed blocks (kept by
+    autograd until the backward), and the largest checkpointed block, whose weights are back for its
+    recomputed forward and its backward."""
+    resident, units = 0, {}
+    for name, p in unet.named_parameters():
+        unit = _UNIT.match(name)
+        if (name in trainable if trainable is not None else p.requires_grad) or unit is None:
+            resident += p.numel()
+        else:
+            units[unit.group(1)] = units.get(unit.group(1), 0) + p.numel()
+    return resident + max(units.values(), default=0)
