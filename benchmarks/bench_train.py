@@ -13,6 +13,9 @@ with the other rows' gradients zeroed, VAE encoding and text encoding of every i
     # --low-memory on an emulated 8 GB GPU: the process may use only 7 GiB (the rest is the CUDA context)
     python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 2 --steps 30 \
         --precision bf16 --low-memory --memory-cap-gb 7 --out benchmarks/results/bench_train-cuda-lowmem.json
+    # --offload as well, cdiff only, capped at 2 GiB (traced: 0.78 GiB of tensors)
+    python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 2 --steps 30 --precision bf16 \
+        --low-memory --offload --trainers cdiff --memory-cap-gb 2 --out benchmarks/results/bench_train-cuda-offload.json
 
 A run that does not fit (an out-of-memory under the cap) is recorded as such, not as a failure.
 
@@ -94,6 +97,7 @@ def worker_cdiff(args) -> dict:
                       gradient_checkpointing=args.gradient_checkpointing)
     if args.low_memory:
         cfg = low_memory_config(cfg)
+    cfg.offload = args.offload
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         train(pipe, [concept], cfg, device=device, progress=Clock(), keep_vae=False)  # as `cdiff train` calls it
@@ -221,6 +225,8 @@ def run_worker(args, trainer: str, precision: str) -> dict:
         cmd.append("--gradient-checkpointing")
     if args.low_memory:
         cmd.append("--low-memory")
+    if args.offload:
+        cmd.append("--offload")
     if args.memory_cap_gb:
         cmd += ["--memory-cap-gb", str(args.memory_cap_gb)]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -246,6 +252,7 @@ def main():
     ap.add_argument("--precision", default="fp32,bf16", help="comma list; each is run for both trainers")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--low-memory", action="store_true", help="cdiff with --low-memory; the baseline with its --gradient_checkpointing")
+    ap.add_argument("--offload", action="store_true", help="cdiff with --offload (the baseline has no such option: use --trainers cdiff)")
     ap.add_argument("--memory-cap-gb", type=float, default=0.0, help="CUDA: let each process use at most this many GiB")
     ap.add_argument("--trainers", default="baseline,cdiff", help="comma list")
     ap.add_argument("--out", type=Path)
@@ -281,7 +288,7 @@ def main():
     cuda = args.device.startswith("cuda")
     mem = "peak GPU MiB" if cuda else "peak RSS MiB"
     print(f"\nSD 1.x architecture, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, device {args.device}"
-          + (", --low-memory" if args.low_memory else "") + (f", capped at {args.memory_cap_gb} GiB" if args.memory_cap_gb else ""))
+          + (", --low-memory" if args.low_memory else "") + (", --offload" if args.offload else "") + (f", capped at {args.memory_cap_gb} GiB" if args.memory_cap_gb else ""))
     print(f"{'trainer':<10}{'precision':<11}{'s/step':>8}{'cache s':>9}{mem:>15}{'reserved MiB':>14}{'wall s':>9}{'250-step wall s':>17}")
     for trainer, precision, r in rows:
         if r.get("out_of_memory"):
@@ -294,7 +301,7 @@ def main():
         print(f"{k}: cdiff {v['speedup_steps_per_s']:.2f}x the baseline's steps/s, {v['memory_ratio']:.2f}x its peak memory")
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "device": args.device, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
-            "low_memory": args.low_memory, "memory_cap_gb": args.memory_cap_gb}
+            "low_memory": args.low_memory, "offload": args.offload, "memory_cap_gb": args.memory_cap_gb}
     try:
         import torch
 

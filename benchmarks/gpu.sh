@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU measurement that issue 5 asks for, on one CUDA device, in one go (or part by part).
 #
-#   bash benchmarks/gpu.sh [train|lowmem|gen|all] [RESULTS_DIR]
+#   bash benchmarks/gpu.sh [train|lowmem|offload|gen|all] [RESULTS_DIR]
 #
 #   train   cdiff against the diffusers-example approach: SD 1.x, 512 px, batch 8, 250 real steps, bf16
 #           (target on one H100: under 45 s including latent caching, under 10 GB)
 #   lowmem  --low-memory at 512 px, batch 2, with each process capped at 7 GiB of GPU memory, as on an
 #           8 GB card once the CUDA context has its share (the baseline with its gradient checkpointing)
+#   offload cdiff's --low-memory --offload at 512 px, batch 2, capped at 2 GiB (traced: 0.78 GiB of tensors),
+#           and --low-memory alone uncapped in the same run for the step-time cost of the transfers
 #   gen     cdiff gen against the plain pipeline at 512 px, 25 steps, fp16; applying a delta; a merge
 #
 # The random full-size SD 1.x model is built once into $CDIFF_BENCH_MODEL (default /tmp/cdiff-bench-sd15).
@@ -34,6 +36,12 @@ fi
 if [[ $part == lowmem || $part == all ]]; then
     $py benchmarks/bench_train.py --device cuda --model-dir "$model" --resolution 512 --batch-size 2 --steps 30 \
         --precision bf16 --low-memory --memory-cap-gb 7 --out "$out/bench_train-cuda-lowmem.json"
+fi
+if [[ $part == offload || $part == all ]]; then
+    $py benchmarks/bench_train.py --device cuda --model-dir "$model" --resolution 512 --batch-size 2 --steps 30 \
+        --precision bf16 --low-memory --offload --trainers cdiff --memory-cap-gb 2 --out "$out/bench_train-cuda-offload.json"
+    $py benchmarks/bench_train.py --device cuda --model-dir "$model" --resolution 512 --batch-size 2 --steps 30 \
+        --precision bf16 --low-memory --trainers cdiff --out "$out/bench_train-cuda-lowmem-cdiff.json"
 fi
 if [[ $part == gen || $part == all ]]; then
     $py benchmarks/bench_gen.py --device cuda --model-dir "$model" --precision fp16 --resolution 512 --steps 25 --repeats 3 \

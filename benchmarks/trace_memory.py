@@ -31,23 +31,54 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-# (name, resolution, batch, precision, --low-memory, device the preflight total is for)
+# (name, resolution, batch, precision, --low-memory, --offload, device the preflight total is for)
 CONFIGS = [
-    ("CPU benchmark, fp32", 256, 2, "fp32", False, "cpu"),
-    ("CPU benchmark, bf16", 256, 2, "bf16", False, "cpu"),
-    ("GPU target: 512 px, batch 8", 512, 8, "bf16", False, "cuda"),
-    ("--low-memory, 512 px, batch 2", 512, 2, "bf16", True, "cuda"),
+    ("CPU benchmark, fp32", 256, 2, "fp32", False, False, "cpu"),
+    ("CPU benchmark, bf16", 256, 2, "bf16", False, False, "cpu"),
+    ("GPU target: 512 px, batch 8", 512, 8, "bf16", False, False, "cuda"),
+    ("--low-memory, 512 px, batch 2", 512, 2, "bf16", True, False, "cuda"),
+    ("--low-memory --offload, 512 px, b. 2", 512, 2, "bf16", True, True, "cuda"),
 ]
 
 
-def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, observe, fake: bool = True):
+@contextlib.contextmanager
+def _emulated_transfers():
+    """--offload on a CPU trace: accelerate's hook moves each frozen layer's weights between the CPU and
+    the device; here "meta" stands for the CPU copy (not counted) and a fresh clone for the device copy
+    (counted from its creation to its release, as on the GPU). accelerate's own setter cannot rebuild a
+    parameter of fake tensors, hence this stand-in for it."""
+    import accelerate.hooks as hooks
+    import torch
+
+    def set_tensor(module, name, device, value=None, **kwargs):
+        if name in module._buffers:
+            return  # buffers stay where they are (offload_buffers=False)
+        old = module._parameters[name]
+        if torch.device(device).type == "meta":
+            new = torch.empty_like(old, device="meta")
+        else:
+            new = (old if value is None else value).clone()
+        module._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
+
+    real = hooks.set_module_tensor_to_device
+    hooks.set_module_tensor_to_device = set_tensor
+    try:
+        yield
+    finally:
+        hooks.set_module_tensor_to_device = real
+
+
+def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, observe, fake: bool = True,
+                offload: bool = False):
     """Build the SD 1.x UNet as cdiff trains it and run one forward/backward of `images` images and the
-    AdamW step inside the dispatch mode `observe(unet, optimizer)`; returns (mode, unet, trainable)."""
+    AdamW step inside the dispatch mode `observe(unet, optimizer)`; returns (mode, unet, trainable).
+    `offload`: as `--offload` (gradient checkpointing, frozen weights on the device one layer at a time)."""
     import torch
     from _sd15 import sd15_unet
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from cdiff_cli import frozen_ops
+    from cdiff_cli import offload as cdiff_offload
     from cdiff_cli.layers import trainable_names
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -62,13 +93,17 @@ def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, 
             p.data = p.data.float()
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-        if low_memory:
+        if low_memory or offload:
             unet.enable_gradient_checkpointing()
         unet.train()
-        mode = observe(unet, optimizer)
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         side = resolution // 8
-        with mode, frozen_ops.saving_less(unet):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(frozen_ops.saving_less(unet))  # entered in this order by train()
+            if offload:
+                stack.enter_context(_emulated_transfers())
+                stack.enter_context(cdiff_offload.frozen_weights_offloaded(unet, "cpu"))
+            mode = stack.enter_context(observe(unet, optimizer))
             latents = torch.randn(images, 4, side, side)
             text = torch.randn(images, 77, 768)
             t = torch.randint(0, 1000, (images,))
@@ -80,9 +115,11 @@ def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, 
     return mode, unet, trainable
 
 
-def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fake: bool = True) -> dict:
+def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fake: bool = True,
+               offload: bool = False) -> dict:
     """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind. `fake=False` runs the
     same trace on real tensors (to check the fake one; needs the memory and the time)."""
+    import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
     class Tracker(MemTracker):
@@ -92,17 +129,23 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
 
     def observe(unet, optimizer):
         tracker = Tracker()
-        tracker.track_external(*unet.parameters(), *unet.buffers(), optimizer)
+        # Under --offload the frozen weights are on "meta" (their CPU copies): not device memory.
+        tracker.track_external(*(p for p in unet.parameters() if p.device.type != "meta"), *unet.buffers(), optimizer)
         return tracker
 
     # --low-memory: one image per pass; later passes only accumulate into the same gradients, so one
     # pass and the optimizer step give the peak.
     images = 1 if low_memory else batch
-    tracker, unet, trainable = _cdiff_step(resolution, images, precision, low_memory, observe, fake)
-    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    tracker, unet, trainable = _cdiff_step(resolution, images, precision, low_memory, observe, fake, offload)
+    snap = next(v for k, v in tracker.get_tracker_snapshot("peak").items() if torch.device(k).type == "cpu")
     kinds = {str(k).split(".")[-1].lower(): int(v) for k, v in snap.items()}
-    return {"peak_bytes": kinds.pop("total"), "by_kind": kinds, "images_per_pass": images,
-            "trainable_params": sum(p.numel() for p in trainable), "unet_params": sum(p.numel() for p in unet.parameters())}
+    from cdiff_cli.offload import resident_params
+
+    unet_params = sum(p.numel() for p in unet.parameters())
+    return {"peak_bytes": kinds.pop("total"), "by_kind": kinds, "images_per_pass": images, "offload": offload,
+            "trainable_params": sum(p.numel() for p in trainable), "unet_params": unet_params,
+            # the UNet parameters the preflight counts on the device
+            "device_unet_params": resident_params(unet) if offload else unet_params}
 
 
 def step_tflop(resolution: int, batch: int, low_memory: bool) -> float:
@@ -156,18 +199,19 @@ def main():
 
     te_params = text_encoder_params()
     rows = []
-    for name, res, batch, precision, low, device in CONFIGS:
+    for name, res, batch, precision, low, off, device in CONFIGS:
         t0 = time.perf_counter()
-        r = trace_step(res, batch, precision, low)
+        r = trace_step(res, batch, precision, low, offload=off)
         r["tflop_per_step"] = step_tflop(res, batch, low)
         bytes_per = 4 if precision == "fp32" else 2
         unet_params = r["unet_params"]
         est = estimate_training_memory(
-            frozen_params=unet_params + te_params - r["trainable_params"], frozen_bytes_per_param=bytes_per,
+            frozen_params=r["device_unet_params"] + te_params - r["trainable_params"], frozen_bytes_per_param=bytes_per,
             trainable_params=r["trainable_params"], images_per_pass=r["images_per_pass"], resolution=res,
-            unet_params=unet_params, half=precision != "fp32", gradient_checkpointing=low, cuda=device == "cuda")
+            unet_params=unet_params, half=precision != "fp32", gradient_checkpointing=low or off, cuda=device == "cuda")
         traced = r["peak_bytes"] + te_params * bytes_per  # + the text encoder's weights
-        rows.append({"config": name, "resolution": res, "batch": batch, "precision": precision, "low_memory": low, "device": device,
+        rows.append({"config": name, "resolution": res, "batch": batch, "precision": precision, "low_memory": low,
+                     "offload": off, "device": device,
                      "traced_unet_step": r, "text_encoder_weight_bytes": te_params * bytes_per,
                      "traced_total_bytes": traced, "preflight_estimate_bytes": est.total,
                      "preflight_tensor_terms_bytes": est.total - est.overhead,
@@ -178,12 +222,12 @@ def main():
             rows[-1]["real_tensor_peak_bytes"] = real["peak_bytes"]
             print(f"{name}: fake {r['peak_bytes']:,} bytes, real {real['peak_bytes']:,} bytes")
     gib = 2**30
-    print(f"{'configuration':<32} {'weights':>8} {'activ.':>8} {'temp':>8} {'optim.':>8} {'traced':>8} "
+    print(f"{'configuration':<37} {'weights':>8} {'activ.':>8} {'temp':>8} {'optim.':>8} {'traced':>8} "
           f"{'preflight tensors':>18} {'preflight total':>16} {'TFLOP/step':>11} {'example':>8}")
     for row in rows:
         k = row["traced_unet_step"]["by_kind"]
         weights = (k.get("param", 0) + k.get("buffer", 0) + row["text_encoder_weight_bytes"]) / gib
-        print(f"{row['config']:<32} {weights:>8.2f} {k.get('act', 0) / gib:>8.2f} {k.get('temp', 0) / gib:>8.2f} "
+        print(f"{row['config']:<37} {weights:>8.2f} {k.get('act', 0) / gib:>8.2f} {k.get('temp', 0) / gib:>8.2f} "
               f"{(k.get('opt', 0) + k.get('grad', 0)) / gib:>8.2f} {row['traced_total_bytes'] / gib:>8.2f} "
               f"{row['preflight_tensor_terms_bytes'] / gib:>18.2f} {row['preflight_estimate_bytes'] / gib:>16.2f} "
               f"{row['traced_unet_step']['tflop_per_step']:>11.2f} "

@@ -42,22 +42,25 @@ def _trace_memory_module():
         sys.path.remove(str(bench))
 
 
-@pytest.mark.parametrize("resolution,batch,precision,low_memory", [(512, 8, "bf16", False), (512, 2, "bf16", True)])
-def test_estimate_covers_the_traced_step_of_the_full_unet_without_overstating_it(resolution, batch, precision, low_memory):
+@pytest.mark.parametrize("resolution,batch,precision,low_memory,offload",
+                         [(512, 8, "bf16", False, False), (512, 2, "bf16", True, False), (512, 2, "bf16", True, True)])
+def test_estimate_covers_the_traced_step_of_the_full_unet_without_overstating_it(resolution, batch, precision, low_memory, offload):
     """The preflight's tensor terms against every tensor cdiff's step creates on the full SD 1.x UNet
     (traced on fake tensors: no memory, no GPU): at least the traced peak, so it warns before an
     out-of-memory, and at most 1.3x it, so it does not send users to --low-memory for nothing."""
     trace = _trace_memory_module()
-    r = trace.trace_step(resolution, batch, precision, low_memory)
+    r = trace.trace_step(resolution, batch, precision, low_memory, offload=offload)
     te_params = trace.text_encoder_params()
     assert 850e6 < r["unet_params"] < 870e6 and 120e6 < te_params < 125e6  # it is the real architecture
     traced = r["peak_bytes"] + te_params * 2
     est = estimate_training_memory(
-        frozen_params=r["unet_params"] + te_params - r["trainable_params"], frozen_bytes_per_param=2,
+        frozen_params=r["device_unet_params"] + te_params - r["trainable_params"], frozen_bytes_per_param=2,
         trainable_params=r["trainable_params"], images_per_pass=r["images_per_pass"], resolution=resolution,
-        unet_params=r["unet_params"], half=True, gradient_checkpointing=low_memory, cuda=True)
+        unet_params=r["unet_params"], half=True, gradient_checkpointing=low_memory or offload, cuda=True)
     tensors = est.weights + est.trainable + est.activations
     assert traced <= tensors <= 1.3 * traced, (traced / 2**30, tensors / 2**30)
+    if offload:  # the frozen weights really left the device: the whole step needs less than 40 % of them
+        assert r["peak_bytes"] < 0.4 * r["unet_params"] * 2
 
 
 def test_preflight_warns_only_when_short():
