@@ -16,7 +16,8 @@ cached. Under `accelerate launch` each process trains on its own draws and the t
 are all-reduced directly (no wrapper module around the UNet).
 
 Memory: while training, the frozen convolutions and GEGLU layers keep less for the backward
-(`frozen_ops.saving_less`; the gradients are bit-identical).
+(`frozen_ops.saving_less`; the gradients are bit-identical). `offload` keeps the frozen UNet weights in
+CPU memory, one layer (one checkpointed block in the backward) on the device at a time (`offload.py`).
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def train(
         m.requires_grad_(False)
     names = trainable_names(unet, cfg.mode)
     # Only the trainable ones: a reference to a frozen parameter would keep it on the device under --offload.
-    params = {n: p for n, p in unet.named_parameters() if n in set(names)}
+    wanted = set(names)
+    params = {n: p for n, p in unet.named_parameters() if n in wanted}
     for n in names:
         params[n].data = params[n].data.float()
         params[n].requires_grad_(True)
