@@ -97,18 +97,19 @@ def available_memory(device: torch.device) -> float | None:
     return None if available is None else available + (held or 0.0)
 
 
-def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
+def estimate_for_pipe(pipe, cfg) -> Estimate:
     """The estimate for training `pipe` with `cfg`. Under `cfg.offload` only the UNet weights that
     stay on the device count (`offload.resident_params`), and checkpointing is on."""
-    unet = pipe.unet
-    te_params = sum(p.numel() for te in _text_encoders(pipe) for p in te.parameters())
-    unet_params = sum(p.numel() for p in unet.parameters())
-    if cfg.offload:
-        from cdiff_cli.offload import resident_params
+    from cdiff_cli.layers import trainable_names
+    from cdiff_cli.offload import resident_params
+    from cdiff_cli.textcond import encoders
 
-        unet_params_on_device = resident_params(unet, trainable=_trainable_names(unet, cfg.mode))
-    else:
-        unet_params_on_device = unet_params
+    unet = pipe.unet
+    names = set(trainable_names(unet, cfg.mode))
+    trainable_params = sum(p.numel() for n, p in unet.named_parameters() if n in names)
+    te_params = sum(p.numel() for _, te in encoders(pipe) for p in te.parameters())
+    unet_params = sum(p.numel() for p in unet.parameters())
+    unet_params_on_device = resident_params(unet, trainable=names) if cfg.offload else unet_params
     frozen = unet_params_on_device + te_params - trainable_params
     dtype = unet.conv_in.weight.dtype
     images = cfg.micro_batch or cfg.batch_size
@@ -124,16 +125,6 @@ def estimate_for_pipe(pipe, cfg, trainable_params: int) -> Estimate:
         gradient_checkpointing=cfg.gradient_checkpointing or cfg.offload,
         cuda=unet.device.type == "cuda",
     )
-
-
-def _text_encoders(pipe) -> list:
-    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
-
-
-def _trainable_names(unet, mode: str) -> set[str]:
-    from cdiff_cli.layers import trainable_names
-
-    return set(trainable_names(unet, mode))
 
 
 def preflight_warning(estimate: Estimate, available: float | None, low_memory: bool, offload: bool = False,

@@ -242,12 +242,9 @@ def _kept(ckpt) -> str:
 
 def _preflight(pipe, cfg, device, progress: Progress) -> None:
     """Warn before training when the memory estimate exceeds what is free (see cdiff_cli.memory)."""
-    from cdiff_cli.layers import trainable_names
     from cdiff_cli.memory import available_memory, estimate_for_pipe, preflight_warning
 
-    params = dict(pipe.unet.named_parameters())
-    n_train = sum(params[n].numel() for n in trainable_names(pipe.unet, cfg.mode))
-    warning = preflight_warning(estimate_for_pipe(pipe, cfg, n_train), available_memory(device), cfg.low_memory,
+    warning = preflight_warning(estimate_for_pipe(pipe, cfg), available_memory(device), cfg.low_memory,
                                 cfg.offload, gpu=device.type != "cpu")
     if warning:
         progress.warn(warning)

@@ -84,9 +84,9 @@ def test_offload_estimate_counts_only_the_unet_weights_left_on_the_device():
     names = set(trainable_names(pipe.unet, "kv"))
     n_train = sum(p.numel() for n, p in pipe.unet.named_parameters() if n in names)
     cfg = low_memory_config(TrainConfig(resolution=RES, batch_size=2))
-    plain = estimate_for_pipe(pipe, cfg, n_train)
+    plain = estimate_for_pipe(pipe, cfg)
     cfg.offload = True
-    off = estimate_for_pipe(pipe, cfg, n_train)
+    off = estimate_for_pipe(pipe, cfg)
     te = sum(p.numel() for p in pipe.text_encoder.parameters())
     unet = sum(p.numel() for p in pipe.unet.parameters())
     bytes_per = 4  # the tiny base is fp32
