@@ -13,7 +13,8 @@ What it is not: a GPU measurement. It traces the CPU kernels (autocast's CPU cas
 flash-attention kernel, which like CUDA's keeps only its output and log-sum-exp), and counts tensor
 bytes, not the CUDA caching allocator's rounding and fragmentation, cuBLAS workspaces or the CUDA
 context (about 0.5 GB). `memory.py`'s preflight estimate adds those; this table puts the two side by
-side. The text encoder's weights are added by count (its activations for 77 tokens are negligible).
+side. The text encoder's weights are added by count (its activations for 77 tokens are negligible),
+with its token table cut to the rows a run's prompts use, as training does.
 
     python benchmarks/trace_memory.py [--check-real] [--out benchmarks/results/trace_memory.json]
 """
@@ -178,13 +179,18 @@ def example_extra_tflop(resolution: int, batch: int) -> float:
     return flops.get_total_flops() / 1e12
 
 
-def text_encoder_params() -> int:
+def text_encoder_params(training: bool = True) -> int:
+    """The SD 1.x text encoder's parameters; `training`: with its token table cut down, as in a run."""
     from _sd15 import sd15_text_config
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import CLIPTextModel
 
+    from cdiff_cli.memory import text_params_in_training
+
     with FakeTensorMode():
-        return sum(p.numel() for p in CLIPTextModel(sd15_text_config()).parameters())
+        te = CLIPTextModel(sd15_text_config())
+        total = sum(p.numel() for p in te.parameters())
+        return text_params_in_training(total, *te.get_input_embeddings().weight.shape) if training else total
 
 
 def main():

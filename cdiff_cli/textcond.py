@@ -50,3 +50,38 @@ def added_conditioning(pipe, pooled: torch.Tensor | None, resolution: int) -> di
         return None
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=pooled.device, dtype=pooled.dtype)
     return {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}
+
+
+class UsedRows(torch.nn.Module):
+    """A token-embedding table cut down to the rows of the ids it was built for.
+
+    Training encodes a fixed set of prompts (the concept prompts with their augmentation prefixes and
+    the regularisation captions), which use a few hundred of CLIP's 49,408 ids: the other rows are
+    150 MB of fp32 weights (SD 1.x; SDXL's two tables 400 MB) that no step reads. It is called with the
+    original ids and returns exactly the rows the full table would."""
+
+    def __init__(self, table: torch.Tensor, ids: torch.Tensor):
+        super().__init__()
+        ids = torch.unique(ids.to(table.device))  # sorted
+        self.register_buffer("ids", ids, persistent=False)
+        self.weight = torch.nn.Parameter(table.detach()[ids].clone(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.searchsorted(self.ids, input_ids).clamp_(max=len(self.ids) - 1)
+        # An id outside the set would silently read another row; async, so no host sync on a GPU.
+        torch._assert_async((self.ids[pos] == input_ids).all(), "a prompt uses a token the cut-down table lacks")
+        return torch.nn.functional.embedding(pos, self.weight)
+
+
+def keep_rows_for(pipe, prompts: list[str]) -> int:
+    """Replace each text encoder's token-embedding table by the rows `prompts` use (plus padding),
+    freeing the rest. The pipeline can then encode only those prompts: for a caller that does not
+    use it afterwards. Returns the number of rows freed."""
+    freed = 0
+    for tok, te in encoders(pipe):
+        table = te.get_input_embeddings().weight
+        ids = torch.cat([tokenize(tok, prompts).flatten(), tokenize(tok, [""]).flatten()])
+        used = UsedRows(table, ids)
+        freed += table.shape[0] - used.weight.shape[0]
+        te.set_input_embeddings(used)
+    return freed

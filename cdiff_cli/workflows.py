@@ -194,7 +194,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         ckpt.clear()
     try:
         result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
-                       checkpointer=ckpt, resume=resume, keep_vae=False)
+                       checkpointer=ckpt, resume=resume, keep_pipe=False)
     except StopRequested as e:
         if not e.saved:
             raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"

@@ -1,10 +1,12 @@
 """Training changes exactly what Custom Diffusion trains, and every concept token learns."""
 
+import pytest
 import torch
 
-from cdiff_cli.data import list_images
+from cdiff_cli import textcond
+from cdiff_cli.data import ImageItem, list_images
 from cdiff_cli.layers import trainable_names
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.train import Concept, TrainConfig, balanced_slots, split_batch, train
 
 from .conftest import RES, make_images
@@ -100,15 +102,38 @@ def test_training_lowers_loss_on_a_fixed_image(tmp_path):
     assert last < first
 
 
-def test_freeing_the_vae_after_caching_changes_nothing_but_memory(tmp_path):
-    """`cdiff train` frees the VAE on a CPU once the latents are cached: the same weights come out."""
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_freeing_what_the_steps_do_not_read_changes_nothing_but_memory(tmp_path, arch):
+    """`cdiff train` (keep_pipe=False) frees the VAE on a CPU once the latents are cached, and cuts each
+    token-embedding table down to the rows the run's prompts use: the same delta comes out."""
     imgs = list_images(make_images(tmp_path / "a"))
+    captions = [ImageItem(i.path, f"a {w} cat on a rug") for i, w in zip(imgs, ["grey", "small", "sleepy"])]
     results = []
     for keep in (True, False):
-        pipe = build_tiny_pipeline("sd1")
+        pipe = build_tiny_sdxl_pipeline() if arch == "sdxl" else build_tiny_pipeline("sd1")
         cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, resolution=RES, aug_pool=2)
-        results.append(train(pipe, [Concept("<a1>", "cat", imgs, reg=imgs)], cfg, keep_vae=keep).delta)
+        concept = Concept("<a1>", "cat", imgs, reg=captions)
+        results.append(train(pipe, [concept], cfg, keep_pipe=keep).delta)
         assert all(p.is_meta for p in pipe.vae.parameters()) is (not keep)
+        for tok, te in textcond.encoders(pipe):
+            rows, n = te.get_input_embeddings().weight.shape[0], len(tok)
+            if keep:
+                assert rows == n
+            else:  # exactly the ids of the concept's prompts (every augmentation prefix) and its captions
+                used = {i for p in concept.prompts() + [""] for i in textcond.tokenize(tok, [p])[0].tolist()}
+                assert rows == len(used) < n // 2
     kept, freed = results
     assert torch.equal(kept.embeddings, freed.embeddings)
+    if arch == "sdxl":
+        assert torch.equal(kept.embeddings_2, freed.embeddings_2)
     assert all(torch.equal(kept.weights[n], freed.weights[n]) for n in kept.weights)
+
+
+def test_a_cut_down_table_returns_the_full_tables_rows_and_refuses_other_ids():
+    table = torch.randn(50, 4)
+    used = textcond.UsedRows(table, torch.tensor([7, 3, 7, 42, 0]))
+    assert used.weight.shape == (4, 4)
+    ids = torch.tensor([[0, 3, 42, 7, 7]])
+    assert torch.equal(used(ids), table[ids])
+    with pytest.raises(RuntimeError, match="lacks"):
+        used(torch.tensor([[0, 5]]))
