@@ -13,7 +13,7 @@ with the other rows' gradients zeroed, VAE encoding and text encoding of every i
     # --low-memory on an emulated 8 GB GPU: the process may use only 7 GiB (the rest is the CUDA context)
     python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 2 --steps 30 \
         --precision bf16 --low-memory --memory-cap-gb 7 --out benchmarks/results/bench_train-cuda-lowmem.json
-    # --offload as well, cdiff only, capped at 2 GiB (traced: 0.71 GiB of tensors)
+    # --offload as well, cdiff only, capped at 2 GiB (traced: 0.57 GiB of tensors)
     python benchmarks/bench_train.py --device cuda --resolution 512 --batch-size 2 --steps 30 --precision bf16 \
         --low-memory --offload --trainers cdiff --memory-cap-gb 2 --out benchmarks/results/bench_train-cuda-offload.json
 

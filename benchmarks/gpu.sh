@@ -7,7 +7,7 @@
 #           (target on one H100: under 45 s including latent caching, under 10 GB)
 #   lowmem  --low-memory at 512 px, batch 2, with each process capped at 7 GiB of GPU memory, as on an
 #           8 GB card once the CUDA context has its share (the baseline with its gradient checkpointing)
-#   offload cdiff's --low-memory --offload at 512 px, batch 2, capped at 2 GiB (traced: 0.71 GiB of tensors),
+#   offload cdiff's --low-memory --offload at 512 px, batch 2, capped at 2 GiB (traced: 0.57 GiB of tensors),
 #           and --low-memory alone uncapped in the same run for the step-time cost of the transfers
 #   gen     cdiff gen against the plain pipeline at 512 px, 25 steps, fp16; applying a delta; a merge
 #

@@ -14,7 +14,8 @@ flash-attention kernel, which like CUDA's keeps only its output and log-sum-exp)
 bytes, not the CUDA caching allocator's rounding and fragmentation, cuBLAS workspaces or the CUDA
 context (about 0.5 GB). `memory.py`'s preflight estimate adds those; this table puts the two side by
 side. The text encoder's weights are added by count (its activations for 77 tokens are negligible),
-with its token table cut to the rows a run's prompts use, as training does.
+as training holds them: its token table cut to the rows a run's prompts use, and under `--offload`
+one encoder layer at a time.
 
     python benchmarks/trace_memory.py [--check-real] [--out benchmarks/results/trace_memory.json]
 """
@@ -179,8 +180,9 @@ def example_extra_tflop(resolution: int, batch: int) -> float:
     return flops.get_total_flops() / 1e12
 
 
-def text_encoder_params(training: bool = True) -> int:
-    """The SD 1.x text encoder's parameters; `training`: with its token table cut down, as in a run."""
+def text_encoder_params(training: bool = True, offload: bool = False) -> int:
+    """The SD 1.x text encoder's parameters; `training`: those on the device during a run (the token
+    table cut down; under `offload` one encoder layer at a time)."""
     from _sd15 import sd15_text_config
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import CLIPTextModel
@@ -189,8 +191,7 @@ def text_encoder_params(training: bool = True) -> int:
 
     with FakeTensorMode():
         te = CLIPTextModel(sd15_text_config())
-        total = sum(p.numel() for p in te.parameters())
-        return text_params_in_training(total, *te.get_input_embeddings().weight.shape) if training else total
+        return text_params_in_training(te, offload) if training else sum(p.numel() for p in te.parameters())
 
 
 def main():
@@ -203,9 +204,9 @@ def main():
 
     from cdiff_cli.memory import estimate_training_memory
 
-    te_params = text_encoder_params()
     rows = []
     for name, res, batch, precision, low, off, device in CONFIGS:
+        te_params = text_encoder_params(offload=off)
         t0 = time.perf_counter()
         r = trace_step(res, batch, precision, low, offload=off)
         r["tflop_per_step"] = step_tflop(res, batch, low)

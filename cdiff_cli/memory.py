@@ -100,14 +100,20 @@ def available_memory(device: torch.device) -> float | None:
     return None if available is None else available + (held or 0.0)
 
 
-def text_params_in_training(total: int, vocab: int, width: int) -> int:
-    """A text encoder's parameters while it trains, with its `vocab` x `width` token table cut down."""
+def text_params_in_training(text_encoder, offload: bool = False) -> int:
+    """A text encoder's parameters on the device while training: its token table cut down to the rows
+    the prompts use (`textcond.keep_rows_for`), and under `offload` only the parts outside its encoder
+    layers plus one layer (`offload.resident_params`)."""
+    from cdiff_cli.offload import resident_params
+
+    vocab, width = text_encoder.get_input_embeddings().weight.shape
+    total = resident_params(text_encoder, trainable=set()) if offload else sum(p.numel() for p in text_encoder.parameters())
     return total - (vocab - min(vocab, TOKEN_ROWS_KEPT)) * width
 
 
 def estimate_for_pipe(pipe, cfg) -> Estimate:
-    """The estimate for training `pipe` with `cfg`. Under `cfg.offload` only the UNet weights that
-    stay on the device count (`offload.resident_params`), and checkpointing is on."""
+    """The estimate for training `pipe` with `cfg`. Under `cfg.offload` only the UNet and text-encoder
+    weights that stay on the device count (`offload.resident_params`), and checkpointing is on."""
     from cdiff_cli.layers import trainable_names
     from cdiff_cli.offload import resident_params
     from cdiff_cli.textcond import encoders
@@ -115,8 +121,7 @@ def estimate_for_pipe(pipe, cfg) -> Estimate:
     unet = pipe.unet
     names = set(trainable_names(unet, cfg.mode))
     trainable_params = sum(p.numel() for n, p in unet.named_parameters() if n in names)
-    te_params = sum(text_params_in_training(sum(p.numel() for p in te.parameters()), *te.get_input_embeddings().weight.shape)
-                    for _, te in encoders(pipe))
+    te_params = sum(text_params_in_training(te, cfg.offload) for _, te in encoders(pipe))
     unet_params = sum(p.numel() for p in unet.parameters())
     unet_params_on_device = resident_params(unet, trainable=names) if cfg.offload else unet_params
     frozen = unet_params_on_device + te_params - trainable_params
@@ -144,7 +149,7 @@ def preflight_warning(estimate: Estimate, available: float | None, low_memory: b
     if not low_memory:
         hint = "use --low-memory (or lower --batch-size)"
     elif gpu and not offload:
-        hint = "add --offload (frozen UNet weights in CPU memory), or lower --batch-size or --resolution"
+        hint = "add --offload (frozen weights in CPU memory), or lower --batch-size or --resolution"
     else:
         hint = "lower --batch-size or --resolution"
     return (f"this run needs about {estimate.describe()}, but only {available / 1e9:.1f} GB are available: "

@@ -1,4 +1,4 @@
-"""`--offload`: the UNet's frozen weights stay in CPU memory and visit the GPU one layer at a time.
+"""`--offload`: the frozen weights stay in CPU memory and visit the GPU one layer at a time.
 
 Custom Diffusion trains a few million parameters but must run the whole frozen UNet forward and
 backward; on a small GPU its weights alone (1.7 GB for SD 1.x, 5 GB for SDXL in half precision) do not
@@ -9,19 +9,24 @@ gradient checkpointing (which `--offload` turns on), the checkpointed blocks kee
 backward re-runs the block's forward, so its weights come back for that block only. What stays on the
 GPU: the trainable layers, the few layers outside checkpointed blocks (input/output convolutions, up-
 and down-samplers, the time embedding) and one block at a time (`resident_params`).
+
+The text encoders run forward and backward every step too (the new tokens' rows get their gradient
+through them), and SDXL's two hold 1.4 GB in half precision: they are offloaded the same way, with
+transformers' own per-layer checkpointing (`text_encoder_checkpointed`).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 # diffusers checkpoints each ResNet block and each transformer block (not the Transformer2DModel's
-# own norm and projections): these are the units whose weights come and go one at a time.
-_UNIT = re.compile(r"^(.*?\.(?:resnets|transformer_blocks)\.\d+)\.")
+# own norm and projections), transformers each CLIP encoder layer: these are the units whose weights
+# come and go one at a time.
+_UNIT = re.compile(r"^(.*?\.(?:resnets|transformer_blocks|layers)\.\d+)\.")
 
 
 def _frozen_leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -69,13 +74,54 @@ def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str
                 m.__dict__.pop("forward", None)
 
 
-def resident_params(unet: torch.nn.Module, trainable: set[str] | None = None) -> int:
-    """Parameters on the GPU at the worst moment of an offloaded, checkpointed step: trainable ones
-    (`trainable` names, or those that require grad), frozen ones outside checkpointed blocks (kept by
-    autograd until the backward), and the largest checkpointed block, whose weights are back for its
-    recomputed forward and its backward."""
+@contextmanager
+def text_encoder_checkpointed(text_encoder) -> Iterator[None]:
+    """While active, each encoder layer of a transformers text encoder recomputes its forward in the
+    backward instead of keeping what it computed (and, offloaded, its weights) alive.
+
+    transformers checkpoints only in training mode, judged by the module that holds the flag (each
+    layer in transformers 5, the encoder in 4.x): only those modules' own flags are set, not `.train()`,
+    which would recurse into dropout, so the outputs are bit-identical."""
+    te = text_encoder
+    # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names warn).
+    enable = getattr(te, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    flagged = [m for m in te.modules() if getattr(m, "gradient_checkpointing", False)]
+    modes = [m.training for m in flagged]
+    try:
+        for m in flagged:
+            m.training = True
+        yield
+    finally:
+        for m, mode in zip(flagged, modes):
+            m.training = mode
+        (getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable)()
+        if hasattr(te, "_require_grads_hook"):  # enabling also made the embedding output require grad
+            te.disable_input_require_grads()
+
+
+@contextmanager
+def frozen_parts_offloaded(unet: torch.nn.Module, text_encoders: list, device: torch.device | str) -> Iterator[int]:
+    """`--offload`: the frozen weights of the UNet (whose checkpointing the caller turns on) and of the
+    text encoders (checkpointed here) in CPU memory while active. Yields how many layers are offloaded."""
+    with ExitStack() as stack:
+        n = 0
+        for te in text_encoders:
+            stack.enter_context(text_encoder_checkpointed(te))
+            n += stack.enter_context(frozen_weights_offloaded(te, device))
+        yield n + stack.enter_context(frozen_weights_offloaded(unet, device))
+
+
+def resident_params(module: torch.nn.Module, trainable: set[str] | None = None) -> int:
+    """Parameters of a UNet or text encoder on the GPU at the worst moment of an offloaded, checkpointed
+    step: trainable ones (`trainable` names, or those that require grad), frozen ones outside
+    checkpointed blocks (kept by autograd until the backward), and the largest checkpointed block,
+    whose weights are back for its recomputed forward and its backward."""
     resident, units = 0, {}
-    for name, p in unet.named_parameters():
+    for name, p in module.named_parameters():
         unit = _UNIT.match(name)
         if (name in trainable if trainable is not None else p.requires_grad) or unit is None:
             resident += p.numel()

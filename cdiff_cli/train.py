@@ -18,8 +18,8 @@ are all-reduced directly (no wrapper module around the UNet).
 Memory: while training, the frozen convolutions and GEGLU layers keep less for the backward
 (`frozen_ops.saving_less`; the gradients are bit-identical); for a caller that is done with the
 pipeline (`keep_pipe=False`), the token tables are cut down to the rows the run's prompts use. `offload`
-keeps the frozen UNet weights in CPU memory, one layer (one checkpointed block in the backward) on the
-device at a time (`offload.py`).
+keeps the frozen UNet and text-encoder weights in CPU memory, one layer (one checkpointed block in the
+backward) on the device at a time (`offload.py`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class TrainConfig:
     aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
     micro_batch: int = 0  # images per forward/backward (gradients accumulate); 0 = the whole batch at once
     low_memory: bool = False  # recorded for the manifest; see `low_memory_config`
-    offload: bool = False  # frozen UNet weights in CPU memory, one layer on the device at a time (with checkpointing)
+    offload: bool = False  # frozen UNet and text-encoder weights in CPU memory, one layer on the device at a time (with checkpointing)
 
     def effective_lr(self, processes: int = 1) -> float:
         return self.lr * self.batch_size * processes if self.scale_lr else self.lr
@@ -443,7 +443,7 @@ def train(
     t0 = time.perf_counter()
     try:
         with (StopSignals() if checkpointer is not None else nullcontext()) as stop, frozen_ops.saving_less(unet), \
-                (offload.frozen_weights_offloaded(unet, device) if cfg.offload else nullcontext()), \
+                (offload.frozen_parts_offloaded(unet, [te_i for te_i, _, _ in rows_of], device) if cfg.offload else nullcontext()), \
                 progress.task("training", cfg.steps) as bar:
             if start:
                 bar.advance(start)
