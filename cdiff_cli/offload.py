@@ -104,15 +104,15 @@ def text_encoder_checkpointed(text_encoder) -> Iterator[None]:
 
 
 @contextmanager
-def frozen_parts_offloaded(unet: torch.nn.Module, text_encoders: list, device: torch.device | str) -> Iterator[int]:
+def frozen_parts_offloaded(unet: torch.nn.Module, text_encoders: list, device: torch.device | str) -> Iterator[None]:
     """`--offload`: the frozen weights of the UNet (whose checkpointing the caller turns on) and of the
-    text encoders (checkpointed here) in CPU memory while active. Yields how many layers are offloaded."""
+    text encoders (checkpointed here) in CPU memory while active."""
     with ExitStack() as stack:
-        n = 0
         for te in text_encoders:
             stack.enter_context(text_encoder_checkpointed(te))
-            n += stack.enter_context(frozen_weights_offloaded(te, device))
-        yield n + stack.enter_context(frozen_weights_offloaded(unet, device))
+            stack.enter_context(frozen_weights_offloaded(te, device))
+        stack.enter_context(frozen_weights_offloaded(unet, device))
+        yield
 
 
 def resident_params(module: torch.nn.Module, trainable: set[str] | None = None) -> int:

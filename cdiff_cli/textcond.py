@@ -73,15 +73,9 @@ class UsedRows(torch.nn.Module):
         return torch.nn.functional.embedding(pos, self.weight)
 
 
-def keep_rows_for(pipe, prompts: list[str]) -> int:
-    """Replace each text encoder's token-embedding table by the rows `prompts` use (plus padding),
-    freeing the rest. The pipeline can then encode only those prompts: for a caller that does not
-    use it afterwards. Returns the number of rows freed."""
-    freed = 0
+def keep_rows_for(pipe, prompts: list[str]) -> None:
+    """Replace each text encoder's token-embedding table by the rows `prompts` use (start, end and
+    padding ids included, as tokenized), freeing the rest. The pipeline can then encode only those
+    prompts: for a caller that does not use it afterwards."""
     for tok, te in encoders(pipe):
-        table = te.get_input_embeddings().weight
-        ids = torch.cat([tokenize(tok, prompts).flatten(), tokenize(tok, [""]).flatten()])
-        used = UsedRows(table, ids)
-        freed += table.shape[0] - used.weight.shape[0]
-        te.set_input_embeddings(used)
-    return freed
+        te.set_input_embeddings(UsedRows(te.get_input_embeddings().weight, tokenize(tok, prompts).flatten()))
