@@ -70,6 +70,17 @@ def _emulated_transfers():
         hooks.set_module_tensor_to_device = real
 
 
+def _tracker():
+    """PyTorch's MemTracker, minus the hook it puts on every parameter's gradient (frozen ones take none)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    return Tracker()
+
+
 def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, observe, fake: bool = True,
                 offload: bool = False):
     """Build the SD 1.x UNet as cdiff trains it and run one forward/backward of `images` images and the
@@ -122,15 +133,9 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
     """Peak tensor bytes of one cdiff training step of the SD 1.x UNet, by kind. `fake=False` runs the
     same trace on real tensors (to check the fake one; needs the memory and the time)."""
     import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    class Tracker(MemTracker):
-        # The stock tracker hooks every parameter's gradient; frozen parameters take no hook.
-        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
-            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
 
     def observe(unet, optimizer):
-        tracker = Tracker()
+        tracker = _tracker()
         # Under --offload the frozen weights are on "meta" (their CPU copies): not device memory.
         tracker.track_external(*(p for p in unet.parameters() if p.device.type != "meta"), *unet.buffers(), optimizer)
         return tracker
@@ -148,6 +153,65 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
             "trainable_params": sum(p.numel() for p in trainable), "unet_params": unet_params,
             # the UNet parameters the preflight counts on the device
             "device_unet_params": resident_params(unet) if offload else unet_params}
+
+
+def trace_phases(resolution: int, precision: str, low_memory: bool, offload: bool) -> dict:
+    """Peak tensor bytes of the phases before the first step on a GPU, as `cdiff train` runs them: the
+    regularisation images (the UNet's steps for a batch with its unconditional twins, and the VAE
+    decoding one image at a time) and the latent caching (VAE encoding). Activations are traced on fake
+    tensors; the weights on the device are added by count, by where each phase keeps them: all of them
+    by default; under --low-memory the base waits in CPU memory and diffusers' model offload brings one
+    model at a time (text encoder, UNet or VAE); under --offload its sequential offload one layer."""
+    import torch
+    from _sd15 import sd15_text_config, sd15_unet, sd15_vae
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import CLIPTextModel
+
+    from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY
+    from cdiff_cli.train import ENCODE_BATCH, ENCODE_BATCH_LOW_MEMORY
+
+    staged = low_memory or offload
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def activations(fn) -> int:
+        tracker = _tracker()
+        with tracker, torch.no_grad():
+            fn()
+        snap = next(v for k, v in tracker.get_tracker_snapshot("peak").items() if torch.device(k).type == "cpu")
+        kinds = {str(k).split(".")[-1].lower(): int(v) for k, v in snap.items()}
+        return kinds.get("act", 0) + kinds.get("temp", 0)
+
+    with FakeTensorMode():
+        unet, vae, te = sd15_unet(), sd15_vae(), CLIPTextModel(sd15_text_config())
+        for m in (unet, vae, te):
+            m.requires_grad_(False)
+            for p in m.parameters():
+                p.data = p.data.to(dtype)
+        weights = {name: sum(p.numel() * p.element_size() for p in m.parameters())
+                   for name, m in (("unet", unet), ("vae", vae), ("text encoder", te))}
+        layer = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                    for m in (*unet.modules(), *vae.modules(), *te.modules()))
+        side = resolution // 8
+        gen_batch = 2 * (BATCH_LOW_MEMORY if staged else BATCH)  # with the unconditional twins
+        enc_batch = ENCODE_BATCH_LOW_MEMORY if staged else ENCODE_BATCH
+        unet_act = activations(lambda: unet(torch.randn(gen_batch, 4, side, side, dtype=dtype),
+                                            torch.full((gen_batch,), 500), torch.randn(gen_batch, 77, 768, dtype=dtype)))
+        decode_act = activations(lambda: vae.decode(torch.randn(1, 4, side, side, dtype=dtype)))
+        encode_act = activations(lambda: vae.encode(torch.randn(enc_batch, 3, resolution, resolution, dtype=dtype)))
+    everything = sum(weights.values())
+    if offload:  # one layer's weights at a time
+        generation = layer + max(unet_act, decode_act)
+        caching = weights["vae"] + encode_act
+    elif low_memory:  # one model at a time
+        generation = max(weights["unet"] + unet_act, weights["vae"] + decode_act, weights["text encoder"])
+        caching = weights["vae"] + encode_act
+    else:
+        generation = everything + max(unet_act, decode_act)
+        caching = everything + encode_act
+    return {"regularisation_images_bytes": generation, "latent_caching_bytes": caching,
+            "generation_batch": gen_batch // 2, "encode_batch": enc_batch,
+            "unet_inference_activation_bytes": unet_act, "vae_decode_activation_bytes": decode_act,
+            "vae_encode_activation_bytes": encode_act, "weight_bytes": weights}
 
 
 def step_tflop(resolution: int, batch: int, low_memory: bool) -> float:
@@ -217,10 +281,12 @@ def main():
             trainable_params=r["trainable_params"], images_per_pass=r["images_per_pass"], resolution=res,
             unet_params=unet_params, half=precision != "fp32", gradient_checkpointing=low or off, cuda=device == "cuda")
         traced = r["peak_bytes"] + te_params * bytes_per  # + the text encoder's weights
+        phases = trace_phases(res, precision, low, off) if device == "cuda" else None
         rows.append({"config": name, "resolution": res, "batch": batch, "precision": precision, "low_memory": low,
                      "offload": off, "device": device,
                      "traced_unet_step": r, "text_encoder_weight_bytes": te_params * bytes_per,
-                     "traced_total_bytes": traced, "preflight_estimate_bytes": est.total,
+                     "traced_total_bytes": traced, "phases_before_training": phases,
+                     "preflight_estimate_bytes": est.total,
                      "preflight_tensor_terms_bytes": est.total - est.overhead,
                      "example_extra_tflop_per_step": example_extra_tflop(res, batch),
                      "trace_seconds": time.perf_counter() - t0})
@@ -244,6 +310,14 @@ def main():
           "context and fragmentation), what `cdiff train` checks against the free memory. 'TFLOP/step': the\n"
           "UNet forward and backward of cdiff's step (frozen weights get no gradient); 'example': the same plus\n"
           "the VAE and text encoding the diffusers example repeats on every step.")
+    print(f"\n{'configuration (on a GPU)':<37} {'reg. images':>12} {'latent caching':>15} {'training step':>14}")
+    for row in rows:
+        if row["phases_before_training"]:
+            ph = row["phases_before_training"]
+            print(f"{row['config']:<37} {ph['regularisation_images_bytes'] / gib:>12.2f} "
+                  f"{ph['latent_caching_bytes'] / gib:>15.2f} {row['traced_total_bytes'] / gib:>14.2f}")
+    print("GiB of tensors at each phase's peak: the phases before the first step (weights on the device added\n"
+          "by count, see trace_phases) against the traced step.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {args.out}")

@@ -111,9 +111,10 @@ def text_params_in_training(text_encoder, offload: bool = False) -> int:
     return total - (vocab - min(vocab, TOKEN_ROWS_KEPT)) * width
 
 
-def estimate_for_pipe(pipe, cfg) -> Estimate:
-    """The estimate for training `pipe` with `cfg`. Under `cfg.offload` only the UNet and text-encoder
-    weights that stay on the device count (`offload.resident_params`), and checkpointing is on."""
+def estimate_for_pipe(pipe, cfg, device: torch.device | None = None) -> Estimate:
+    """The estimate for training `pipe` with `cfg` on `device` (by default where its UNet is). Under
+    `cfg.offload` only the UNet and text-encoder weights that stay on the device count
+    (`offload.resident_params`), and checkpointing is on."""
     from cdiff_cli.layers import trainable_names
     from cdiff_cli.offload import resident_params
     from cdiff_cli.textcond import encoders
@@ -137,7 +138,7 @@ def estimate_for_pipe(pipe, cfg) -> Estimate:
         unet_params=unet_params,
         half=cfg.precision in ("bf16", "fp16"),
         gradient_checkpointing=cfg.gradient_checkpointing or cfg.offload,
-        cuda=unet.device.type == "cuda",
+        cuda=(device or unet.device).type == "cuda",
     )
 
 

@@ -13,6 +13,9 @@ and down-samplers, the time embedding) and one block at a time (`resident_params
 The text encoders run forward and backward every step too (the new tokens' rows get their gradient
 through them), and SDXL's two hold 1.4 GB in half precision: they are offloaded the same way, with
 transformers' own per-layer checkpointing (`text_encoder_checkpointed`).
+
+Before training, the regularisation images are generated with diffusers' own CPU offload
+(`pipeline_offloaded`), so no phase of a run needs the whole base on the GPU.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ def _frozen_leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
 @contextmanager
 def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str) -> Iterator[int]:
     """While active, the frozen layers of `module` keep their weights in CPU memory (pinned when the
-    device is a GPU) and copy them to `device` only while they run. Trainable parameters and buffers
-    stay where they are. Yields how many layers are offloaded; on exit every weight is back on its
-    device, bit-identical, and the layers' forwards are their own again.
+    device is a GPU) and copy them to `device` only while they run. The other frozen tensors (buffers,
+    and weights beside trainable ones) are put on `device`, so a module waiting in CPU memory
+    (`--low-memory`/`--offload` load the base there) never goes to the GPU whole; trainable parameters
+    stay where the caller put them. Yields how many layers are offloaded; on exit every tensor is back
+    on its device, bit-identical, and the layers' forwards are their own again.
 
     Drop other references to the frozen parameters first: a parameter something else still holds is
     not freed by being offloaded."""
@@ -52,7 +57,7 @@ def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str
 
     device = torch.device(device)
     pin = device.type == "cuda"
-    hooked = []
+    hooked, moved = [], []  # moved: (tensor, its device before), moved back on exit
     try:
         for m in _frozen_leaves(module):
             if hasattr(m, "_hf_hook"):
@@ -61,10 +66,24 @@ def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str
             for name, p in m.named_parameters(recurse=False):
                 cpu = p.detach().to("cpu")
                 weights[name] = cpu.pin_memory() if pin else cpu
+            # The hook also puts the layer's buffers on the device (and back on exit).
             add_hook_to_module(m, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights))
             hooked.append(m)
+        on_hooks = set(hooked)
+        for m in module.modules():
+            if m in on_hooks or hasattr(m, "_hf_hook"):
+                continue
+            for store in (m._parameters, m._buffers):
+                for name, t in store.items():
+                    if t is None or t.device == device or (store is m._parameters and t.requires_grad):
+                        continue  # trainable parameters are the caller's to place (the optimizer holds them)
+                    moved.append((store, name, t))
+                    new = t.detach().to(device)
+                    store[name] = torch.nn.Parameter(new, requires_grad=False) if store is m._parameters else new
         yield len(hooked)
     finally:
+        for store, name, t in reversed(moved):
+            store[name] = t  # the very tensor that was there (frozen: unchanged)
         for m in reversed(hooked):
             own_forward = m.__dict__.get("_old_forward")
             remove_hook_from_module(m)  # puts the weights back on their device
@@ -101,6 +120,25 @@ def text_encoder_checkpointed(text_encoder) -> Iterator[None]:
         (getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable)()
         if hasattr(te, "_require_grads_hook"):  # enabling also made the embedding output require grad
             te.disable_input_require_grads()
+
+
+@contextmanager
+def pipeline_offloaded(pipe, device: torch.device | str, mode: str | None) -> Iterator[None]:
+    """Inference with diffusers' own CPU offload while active: "model" moves one whole model (text
+    encoder, UNet, VAE) to `device` when it runs, "sequential" one layer at a time (the least memory,
+    the most transfers); None changes nothing. On exit no hook is left and the weights are in CPU
+    memory, where they were."""
+    if mode is None:
+        yield
+        return
+    if mode not in ("model", "sequential"):
+        raise ValueError(f"unknown offload mode {mode!r}")
+    getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
+    try:
+        yield
+    finally:
+        pipe.remove_all_hooks()
+        pipe.to("cpu", silence_dtype_warnings=True)  # model offload leaves the last model that ran on the device
 
 
 @contextmanager

@@ -27,6 +27,12 @@ def class_prompt(class_word: str) -> str:
     return f"photo of a {class_word}"
 
 
+# Images per pipeline call: with --low-memory/--offload on a GPU, two (the UNet's steps for two images
+# and their unconditional twins stay below the training step's peak; see benchmarks/trace_memory.py).
+BATCH = 4
+BATCH_LOW_MEMORY = 2
+
+
 def _key(fingerprint: str, prompt: str, resolution: int, seed: int) -> str:
     raw = json.dumps([fingerprint, prompt, resolution, seed, "dpm", REG_STEPS, REG_GUIDANCE])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
@@ -41,11 +47,19 @@ def generated_regularisation(
     resolution: int,
     fingerprint: str,
     cache_root: Path,
-    batch_size: int = 4,
+    batch_size: int = BATCH,
+    offload: tuple[torch.device, str] | None = None,
     progress: Progress = SILENT,
 ) -> list[ImageItem]:
-    """Return `count` cached images of "photo of a {class}", generating only the missing ones."""
+    """Return `count` cached images of "photo of a {class}", generating only the missing ones.
+
+    `offload` (device, "model" or "sequential"): the pipeline waits in CPU memory and diffusers' CPU
+    offload brings to `device` what runs (`offload.pipeline_offloaded`). The VAE decodes one image at
+    a time (diffusers' slicing): decoding a batch at once needs more memory than the UNet's steps
+    (traced, SD 1.x at 512 px: 1.5 GiB for four images against 0.5 GiB for the UNet)."""
     from diffusers import DPMSolverMultistepScheduler
+
+    from cdiff_cli.offload import pipeline_offloaded
 
     prompt = class_prompt(class_word)
     folder = cache_root / _key(fingerprint, prompt, resolution, seed)
@@ -56,10 +70,11 @@ def generated_regularisation(
     paths = [folder / f"{i:05d}.png" for i in range(count)]
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
-        old = pipe.scheduler
+        old, sliced = pipe.scheduler, pipe.vae.use_slicing
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config)
+        pipe.vae.enable_slicing()
         try:
-            with progress.task(f"regularisation images ({class_word})", len(missing)) as bar:
+            with pipeline_offloaded(pipe, *(offload or (None, None))), progress.task(f"regularisation images ({class_word})", len(missing)) as bar:
                 for start in range(0, len(missing), batch_size):
                     chunk = missing[start : start + batch_size]
                     gens = [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in chunk]
@@ -78,6 +93,7 @@ def generated_regularisation(
                     bar.advance(len(chunk))
         finally:
             pipe.scheduler = old
+            pipe.vae.use_slicing = sliced
     return [ImageItem(p, prompt) for p in paths]
 
 

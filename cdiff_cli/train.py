@@ -164,10 +164,18 @@ class _Latent:
         return self.mean + self.std * torch.randn_like(self.std)
 
 
+# Images per VAE encoding while caching latents. Batching the VAE buys little speed, and its
+# activations grow with the batch: at 512 px 0.3 GiB per image in half precision (traced), so at batch 8
+# the caching, not the training step, would set the run's peak. On a GPU one at a time under
+# --low-memory/--offload, whose steps need about 2.0/0.6 GiB (benchmarks/trace_memory.py).
+ENCODE_BATCH = 2
+ENCODE_BATCH_LOW_MEMORY = 1
+
+
 class _Encoder:
     """VAE encoding in batches, returning the latent distribution per image."""
 
-    def __init__(self, vae, device, batch: int = 8):
+    def __init__(self, vae, device, batch: int = ENCODE_BATCH):
         self.vae, self.device, self.batch = vae, device, batch
         self.dtype = next(vae.parameters()).dtype
 
@@ -243,15 +251,19 @@ def train(
     wanted = set(names)
     params = {n: p for n, p in unet.named_parameters() if n in wanted}
     for n in names:
-        params[n].data = params[n].data.float()
+        params[n].data = params[n].data.to(device, torch.float32)
         params[n].requires_grad_(True)
     row_params = [r.rows for _, _, r in rows_of]
     trainable = [params[n] for n in names] + row_params
 
+    # The pipeline may wait in CPU memory (workflows loads it there for --low-memory and --offload on a
+    # GPU): each phase brings to the device what it runs, so the whole base is never there at once.
+    homes = {m: next(m.parameters()).device for m in (unet, vae, *(te_i for te_i, _, _ in rows_of))}
+
     # -- cache latents: target pools and every regularisation image, both flips -------------------
-    # On a CPU, batching the VAE buys no speed, and at batch 8 its 256-512 px activations would set the
-    # run's peak memory (above the training steps'): encode two at a time there.
-    encode = _Encoder(vae, device, batch=8 if device.type == "cuda" else 2)
+    vae.to(device)
+    low = (cfg.low_memory or cfg.offload) and device.type != "cpu"
+    encode = _Encoder(vae, device, batch=ENCODE_BATCH_LOW_MEMORY if low else ENCODE_BATCH)
     pixels = _PixelCache(res)
     with_reg = any(c.reg for c in concepts)
     pool_size = cfg.aug_pool if (cfg.aug or cfg.hflip) else 1
@@ -289,6 +301,10 @@ def train(
             vae.to("meta")  # frees the weights; only its config (the latent scaling factor) is read below
     if not keep_pipe:
         textcond.keep_rows_for(pipe, [p for c in concepts for p in c.prompts()])
+
+    if not cfg.offload:  # (under --offload, offload.frozen_parts_offloaded places them)
+        for m in (unet, *(te_i for te_i, _, _ in rows_of)):
+            m.to(device)
 
     # --offload needs checkpointing: without it autograd would keep every layer's weights on the device.
     checkpointing = cfg.gradient_checkpointing or cfg.offload
@@ -494,8 +510,9 @@ def train(
             unet.disable_gradient_checkpointing()
         for n in names:
             params[n].requires_grad_(False)
-        if device.type != "cpu":
-            vae.to(device)
+        for m, home in homes.items():
+            if m is not vae or device.type != "cpu":  # (on a CPU the VAE may have been freed: see above)
+                m.to(home)
 
     # Write the learned rows into the table so the pipeline can be used right away.
     with torch.no_grad():

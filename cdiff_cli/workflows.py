@@ -56,11 +56,12 @@ class RegOptions:
     count: int = 200
 
 
-def _load_base(base: str | None, device: str | None, precision: str = "fp32"):
-    """Load the base with its frozen weights in `precision` (already resolved, see resolve_precision)."""
+def _load_base(base: str | None, device: str | None, precision: str = "fp32", *, in_cpu_memory: bool = False):
+    """Load the base with its frozen weights in `precision` (already resolved, see resolve_precision),
+    onto the device, or `in_cpu_memory` to wait there for the phases that run on the device."""
     spec = resolve_base(base)
     dev = pick_device(device)
-    pipe = load_pipeline(spec, dtype=DTYPES[resolve_precision(precision, dev)], device=dev)
+    pipe = load_pipeline(spec, dtype=DTYPES[resolve_precision(precision, dev)], device="cpu" if in_cpu_memory else dev)
     return spec, pipe, dev
 
 
@@ -99,7 +100,7 @@ def train_entry(
 
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
     from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
-    from cdiff_cli.regset import generated_regularisation, real_regularisation
+    from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
     from cdiff_cli.train import Concept, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
@@ -138,10 +139,14 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         device = str(accelerator.device)
         if not main:
             progress = SILENT
-    spec, pipe, dev = _load_base(base, device, cfg.precision)
+    dev = pick_device(device)
     if cfg.offload and dev.type == "cpu":
         progress.warn("--offload does nothing on the CPU (the weights are in RAM already); training without it")
         cfg.offload = False
+    # --low-memory/--offload on a GPU: the base waits in CPU memory, and each phase (regularisation
+    # images, latent caching, training) brings to the GPU only what it runs.
+    staged = (cfg.low_memory or cfg.offload) and dev.type != "cpu"
+    spec, pipe, dev = _load_base(base, device, cfg.precision, in_cpu_memory=staged)
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
     _preflight(pipe, cfg, dev, progress)
@@ -169,6 +174,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
                     resolution=cfg.resolution,
                     fingerprint=fp,
                     cache_root=registry.cache_dir("reg"),
+                    # under --offload one layer at a time, under --low-memory one model at a time (the
+                    # UNet's weights with the steps of two images: below the training step's peak)
+                    batch_size=BATCH_LOW_MEMORY if staged else BATCH,
+                    offload=(dev, "sequential" if cfg.offload else "model") if staged else None,
                     progress=progress,
                 )
             reg_items = reg_by_class[s.class_word]
@@ -244,7 +253,7 @@ def _preflight(pipe, cfg, device, progress: Progress) -> None:
     """Warn before training when the memory estimate exceeds what is free (see cdiff_cli.memory)."""
     from cdiff_cli.memory import available_memory, estimate_for_pipe, preflight_warning
 
-    warning = preflight_warning(estimate_for_pipe(pipe, cfg), available_memory(device), cfg.low_memory,
+    warning = preflight_warning(estimate_for_pipe(pipe, cfg, device), available_memory(device), cfg.low_memory,
                                 cfg.offload, gpu=device.type != "cpu")
     if warning:
         progress.warn(warning)

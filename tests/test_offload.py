@@ -157,3 +157,122 @@ def test_offload_with_cut_down_token_tables_as_cdiff_train_runs_it(tmp_path):
     assert a.losses == b.losses
     assert torch.equal(a.delta.embeddings_2, b.delta.embeddings_2)
     assert all(torch.equal(w, b.delta.weights[n]) for n, w in a.delta.weights.items())
+
+
+def test_a_module_waiting_in_cpu_memory_goes_to_the_device_without_its_frozen_weights():
+    """--low-memory/--offload load the base into CPU memory: offloading it must put every frozen tensor
+    but the offloaded weights on the device ("meta" stands in for a GPU here) and bring it all back on
+    exit. Trainable parameters are train()'s to place: it moves them in place before the optimizer
+    holds them."""
+    pipe = build_tiny_pipeline("sd1")
+    unet, te = pipe.unet, pipe.text_encoder
+    for m in (unet, te):
+        m.requires_grad_(False)
+    names = set(trainable_names(unet, "kv"))
+    params = {n: p for n, p in unet.named_parameters() if n in names}
+    for p in params.values():
+        p.requires_grad_(True)
+    before = {m: {n: t.detach().clone() for n, t in (*m.named_parameters(), *m.named_buffers())} for m in (unet, te)}
+    assert any(True for _ in te.buffers())  # CLIP's position ids: a buffer of a module without weights
+
+    for m in (unet, te):
+        with offload.frozen_weights_offloaded(m, "meta") as n_layers:
+            assert n_layers > 0
+            # Nothing of the module is left in CPU memory but the hooks' copies of the frozen weights
+            # and the trainable parameters, which stay where they were.
+            assert all((t.device.type == "cpu") == (t.requires_grad and t.is_leaf) for t in (*m.parameters(), *m.buffers()))
+            copies = {f"{n}.{k}" if n else k for n, sub in m.named_modules() if hasattr(sub, "_hf_hook")
+                      for k, v in sub._hf_hook.weights_map.items() if v.device.type == "cpu"}
+            frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+            assert copies == frozen
+        for n, t in (*m.named_parameters(), *m.named_buffers()):
+            assert t.device.type == "cpu" and torch.equal(t, before[m][n]), n
+    # The trainable parameters are the very objects the optimizer holds.
+    assert all(dict(unet.named_parameters())[n] is p for n, p in params.items())
+
+
+def _same_device_on_cpu(monkeypatch):
+    """diffusers names the execution device "cpu:0" on a CPU-only machine; accelerate's setter then copies
+    each weight into a plain tensor instead of a parameter (on a GPU, "cuda:0" is the weight's own device
+    and it does not): map it to "cpu", as the GPU case behaves."""
+    import accelerate.hooks as hooks
+
+    real = hooks.set_module_tensor_to_device
+    monkeypatch.setattr(hooks, "set_module_tensor_to_device",
+                        lambda module, name, device, *a, **k: real(module, name, "cpu" if str(device) == "cpu:0" else device, *a, **k))
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_regularisation_images_generated_with_cpu_offload_are_the_same_and_decoded_one_at_a_time(tmp_path, monkeypatch, mode):
+    import numpy as np
+    from PIL import Image
+
+    from cdiff_cli.regset import generated_regularisation
+
+    pipe = build_tiny_pipeline("sd1")
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    seen = {"hooked": [], "decodes": 0}
+    pipe.unet.register_forward_pre_hook(lambda m, a: seen["hooked"].append(hasattr(m, "_hf_hook")))
+
+    def count(*a):
+        seen["decodes"] += 1
+
+    pipe.vae.decoder.register_forward_pre_hook(count)
+    kw = dict(class_word="cat", count=3, seed=0, resolution=RES, fingerprint="x", batch_size=2)
+    plain = generated_regularisation(pipe, cache_root=tmp_path / "plain", **kw)
+    assert not any(seen["hooked"]) and seen["decodes"] == 3  # batches of 2 and 1, one image per decode
+    if mode == "sequential":
+        _same_device_on_cpu(monkeypatch)
+    seen["hooked"].clear()
+    off = generated_regularisation(pipe, cache_root=tmp_path / "off", offload=(torch.device("cpu"), mode), **kw)
+    assert seen["hooked"] and all(seen["hooked"])  # the UNet ran under diffusers' offload hooks
+    for a, b in zip(plain, off):
+        assert np.array_equal(np.asarray(Image.open(a.path)), np.asarray(Image.open(b.path)))
+    # Afterwards: no hook anywhere, the weights unchanged and in CPU memory, slicing as it was.
+    for name in ("unet", "text_encoder", "vae"):
+        assert not any(hasattr(m, "_hf_hook") for m in getattr(pipe, name).modules()), name
+    for n, p in pipe.unet.named_parameters():
+        assert p.device.type == "cpu" and type(p) is torch.nn.Parameter and torch.equal(p, before[n]), n
+    assert pipe.vae.use_slicing is False
+
+
+@pytest.mark.parametrize("flags, mode", [({"low_memory": True}, "model"), ({"offload": True}, "sequential"), ({}, None)])
+def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_phase(tmp_path, monkeypatch, sd1_base,
+                                                                                       cat_images, flags, mode):
+    """The wiring of `cdiff train` on a GPU, which CI has not: the GPU is a stand-in (what is loaded
+    "onto" it stays on the CPU), and generation and training are spies (each is tested for what it does
+    above and in test_train)."""
+    from cdiff_cli import regset, workflows
+    from cdiff_cli import train as train_mod
+    from cdiff_cli.registry import Registry
+
+    gpu = torch.device("cuda")
+    seen = {}
+    real_load = workflows.load_pipeline
+
+    def load(spec, *, dtype, device):
+        seen["loaded onto"] = torch.device(device)
+        return real_load(spec, dtype=dtype, device="cpu")
+
+    def generation(pipe, **kw):
+        seen["generation"] = (kw["batch_size"], kw["offload"])
+        return []
+
+    def training(pipe, concepts, cfg, *, device, **kw):
+        seen["training on"] = device
+        raise SystemExit  # far enough
+
+    monkeypatch.setattr(workflows, "pick_device", lambda device=None: gpu)
+    monkeypatch.setattr(workflows, "load_pipeline", load)
+    monkeypatch.setattr(workflows, "_preflight", lambda *a, **k: None)
+    monkeypatch.setattr(regset, "generated_regularisation", generation)
+    monkeypatch.setattr(train_mod, "train", training)
+    cfg = train_mod.TrainConfig(steps=1, batch_size=2, resolution=RES, precision="fp16", **flags)
+    with pytest.raises(SystemExit):
+        workflows.train_entry(Registry(tmp_path / "home"), "mycat", [workflows.ConceptSpec("<mycat>", "cat", cat_images)],
+                              cfg, base=str(sd1_base), reg=workflows.RegOptions(count=4), device="cuda")
+    if mode is None:  # by default the whole base goes onto the GPU, and generation runs there
+        assert seen == {"loaded onto": gpu, "generation": (regset.BATCH, None), "training on": gpu}
+    else:
+        assert seen == {"loaded onto": torch.device("cpu"), "generation": (regset.BATCH_LOW_MEMORY, (gpu, mode)),
+                        "training on": gpu}
