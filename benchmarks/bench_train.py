@@ -73,7 +73,8 @@ def worker_cdiff(args) -> dict:
     from cdiff_cli.progress import Progress, Task
     from cdiff_cli.train import Concept, TrainConfig, low_memory_config, train
 
-    pipe.to(device)
+    if not ((args.low_memory or args.offload) and device.type == "cuda"):
+        pipe.to(device)  # (as `cdiff train`: with those flags on a GPU the base waits in CPU memory)
     marks: dict[str, list[float]] = {}
 
     class Clock(Progress):

@@ -615,8 +615,9 @@ def _training_scheduler(pipe):
 
 def low_memory_config(cfg: TrainConfig) -> TrainConfig:
     """--low-memory: gradient checkpointing and one image per forward/backward (gradients accumulate,
-    so the update is the same as the full batch's), on top of half-precision frozen weights and the
-    VAE leaving the GPU after latent caching. Fits SD 1.x at 512 px in about 3 GB by the estimate."""
+    so the update is the same as the full batch's), on top of half-precision frozen weights. On a GPU
+    the base also waits in CPU memory, and each phase brings to the GPU only what it runs (see
+    workflows). Fits SD 1.x at 512 px in about 3 GB by the estimate."""
     from dataclasses import replace
 
     return replace(cfg, gradient_checkpointing=True, micro_batch=1, low_memory=True,
