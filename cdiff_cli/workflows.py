@@ -143,9 +143,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     if cfg.offload and dev.type == "cpu":
         progress.warn("--offload does nothing on the CPU (the weights are in RAM already); training without it")
         cfg.offload = False
-    # --low-memory/--offload on a GPU: the base waits in CPU memory, and each phase (regularisation
-    # images, latent caching, training) brings to the GPU only what it runs.
-    staged = (cfg.low_memory or cfg.offload) and dev.type != "cpu"
+    # --low-memory/--offload on a CUDA GPU: the base waits in CPU memory, and each phase (regularisation
+    # images, latent caching, training) brings to the GPU only what it runs. (Apple's GPU shares the
+    # CPU's memory: nothing to gain there.)
+    staged = (cfg.low_memory or cfg.offload) and dev.type == "cuda"
     spec, pipe, dev = _load_base(base, device, cfg.precision, in_cpu_memory=staged)
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
