@@ -122,18 +122,23 @@ def text_encoder_checkpointed(text_encoder) -> Iterator[None]:
             te.disable_input_require_grads()
 
 
-@contextmanager
-def pipeline_offloaded(pipe, device: torch.device | str, mode: str | None) -> Iterator[None]:
-    """Inference with diffusers' own CPU offload while active: "model" moves one whole model (text
+def enable_pipeline_offload(pipe, device: torch.device | str, mode: str) -> None:
+    """Inference with diffusers' own CPU offload from now on: "model" moves one whole model (text
     encoder, UNet, VAE) to `device` when it runs, "sequential" one layer at a time (the least memory,
-    the most transfers); None changes nothing. On exit no hook is left and the weights are in CPU
-    memory, where they were."""
-    if mode is None:
-        yield
-        return
+    the most transfers). The pipeline's weights wait in CPU memory."""
     if mode not in ("model", "sequential"):
         raise ValueError(f"unknown offload mode {mode!r}")
     getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
+
+
+@contextmanager
+def pipeline_offloaded(pipe, device: torch.device | str, mode: str | None) -> Iterator[None]:
+    """`enable_pipeline_offload` while active (None changes nothing). On exit no hook is left and the
+    weights are in CPU memory, where they were."""
+    if mode is None:
+        yield
+        return
+    enable_pipeline_offload(pipe, device, mode)
     try:
         yield
     finally:

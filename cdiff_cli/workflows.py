@@ -376,18 +376,37 @@ def prepare_pipeline(
     device: str | None = "auto",
     precision: str = "fp32",
     ridge: float | None = None,
+    offload: str | None = None,
     progress: Progress = SILENT,
 ):
-    """Load the base and write the entries' delta into it (merging several on the fly, cached)."""
-    from cdiff_cli.merge import DEFAULT_RIDGE
+    """Load the base and write the entries' delta into it (merging several on the fly, cached).
 
+    `offload` ("model" or "sequential", for a small GPU): the base is loaded into CPU memory and the
+    returned pipeline runs under diffusers' CPU offload (`offload.enable_pipeline_offload`), decoding
+    one image at a time; on a CPU it changes nothing and says so."""
     if entries:
         check_same_base(entries)
         _check_token_collisions(entries)
     ref = base or (entries[0].base.get("ref") if entries else None)
-    spec, pipe, dev = _load_base(ref, device, precision)
+    if offload is not None and pick_device(device).type != "cuda":
+        progress.warn("--low-memory and --offload are for a CUDA GPU; generating without them")
+        offload = None
+    spec, pipe, dev = _load_base(ref, device, precision, in_cpu_memory=offload is not None)
+    delta = _write_delta(registry, pipe, spec, entries, ridge, progress)
+    if offload is not None:
+        from cdiff_cli.offload import enable_pipeline_offload
+
+        enable_pipeline_offload(pipe, dev, offload)
+        pipe.vae.enable_slicing()
+    return spec, pipe, delta
+
+
+def _write_delta(registry, pipe, spec, entries: list[Entry], ridge: float | None, progress: Progress) -> Delta | None:
+    """The entries' delta (merged on the fly and cached when several), written into `pipe`."""
+    from cdiff_cli.merge import DEFAULT_RIDGE
+
     if not entries:
-        return spec, pipe, None
+        return None
     base_rec = base_record(spec.ref, pipe.unet)
     fp = base_rec["fingerprint"]
     check_same_base(entries, base_rec)
@@ -405,7 +424,7 @@ def prepare_pipeline(
             delta.save(tmp)
             tmp.replace(cached)
     apply_delta(pipe, delta)
-    return spec, pipe, delta
+    return delta
 
 
 # -- add / export ----------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cdiff_cli import offload
 from cdiff_cli.data import list_images
@@ -276,3 +278,50 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
     else:
         assert seen == {"loaded onto": torch.device("cpu"), "generation": (regset.BATCH_LOW_MEMORY, (gpu, mode)),
                         "training on": gpu}
+
+
+def test_gen_low_memory_on_a_gpu_loads_into_cpu_memory_with_the_delta_and_offloads(tmp_path, monkeypatch, home, sd1_base,
+                                                                                   cat_images):
+    """`cdiff gen --low-memory/--offload` on a GPU (stood in for): the base waits in CPU memory with the
+    concept's delta written in, under diffusers' offload onto the GPU, decoding one image at a time.
+    On a CPU the flags change nothing and say so (`cdiff gen` runs there, below)."""
+    from typer.testing import CliRunner
+
+    from cdiff_cli import workflows
+    from cdiff_cli.cli import app
+    from cdiff_cli.progress import Progress
+    from cdiff_cli.registry import Registry
+
+    reg = Registry()
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, resolution=RES)
+    entry, _ = workflows.train_entry(reg, "mycat", [workflows.ConceptSpec("<mycat>", "cat", cat_images)], cfg,
+                                     base=str(sd1_base), reg=workflows.RegOptions("none", None, 0), device="cpu")
+    gen = ["gen", "a <mycat> cat", "--steps", "2", "--height", str(RES), "--width", str(RES), "--device", "cpu", "-o", tmp_path / "g"]
+    plain, low = (CliRunner().invoke(app, [str(a) for a in gen + extra]) for extra in ([], ["--low-memory"]))
+    assert plain.exit_code == 0 and low.exit_code == 0, low.output
+    assert "for a CUDA GPU; generating without them" in low.stderr and "CUDA" not in plain.stderr
+    a, b = (sorted((tmp_path / "g").glob("*.png")))
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+    gpu = torch.device("cuda")
+    real_load = workflows.load_pipeline
+    loaded = []
+
+    def load(spec, *, dtype, device):
+        loaded.append(torch.device(device))
+        return real_load(spec, dtype=dtype, device="cpu")
+
+    class Warnings(Progress):
+        def warn(self, message):
+            raise AssertionError(message)
+
+    monkeypatch.setattr(workflows, "pick_device", lambda device=None: gpu)
+    monkeypatch.setattr(workflows, "load_pipeline", load)
+    # (Sequential offload puts buffers on the device as it starts, which a CPU-only torch cannot stand in for.)
+    _, pipe, delta = workflows.prepare_pipeline(reg, [entry], device="cuda", precision="fp16", offload="model",
+                                                progress=Warnings())
+    assert loaded[-1] == torch.device("cpu") and pipe._offload_device == torch.device("cuda:0")
+    assert hasattr(pipe.unet, "_hf_hook") and pipe.vae.use_slicing
+    weights = dict(pipe.unet.named_parameters())
+    for name, w in delta.weights.items():  # the delta is in the weights the hooks bring to the GPU
+        assert weights[name].device.type == "cpu" and torch.equal(weights[name], w.to(weights[name].dtype)), name

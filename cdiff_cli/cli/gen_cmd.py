@@ -33,6 +33,8 @@ def gen_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
     base: Base = None,
     precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision.fp16,
+    low_memory: Annotated[bool, typer.Option("--low-memory", help="Small GPU: the base waits in CPU memory and diffusers' model CPU offload brings one model at a time (text encoder, UNet, VAE) to the GPU; images are decoded one at a time. A little slower.")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="Smaller GPU still: diffusers' sequential CPU offload, one layer at a time on the GPU. Much slower.")] = False,
     device: Device = "auto",
     as_json: Json = False,
 ):
@@ -46,7 +48,9 @@ def gen_cmd(
     reg = registry()
     entries = resolve_prompt(reg, prompt, concept)
     t0 = time.perf_counter()
-    spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value, progress=term.progress())
+    spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value,
+                                     offload="sequential" if offload else "model" if low_memory else None,
+                                     progress=term.progress())
     scheduler = scheduler.value
     set_scheduler(pipe, scheduler)
     params = {"steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,
