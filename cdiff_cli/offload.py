@@ -57,7 +57,7 @@ def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str
 
     device = torch.device(device)
     pin = device.type == "cuda"
-    hooked, moved = [], []  # moved: (tensor, its device before), moved back on exit
+    hooked, moved = [], []  # moved: (the dict that held it, its name, the tensor), put back on exit
     try:
         for m in _frozen_leaves(module):
             if hasattr(m, "_hf_hook"):
@@ -132,12 +132,9 @@ def enable_pipeline_offload(pipe, device: torch.device | str, mode: str) -> None
 
 
 @contextmanager
-def pipeline_offloaded(pipe, device: torch.device | str, mode: str | None) -> Iterator[None]:
-    """`enable_pipeline_offload` while active (None changes nothing). On exit no hook is left and the
-    weights are in CPU memory, where they were."""
-    if mode is None:
-        yield
-        return
+def pipeline_offloaded(pipe, device: torch.device | str, mode: str) -> Iterator[None]:
+    """`enable_pipeline_offload` while active. On exit no hook is left and the weights are in CPU
+    memory, where they were."""
     enable_pipeline_offload(pipe, device, mode)
     try:
         yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ def generated_regularisation(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(old.config)
         pipe.vae.enable_slicing()
         try:
-            with pipeline_offloaded(pipe, *(offload or (None, None))), progress.task(f"regularisation images ({class_word})", len(missing)) as bar:
+            with pipeline_offloaded(pipe, *offload) if offload else nullcontext(), progress.task(f"regularisation images ({class_word})", len(missing)) as bar:
                 for start in range(0, len(missing), batch_size):
                     chunk = missing[start : start + batch_size]
                     gens = [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in chunk]
