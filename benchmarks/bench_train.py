@@ -71,10 +71,8 @@ def worker_cdiff(args) -> dict:
 
     from cdiff_cli.data import ImageItem
     from cdiff_cli.progress import Progress, Task
-    from cdiff_cli.train import Concept, TrainConfig, low_memory_config, train
+    from cdiff_cli.train import Concept, TrainConfig, base_waits_in_cpu_memory, low_memory_config, train
 
-    if not ((args.low_memory or args.offload) and device.type == "cuda"):
-        pipe.to(device)  # (as `cdiff train`: with those flags on a GPU the base waits in CPU memory)
     marks: dict[str, list[float]] = {}
 
     class Clock(Progress):
@@ -99,6 +97,8 @@ def worker_cdiff(args) -> dict:
     if args.low_memory:
         cfg = low_memory_config(cfg)
     cfg.offload = args.offload
+    if not base_waits_in_cpu_memory(cfg, device):  # as `cdiff train` places it
+        pipe.to(device)
     t0 = time.perf_counter()
     with PeakMemory(device) as mem:
         train(pipe, [concept], cfg, device=device, progress=Clock(), keep_pipe=False)  # as `cdiff train` calls it

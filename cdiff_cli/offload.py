@@ -56,6 +56,8 @@ def frozen_weights_offloaded(module: torch.nn.Module, device: torch.device | str
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
 
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # as tensors name it, so placed ones are recognised
+        device = torch.device("cuda", torch.cuda.current_device())
     pin = device.type == "cuda"
     hooked, moved = [], []  # moved: (the dict that held it, its name, the tensor), put back on exit
     try:

@@ -50,6 +50,7 @@ from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.layers import read_weights, trainable_names
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.regset import class_prompt
 from cdiff_cli.tokens import add_tokens, initial_embedding
 
 
@@ -67,7 +68,7 @@ class Concept:
         return f"photo of a {self.token} {self.class_word}"
 
     def reg_caption(self, j: int) -> str:
-        return self.reg[j].caption or f"photo of a {self.class_word}"
+        return self.reg[j].caption or class_prompt(self.class_word)
 
     def prompts(self) -> list[str]:
         """Every prompt a run can encode for this concept: its prompt under each augmentation prefix,
@@ -262,8 +263,7 @@ def train(
 
     # -- cache latents: target pools and every regularisation image, both flips -------------------
     vae.to(device)
-    low = (cfg.low_memory or cfg.offload) and device.type != "cpu"
-    encode = _Encoder(vae, device, batch=ENCODE_BATCH_LOW_MEMORY if low else ENCODE_BATCH)
+    encode = _Encoder(vae, device, batch=ENCODE_BATCH_LOW_MEMORY if base_waits_in_cpu_memory(cfg, device) else ENCODE_BATCH)
     pixels = _PixelCache(res)
     with_reg = any(c.reg for c in concepts)
     pool_size = cfg.aug_pool if (cfg.aug or cfg.hflip) else 1
@@ -611,6 +611,13 @@ def _training_scheduler(pipe):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def base_waits_in_cpu_memory(cfg: TrainConfig, device: torch.device) -> bool:
+    """--low-memory/--offload on a CUDA GPU: the base is loaded into CPU memory, and each phase
+    (regularisation images, latent caching, training) brings to the GPU only what it runs. (Apple's
+    GPU shares the CPU's memory: nothing to gain there.)"""
+    return (cfg.low_memory or cfg.offload) and device.type == "cuda"
 
 
 def low_memory_config(cfg: TrainConfig) -> TrainConfig:

@@ -101,7 +101,7 @@ def train_entry(
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
     from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
     from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
-    from cdiff_cli.train import Concept, config_dict, train
+    from cdiff_cli.train import Concept, base_waits_in_cpu_memory, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
@@ -143,10 +143,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     if cfg.offload and dev.type == "cpu":
         progress.warn("--offload does nothing on the CPU (the weights are in RAM already); training without it")
         cfg.offload = False
-    # --low-memory/--offload on a CUDA GPU: the base waits in CPU memory, and each phase (regularisation
-    # images, latent caching, training) brings to the GPU only what it runs. (Apple's GPU shares the
-    # CPU's memory: nothing to gain there.)
-    staged = (cfg.low_memory or cfg.offload) and dev.type == "cuda"
+    staged = base_waits_in_cpu_memory(cfg, dev)
     spec, pipe, dev = _load_base(base, device, cfg.precision, in_cpu_memory=staged)
     if not cfg.resolution:
         cfg.resolution = default_resolution(pipe)
