@@ -26,7 +26,7 @@ from cdiff_cli import __version__
 from cdiff_cli import metrics as M
 from cdiff_cli.data import open_rgb
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.eval_prompts import EvalPrompt, class_prompt, select_prompts, to_dict
+from cdiff_cli.eval_prompts import EvalPrompt, class_prompt, select_prompts, strip_tokens, to_dict
 from cdiff_cli.features import DEFAULT_CLIP
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry
@@ -223,6 +223,52 @@ class _Plan:
     class_prompts: list[tuple[str, str]] = field(default_factory=list)  # (class, "photo of a {class}")
     images: dict = field(default_factory=dict)  # ("concept"|"base", prompt) -> list of PIL images
     seconds: float = 0.0
+    world: "_WorldPlan | None" = None  # the base is a nano-world model: oracle scores too
+
+
+@dataclass
+class _WorldPlan:
+    looks: list  # per token: the oracle's Look of its training images (None: not a world object)
+    ordinary: list[str]  # world captions with no concept, for the drift in prompt following
+
+
+def _plan(e: Entry, registry: Registry, settings: EvalSettings, base: str | None) -> _Plan:
+    """What to generate for one entry (everything that can fail cheaply, before any model is loaded)."""
+    from cdiff_cli import world_eval
+
+    sources, notes = concept_sources(registry, e)
+    world = None
+    if world_eval.is_world_base(_base_ref(base or e.base.get("ref"))):
+        from cdiff_cli import oracle
+
+        looks = [oracle.learn_look([open_rgb(f) for f in src.files]) if src.files else None for src in sources]
+        world = _WorldPlan(looks, world_eval.ordinary_prompts())
+    if world is not None and settings.prompt_file is None:
+        phrases = [f"{src.token} {src.class_word}".strip() for src in sources]
+        texts = world_eval.concept_prompts(phrases, world.looks)
+        if settings.max_prompts:
+            texts = texts[: settings.max_prompts]
+        prompts = [EvalPrompt(t, strip_tokens(t, e.tokens), "world") for t in texts]
+        desc = "built-in: nano world"
+    else:
+        prompts, desc = select_prompts(e.tokens, e.classes, prompt_file=settings.prompt_file,
+                                       max_prompts=settings.max_prompts)
+    classes = list(dict.fromkeys(c.class_word for c in sources if c.class_word)) if settings.kid_samples else []
+    if not settings.kid_samples:
+        notes.append(f"{e.name}: forgetting not measured (--kid-samples 0)")
+    return _Plan(e, prompts, desc, sources, notes, [(c, class_prompt(c)) for c in classes], world=world)
+
+
+def _base_ref(ref: str | None) -> str | None:
+    """The folder a base name stands for (`nano` -> the packaged model), or None when it is not local."""
+    from cdiff_cli.base import resolve_base
+
+    if not ref:
+        return None
+    try:
+        return resolve_base(ref).ref
+    except CdiffError:
+        return None
 
 
 def evaluate_entries(
@@ -256,15 +302,7 @@ def evaluate_entries(
         raise CdiffError("each concept may be named only once")
     if settings.scheduler not in SCHEDULERS:
         raise CdiffError(f"unknown scheduler {settings.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    plans = []
-    for e in (registry.get(n) for n in names):  # everything that can fail cheaply, before any model is loaded
-        prompts, desc = select_prompts(e.tokens, e.classes, prompt_file=settings.prompt_file,
-                                       max_prompts=settings.max_prompts)
-        sources, notes = concept_sources(registry, e)
-        classes = list(dict.fromkeys(c.class_word for c in sources if c.class_word)) if settings.kid_samples else []
-        if not settings.kid_samples:
-            notes.append(f"{e.name}: forgetting not measured (--kid-samples 0)")
-        plans.append(_Plan(e, prompts, desc, sources, notes, [(c, class_prompt(c)) for c in classes]))
+    plans = [_plan(registry.get(n), registry, settings, base) for n in names]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,18 +325,23 @@ def evaluate_entries(
                                              precision=s.precision, progress=progress)
             set_scheduler(pipe, s.scheduler)
             base_refs[plan.entry.name] = spec.ref
-            with progress.task(f"{plan.entry.name}: generating", len(plan.prompts) * s.n + len(plan.class_prompts) * k) as task:
+            ordinary = plan.world.ordinary if plan.world else []
+            total = (len(plan.prompts) + len(ordinary)) * s.n + len(plan.class_prompts) * k
+            with progress.task(f"{plan.entry.name}: generating", total) as task:
                 for p in plan.prompts:
                     plan.images[("concept", p.prompt)] = _sample(pipe, p.prompt, s.n, s, task)
                 for _, cp in plan.class_prompts:
                     plan.images[("concept", cp)] = _sample(pipe, cp, k, s, task)
+                for op in ordinary:
+                    plan.images[("ordinary-concept", op)] = _sample(pipe, op, s.n, s, task)
             del pipe
             _release_memory()
             plan.seconds += time.perf_counter() - t0
         # Then the base model once, for every prompt of the group (without the tokens) and the class prompts.
         t0 = time.perf_counter()
         todo = list(dict.fromkeys([(p.text, s.n) for plan in group for p in plan.prompts]
-                                  + [(cp, k) for plan in group for _, cp in plan.class_prompts]))
+                                  + [(cp, k) for plan in group for _, cp in plan.class_prompts]
+                                  + [(op, s.n) for plan in group if plan.world for op in plan.world.ordinary]))
         spec, pipe, _ = prepare_pipeline(registry, [], base=ref or group[0].entry.base.get("ref"), device=device,
                                          precision=s.precision, progress=progress)
         set_scheduler(pipe, s.scheduler)
@@ -313,6 +356,8 @@ def evaluate_entries(
                 plan.images[("base", p.text)] = done[(p.text, s.n)]
             for _, cp in plan.class_prompts:
                 plan.images[("base", cp)] = done[(cp, k)]
+            for op in plan.world.ordinary if plan.world else []:
+                plan.images[("ordinary-base", op)] = done[(op, s.n)]
             plan.seconds += (time.perf_counter() - t0) / len(group)
 
     results = [_score_one(plan, base_refs[plan.entry.name], feats, s, out_dir, progress) for plan in plans]
@@ -359,8 +404,28 @@ def manifest_metrics(run: dict, r: dict) -> dict:
         "per_concept": [{**{k: v for k, v in c.items() if k != "training_images"}, "training_images": len(c["training_images"])}
                         for c in r["per_concept"]],
         "kid_features": run["kid_features"],
+        "world": None if not r.get("world") else {"sentences": r["world"]["sentences"]},
         "report": run.get("report", {}).get("html"),
     }
+
+
+def _world_scores(plan: _Plan) -> dict:
+    """The oracle's scores of an entry on a nano-world base (see cdiff_cli.world_eval)."""
+    from cdiff_cli import world_eval
+
+    imgs = plan.images
+    ordinary = plan.world.ordinary
+    scores = world_eval.score(
+        tokens=[src.token for src in plan.sources], looks=plan.world.looks,
+        prompts=[(p.prompt, p.text) for p in plan.prompts],
+        concept_images={p.prompt: imgs[("concept", p.prompt)] for p in plan.prompts},
+        base_images={p.text: imgs[("base", p.text)] for p in plan.prompts},
+        class_prompts={src.token: class_prompt(src.class_word) for src in plan.sources if src.class_word},
+        class_concept={cp: imgs[("concept", cp)] for _, cp in plan.class_prompts},
+        class_base={cp: imgs[("base", cp)] for _, cp in plan.class_prompts},
+        ordinary_concept={op: imgs[("ordinary-concept", op)] for op in ordinary},
+        ordinary_base={op: imgs[("ordinary-base", op)] for op in ordinary})
+    return scores.to_dict()
 
 
 def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, out_dir: Path, progress: Progress) -> dict:
@@ -474,6 +539,7 @@ def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, ou
             "class_concept": [p for r in class_rows for p in r["images"]],
             "class_base": [p for r in class_rows for p in r["baseline_images"]],
         },
+        "world": _world_scores(plan) if plan.world else None,
         "notes": plan.notes,
         "seconds": round(plan.seconds + time.perf_counter() - t0, 2),
     }

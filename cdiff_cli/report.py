@@ -215,6 +215,30 @@ def scores_table(run: dict) -> str:
     return "".join(rows)
 
 
+_ATTRIBUTES = ("concept", "kind", "colour", "fill", "size", "position", "relation", "background", "plain_object", "count")
+
+
+def world_section(w: dict | None) -> str:
+    """The nano-world oracle's reading of the samples: sentences, then shares per attribute."""
+    if not w:
+        return ""
+    out = ["<h3>What the pictures show (nano-world oracle)</h3><ul class=\"world\">"]
+    out += [f"<li>{esc(line)}</li>" for line in w["sentences"]]
+    out.append("</ul>")
+    rows = [("concept model, its prompts", w["following"]), ("base model, same prompts without the tokens", w["baseline_following"]),
+            ("concept model, ordinary captions", w["ordinary"]), ("base model, ordinary captions", w["baseline_ordinary"])]
+    keys = [k for k in _ATTRIBUTES if any(k in d for _, d in rows)]
+    out.append("<table><thead><tr><th>share of images right</th>" + "".join(f"<th>{esc(k.replace('_', ' '))}</th>" for k in keys)
+               + "</tr></thead><tbody>")
+    for label, d in rows:
+        cells = "".join(f'<td class="num">{"–" if k not in d else f"{100 * d[k]:.0f} %"}</td>' for k in keys)
+        out.append(f"<tr><td>{esc(label)}</td>{cells}</tr>")
+    out.append("</tbody></table><p class=\"small\">The oracle reads each image's objects (kind, colour, fill, size, "
+               "position) and background by colour segmentation and shape templates (cdiff_cli/oracle.py); a concept's "
+               "look is what it reads in the concept's training images. \"plain object\": the prompt's other objects.</p>")
+    return "".join(out)
+
+
 def entry_section(r: dict, cache: dict) -> str:
     out = [f'<section class="entry" id="entry-{esc(r["name"])}"><h2>{esc(r["name"])}</h2>',
            f'<div class="meta">{esc(r["kind"])} · tokens {esc(" ".join(r["tokens"]))} · classes {esc(", ".join(r["classes"]))}'
@@ -237,6 +261,7 @@ def entry_section(r: dict, cache: dict) -> str:
                    f'<td class="num">{fmt(p["text_alignment"])}<div class="small">base {fmt(p["baseline_text_alignment"])}</div></td>'
                    f'<td class="thumbs">{_imgs(p["images"], cache)}</td><td class="thumbs">{_imgs(p["baseline_images"], cache)}</td></tr>')
     out.append("</tbody></table>")
+    out.append(world_section(r.get("world")))
     f = r.get("forgetting", {})
     if f.get("classes"):
         out.append("<h3>Forgetting</h3><table class=\"samples\"><thead><tr><th>class prompt</th><th>KID ×1000</th>"

@@ -54,19 +54,19 @@ SAMPLE_PROMPTS = [
     "a big red square in the middle, on a gray background",
     "a small blue circle on the left, on a white background",
     "a big yellow triangle at the top, on a black background",
-    "a green cross at the bottom, on a striped purple background",
-    "a big white ring on the right, on a dotted blue background",
-    "a purple diamond in the middle, on a checkered yellow background",
-    "a big orange star in the middle, on a plain green background",
-    "a black square on the right, on a striped white background",
+    "a green cross at the bottom, on a blue background",
+    "a big white striped star on the right, on a green background",
+    "a red dotted heart in the middle, on a gray background",
+    "a big black circle on the left, on a white background",
+    "a small yellow striped square at the top, on a blue background",
     "a red circle on the left of a blue square, on a gray background",
     "a small yellow star above a big green triangle, on a black background",
-    "a white cross on the right of an orange ring, on a checkered purple background",
-    "a big blue diamond below a red circle, on a dotted white background",
-    "a photo of a shape",
-    "a photo of a square",
-    "a photo of a circle",
+    "a white cross on the right of a red heart, on a blue background",
+    "a big blue dotted square below a yellow circle, on a white background",
     "a photo of a star",
+    "a photo of a square",
+    "a photo of a heart",
+    "a photo of a circle",
 ]
 
 
@@ -100,6 +100,14 @@ def lr_at(progress: float, step: int, peak: float, warmup: int, floor: float = 0
     """Linear warmup over `warmup` steps, then cosine decay to `floor` * peak as progress goes to 1."""
     p = min(1.0, max(0.0, progress))
     return peak * min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def shipped(args, sub: str) -> Path | None:
+    """The folder `sub` of --init-from (e.g. cdiff_cli/models/nano/unet), when given and present."""
+    if args.init_from is None:
+        return None
+    folder = args.init_from / sub
+    return folder if folder.is_dir() else None
 
 
 class Checkpoint:
@@ -198,6 +206,12 @@ def stage_clip(args, out: Path, tok, data):
 
     final = out / "nano-clip"
     ck = Checkpoint(out / "ckpt", "clip")
+    if not ck.done.is_file() and (src := shipped(args, "nano-clip")):
+        model = CLIPModel.from_pretrained(str(src)).float().eval()
+        save_clip(model, tok, final)
+        ck.done.write_text(json.dumps({"from": str(src)}))
+        log(f"clip: taken from {src}")
+        return model
     if ck.done.is_file():
         log("clip: done (cached)")
         return CLIPModel.from_pretrained(str(final))
@@ -287,6 +301,14 @@ def stage_vae(args, out: Path, data):
     ck = Checkpoint(out / "ckpt", "vae")
     torch.manual_seed(args.seed + 2)
     vae = build_vae(args)
+    if not ck.done.is_file() and (src := shipped(args, "nano/vae")):
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(src)).float().eval()
+        sf = float(vae.config.scaling_factor)
+        ck.save({"model": vae.state_dict(), "scaling_factor": sf})
+        ck.done.write_text(json.dumps({"from": str(src), "scaling_factor": sf}))
+        log(f"vae: taken from {src}")
     if ck.done.is_file():
         state = ck.load()
         vae.load_state_dict(state["model"])
@@ -462,6 +484,13 @@ def stage_unet(args, out: Path, tok, data, te, vae):
     snr = acp / (1 - acp)
     g = torch.Generator().manual_seed(args.seed + 5)
     step, elapsed = ck.resume("unet", {"model": unet, "ema": ema}, opt, g)
+    if step == 0 and (src := shipped(args, "nano/unet")):
+        from diffusers import UNet2DConditionModel
+
+        weights = UNet2DConditionModel.from_pretrained(str(src)).float().state_dict()
+        unet.load_state_dict(weights)
+        ema.load_state_dict(weights)
+        log(f"unet: starting from the weights in {src} (a new optimizer and schedule)")
     n_xattn = sum(1 for k, _ in unet.named_parameters() if k.endswith("attn2.to_k.weight"))
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters, channels {args.unet_channels}, "
         f"{args.unet_layers} layers per block, {n_xattn} cross-attention layers, batch {args.unet_batch}")
@@ -559,19 +588,40 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
+def training_history(args, out: Path) -> list[dict]:
+    """Every run that shaped the exported weights: those recorded with the --init-from model, then this one
+    (its arguments and what each stage did, from the OUT/ckpt/*.done files)."""
+    history = []
+    if (src := shipped(args, "nano")) and (src / "training.json").is_file():
+        history = json.loads((src / "training.json").read_text(encoding="utf-8"))
+    stages = {}
+    for name in ("clip", "vae", "unet"):
+        done = out / "ckpt" / f"{name}.done"
+        if done.is_file():
+            stages[name] = json.loads(done.read_text())
+    return history + [{"date": time.strftime("%Y-%m-%d"), "args": json.loads(json.dumps(vars(args), default=str)),
+                       "stages": stages}]
+
+
 def stage_export(args, out: Path, tok, te, vae, unet) -> Path:
     import copy
+
+    from cdiff_cli.world_eval import write_world_marker
 
     folder = out / "nano"
     pipe = assemble(tok, copy.deepcopy(te), copy.deepcopy(vae), copy.deepcopy(unet))
     if args.fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    write_world_marker(folder)  # tells cdiff eval that the oracle can read this model's pictures
+    history = training_history(args, out)
+    (folder / "training.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     (folder / "README.md").write_text(
         "# nano\n\nA tiny Stable-Diffusion-layout text-to-image model (64 px, 16x16x4 latents) trained from scratch on\n"
         "the procedural world of `cdiff_cli.world` by `scripts/train_nano.py`. Text encoder: the text tower of\n"
         f"`nano-clip`. Weights stored in {'fp16' if args.fp16 else 'fp32'}; load in fp32 on a CPU.\n\n"
-        f"Training: {json.dumps(vars(args), default=str)}\n", encoding="utf-8")
+        "`training.json` lists every run that shaped these weights (arguments and steps per stage), oldest first;\n"
+        "a run with `init_from` trained on from the weights of the run before it.\n", encoding="utf-8")
     log(f"export: nano {folder_mb(folder):.1f} MB, nano-clip {folder_mb(out / 'nano-clip'):.1f} MB")
     return folder
 
@@ -626,6 +676,9 @@ def parse_args(argv=None):
     p.add_argument("--preview-every", type=float, default=5.0, help="minutes between preview grids (0: none)")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="store the nano weights in fp32")
     p.add_argument("--stages", default="clip,vae,unet,export,sample")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a folder holding nano/ and nano-clip/ (e.g. cdiff_cli/models): take the CLIP and the VAE "
+                        "from it and train the UNet on from its weights, for stages with no checkpoint in OUT")
     return p.parse_args(argv)
 
 

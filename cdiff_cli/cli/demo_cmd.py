@@ -22,20 +22,23 @@ def demo_cmd(
 ):
     """Show the method end to end, offline, in a few minutes on a CPU.
 
-    Two objects the nano model never saw (a pink heart, a zigzag-striped square) are drawn by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base.
+    Two particular objects of classes the nano model already draws (a teal star, a pink square with black stripes: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
     """
     from cdiff_cli.demo import DemoSettings, run_demo
 
     t0 = time.perf_counter()
-    result = run_demo(out, DemoSettings(steps=steps), device=device, progress=term.progress())
+    result = run_demo(out, DemoSettings(steps=steps), device=device, progress=term.progress()).to_dict()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if as_json:
         term.json(result)
         return
+    for name, lines in result["sentences"].items():
+        for line in lines:
+            term.info(f"{name}: {line}")
     for name, sc in result["scores"].items():
         base = sc.get("baseline") or {}
         term.info(f"{name}: image alignment {sc['image_alignment']} (base {base.get('image_alignment')}), "
                   f"text alignment {sc['text_alignment']} (base {base.get('text_alignment')}), KID x1000 {sc['kid']}")
     term.ok(f"demo finished in {result['seconds']} s")
-    term.info(f"compositions: {Path(result['compositions'][0]).parent}")
+    term.info(f"overview picture: {result['overview']}")
     term.data(result["report_html"])

@@ -43,6 +43,8 @@ def eval_cmd(
     Text alignment (CLIPScore), image alignment to the training images, the same prompts on the base model, and forgetting (KID of class images).
 
     The prompts are the built-in CustomConcept101-style set for each concept's class (pair prompts for entries with several tokens). Text alignment uses each prompt without the modifier token.
+
+    On a nano-world base (the shipped `nano`), the prompts are world prompts that place each concept in new contexts, and an oracle that reads the pictures adds concept presence, prompt following and drift, in counts ("appears in 17 of 20 images").
     """
     from cdiff_cli.evaluation import EvalSettings, evaluate_entries
 
@@ -78,4 +80,8 @@ def eval_cmd(
                     + [f(r["kid"], 2), f(b["text_alignment"]), f(b["image_alignment"]),
                        f(d["text_alignment"], signed=True), f(d["image_alignment"], signed=True)])
     term.table(cols, rows)
+    for r in run["entries"]:
+        if r.get("world"):  # a nano-world base: what the oracle reads in the pictures
+            for line in r["world"]["sentences"]:
+                term.data(f"{r['name']}: {line}")
     term.ok(f"report: {run['report']['html']}")

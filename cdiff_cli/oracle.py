@@ -1,0 +1,491 @@
+"""An oracle for the nano world: read a 64 px image back into what is in it, and score samples against prompts.
+
+The world (`cdiff_cli.world`) is procedural, so its images can be read by classical analysis instead of
+by a learned scorer:
+
+- the background is the palette colour nearest to the median of the image's border;
+- objects are the connected regions that differ from it (holes filled, specks dropped);
+- an object's kind is the shape template with the best overlap once both are scaled to its bounding box;
+- its colour is the palette colour most of its inner pixels are nearest to, and its fill is solid unless a
+  second colour covers a good share of it: in bands along rows (striped) or in spots (dotted);
+- its size and position follow from the template's fitted radius and its centre.
+
+    reading = read(image)                     # Reading(background='gray', objects=(Seen(kind='star', ...),))
+    look = learn_look(training_images)        # Look(kind='star', colour='teal', fill='solid'): what a concept is
+    want = parse_prompt("a big <tealstar> star on the left", {"<tealstar>": look})
+    score_sample(reading, want)               # {'kind': True, 'size': True, 'position': True, 'concept': True, ...}
+
+`validate` measures the oracle on rendered scenes (`python -m cdiff_cli.oracle` prints it). Pure numpy and
+PIL: the images are 64 px, so a plain flood fill labels regions in a millisecond.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from cdiff_cli import world as W
+
+SIDE = 64  # images are read at the world's size
+_BG_DISTANCE = 45.0  # RGB distance from the background above which a pixel belongs to an object
+_MIN_AREA = 24  # pixels: smaller regions are specks
+_PATTERN_SHARE = 0.12  # share of an object's inner pixels in the pattern colour for it to count as a pattern
+_TEMPLATE = 32  # side of the normalised shape templates
+
+
+# -- what the oracle reads ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Look:
+    """What an object looks like apart from where it is and how big: a concept's identity."""
+
+    kind: str
+    colour: str
+    fill: str
+
+    @classmethod
+    def of(cls, concept: W.Concept) -> "Look":
+        return cls(concept.kind, concept.colour, concept.fill)
+
+    def words(self) -> str:
+        """'a teal star', 'a pink striped square' (palette names, also the unnamed ones)."""
+        fill = "" if self.fill == "solid" else f" {self.fill}"
+        text = f"{self.colour}{fill} {self.kind}"
+        return f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One object read from an image; x, y, r are fractions of the image side."""
+
+    kind: str
+    colour: str  # a world.PALETTE name
+    fill: str  # "solid", "striped" or "dotted"
+    size: str
+    position: str  # the nearest of world.POSITIONS
+    x: float
+    y: float
+    r: float
+    area: int  # pixels
+    shape_score: float  # IoU with the best template (1 = a perfect shape)
+
+    @property
+    def look(self) -> Look:
+        return Look(self.kind, self.colour, self.fill)
+
+
+@dataclass(frozen=True)
+class Reading:
+    background: str
+    objects: tuple[Seen, ...]  # largest first
+
+    def relation(self, first: int = 0, second: int = 1) -> str:
+        """Where objects[first] is relative to objects[second]: one of world.RELATIONS."""
+        a, b = self.objects[first], self.objects[second]
+        dx, dy = a.x - b.x, a.y - b.y
+        if abs(dx) >= abs(dy):
+            return "left of" if dx < 0 else "right of"
+        return "above" if dy < 0 else "below"
+
+
+# -- reading --------------------------------------------------------------------------------------------
+
+
+def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> np.ndarray:
+    """Index into `table` of the colour nearest to each row of rgb [n, 3]."""
+    ref = np.array(list(table.values()), float)
+    return np.argmin(((rgb[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
+
+
+@lru_cache(maxsize=None)
+def _templates() -> dict[str, np.ndarray]:
+    """Each kind's outline, cropped to its bounding box and resized to _TEMPLATE x _TEMPLATE (bool)."""
+    out = {}
+    for kind in W.KINDS:
+        m = np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127
+        out[kind] = _normalise(m)
+    return out
+
+
+@lru_cache(maxsize=None)
+def _extent() -> dict[str, tuple[float, float]]:
+    """Each kind's bounding-box width and height in units of its radius."""
+    out = {}
+    for kind in W.KINDS:
+        ys, xs = np.nonzero(np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127)
+        out[kind] = ((xs.max() - xs.min() + 1) / 200, (ys.max() - ys.min() + 1) / 200)
+    return out
+
+
+def _normalise(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    im = Image.fromarray(crop.astype(np.uint8) * 255).resize((_TEMPLATE, _TEMPLATE), Image.BILINEAR)
+    return np.asarray(im) > 127
+
+
+def _kind(mask: np.ndarray) -> tuple[str, float]:
+    norm = _normalise(mask)
+    scores = {k: (norm & t).sum() / max(1, (norm | t).sum()) for k, t in _templates().items()}
+    best = max(scores, key=scores.get)
+    return best, float(scores[best])
+
+
+def _colour_and_fill(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, str]:
+    """The object's main colour, and its fill from where its pattern colour lies (pixels: [n, 3])."""
+    names = list(W.PALETTE)
+    idx = _nearest(pixels, W.PALETTE)
+    counts = np.bincount(idx, minlength=len(names))
+    order = np.argsort(-counts)
+    main, other = names[order[0]], names[order[1]]
+    # Red with wide white stripes can have more white pixels than red: a colour whose pattern colour is the
+    # majority is the object's colour (black and white, each the other's pattern colour, go by majority).
+    if counts[order[1]] >= _PATTERN_SHARE * len(idx) and W.pattern_colour(other) == main != W.pattern_colour(main):
+        main = other
+    # Pattern pixels: nearer the pattern colour than the main one along the line between them (a blurred
+    # stripe blends the two; the nearest palette colour of a blend can be a third one).
+    m, q = np.array(W.PALETTE[main], float), np.array(W.PALETTE[W.pattern_colour(main)], float)
+    t = (pixels - m) @ (q - m) / max(float((q - m) @ (q - m)), 1.0)
+    pattern = t > 0.5
+    if pattern.mean() < _PATTERN_SHARE:
+        return main, "solid"
+    return main, _pattern_kind(pattern, ys, xs)
+
+
+def _pattern_kind(pattern: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> str:
+    """Striped (the pattern's share changes from row to row, not from column to column) or dotted."""
+    def spread(coord):
+        shares = [pattern[coord == v].mean() for v in np.unique(coord) if (coord == v).sum() >= 3]
+        return float(np.std(shares)) if len(shares) > 2 else 0.0
+
+    rows, cols = spread(ys), spread(xs)
+    return "striped" if rows > 0.25 and rows > 1.6 * cols else "dotted"
+
+
+def _size(r: float, n_objects: int) -> str:
+    small, big = (W.RADIUS_PAIR if n_objects > 1 else W.RADIUS).values()
+    return "small" if r < (small[1] + big[0]) / 2 else "big"
+
+
+def _position(x: float, y: float) -> str:
+    return min(W.CENTRES, key=lambda p: (W.CENTRES[p][0] - x) ** 2 + (W.CENTRES[p][1] - y) ** 2)
+
+
+# -- binary morphology on small masks (3x3 neighbourhoods) ---------------------------------------------
+
+
+def _shifts(m: np.ndarray, fill: bool) -> list[np.ndarray]:
+    p = np.pad(m, 1, constant_values=fill)
+    h, w = m.shape
+    return [p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    return np.logical_and.reduce(_shifts(m, True))
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    return np.logical_or.reduce(_shifts(m, False))
+
+
+def _label(m: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of a boolean mask, each as its own mask."""
+    seen = np.zeros_like(m, bool)
+    h, w = m.shape
+    regions = []
+    for y0, x0 in zip(*np.nonzero(m)):
+        if seen[y0, x0]:
+            continue
+        stack, pts = [(y0, x0)], []
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            pts.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and m[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        region = np.zeros_like(m, bool)
+        region[tuple(np.array(pts).T)] = True
+        regions.append(region)
+    return regions
+
+
+def _fill_holes(m: np.ndarray) -> np.ndarray:
+    """The mask with every background pocket that does not reach the border filled."""
+    outside = np.pad(~m, 1, constant_values=True)
+    reached = [r for r in _label(outside) if r[0, 0]]
+    return m | ~reached[0][1:-1, 1:-1]
+
+
+def _as_array(image) -> np.ndarray:
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    im = im.convert("RGB")
+    if im.size != (SIDE, SIDE):
+        im = im.resize((SIDE, SIDE), Image.BILINEAR)
+    return np.asarray(im, dtype=float)
+
+
+def read(image) -> Reading:
+    """What is in a world image (PIL image or HxWx3 uint8 array; resized to 64 px): background and objects."""
+    a = _as_array(image)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
+                             a[:, -2:].reshape(-1, 3)])
+    bg_rgb = np.median(border, axis=0)
+    background = list(W.BACKGROUNDS)[int(_nearest(bg_rgb[None], W.BACKGROUNDS)[0])]
+    raw = np.sqrt(((a - bg_rgb) ** 2).sum(-1)) > _BG_DISTANCE
+    fg = _dilate(_erode(raw))  # opening: drop specks and one-pixel bridges
+    fg = _fill_holes(_erode(_dilate(fg)))  # closing, then the holes a pattern left
+    regions = sorted((m for m in _label(fg) if m.sum() >= _MIN_AREA and not _fills_frame(m)), key=lambda m: -m.sum())
+    # Each region's own pixels, before the smoothing that finds regions rounds off small points and arms.
+    shapes = [_fill_holes(raw & _dilate(m)) for m in regions]
+    objects = tuple(_read_object(a, m, len(regions)) for m in shapes)
+    return Reading(background, objects)
+
+
+def _fills_frame(mask: np.ndarray) -> bool:
+    """A region as wide and tall as the image is no object of the world (noise, a photo that is not a scene)."""
+    ys, xs = np.nonzero(mask)
+    return xs.max() - xs.min() > 0.9 * SIDE and ys.max() - ys.min() > 0.9 * SIDE
+
+
+def _read_object(a: np.ndarray, mask: np.ndarray, n_objects: int) -> Seen:
+    ys, xs = np.nonzero(mask)
+    kind, score = _kind(mask)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    ew, eh = _extent()[kind]
+    r = (w / ew + h / eh) / 2 / SIDE
+    # The colour from the inner pixels: the edge blends with the background.
+    inner = _erode(mask)
+    if inner.sum() < 8:
+        inner = mask
+    iy, ix = np.nonzero(inner)
+    colour, fill = _colour_and_fill(a[iy, ix], iy, ix)
+    # The centre of a shape's template box: the world places shapes by their centre, not their centroid.
+    cx = (xs.min() + xs.max() + 1) / 2 / SIDE
+    cy = (ys.min() + ys.max() + 1) / 2 / SIDE
+    if kind in ("triangle", "star", "heart"):  # their boxes sit off their centres by a known amount
+        cy += _centre_offset(kind) * r
+    return Seen(kind, colour, fill, _size(r, n_objects), _position(cx, cy), float(cx), float(cy), float(r),
+                int(mask.sum()), score)
+
+
+@lru_cache(maxsize=None)
+def _centre_offset(kind: str) -> float:
+    """How far (in radii) the shape's centre lies below its bounding box's centre."""
+    ys, _ = np.nonzero(np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127)
+    return (256 - (ys.min() + ys.max() + 1) / 2) / 200
+
+
+# -- what a prompt asks for -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One object a prompt asks for; None: the prompt does not say."""
+
+    kind: str | None = None
+    colour: str | None = None
+    fill: str | None = None
+    size: str | None = None
+    concept: Look | None = None  # the prompt used a concept's token: the concept must appear
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a world prompt asks for."""
+
+    objects: tuple[Wanted, ...]
+    position: str | None = None  # for one object
+    relation: str | None = None  # for two objects
+    background: str | None = None
+
+
+_PHRASES = {**{v: k for k, v in W._POSITION_PHRASE.items()}}
+_RELATIONS = {v: k for k, v in W._RELATION_PHRASE.items()}
+
+
+def parse_prompt(text: str, tokens: dict[str, Look] | None = None) -> Prompt | None:
+    """Read a prompt in the world's language ("a big red striped square on the left, on a gray background",
+    "a <tealstar> star above a blue circle"). `tokens` maps a concept's token to its look. Returns None for
+    a prompt that names no world kind (the oracle cannot score it)."""
+    tokens = {t.lower(): c for t, c in (tokens or {}).items()}
+    text = text.lower().strip()
+    background = None
+    m = re.search(r",?\s*on an? (\w+) background\s*$", text)
+    if m and m.group(1) in W.BACKGROUNDS:
+        background, text = m.group(1), text[: m.start()]
+    relation = None
+    for phrase, rel in sorted(_RELATIONS.items(), key=lambda kv: -len(kv[0])):
+        if f" {phrase} " in f" {text} ":
+            left, right = text.split(f" {phrase} ", 1) if f" {phrase} " in text else (text, "")
+            if _object(left, tokens) and _object(right, tokens):
+                relation, parts = rel, [left, right]
+                break
+    position = None
+    if relation is None:
+        for phrase, pos in _PHRASES.items():
+            if text.endswith(" " + phrase):
+                position, text = pos, text[: -len(phrase)].strip()
+                break
+        parts = [text]
+    objects = tuple(_object(p, tokens) for p in parts)
+    if not all(objects):
+        return None
+    return Prompt(objects, position, relation, background)
+
+
+def _object(text: str, tokens: dict[str, Look]) -> Wanted | None:
+    words = text.replace(",", " ").split()
+    look = next((tokens[w] for w in words if w in tokens), None)
+    if look is not None:
+        return Wanted(look.kind, look.colour, look.fill, _word(words, W.SIZES), look)
+    kinds = [w for w in words if w in W.KINDS]
+    if not kinds:
+        return None
+    fill = _word(words, W.FILLS)
+    colour = _word(words, W.COLOURS)
+    # A named colour with no fill word is a solid object (the world's captions name every pattern).
+    return Wanted(kinds[-1], colour, fill or ("solid" if colour else None), _word(words, W.SIZES))
+
+
+def _word(words, vocabulary) -> str | None:
+    return next((w for w in words if w in vocabulary), None)
+
+
+# -- scoring -------------------------------------------------------------------------------------------
+
+ATTRIBUTES = ("kind", "colour", "fill", "size", "position", "relation", "background", "count")
+
+
+def _match(seen: Seen | None, want: Wanted) -> dict[str, bool]:
+    """Per attribute the object states: is it what the read object shows? Also "object" (its kind, colour
+    and fill), and "concept" or "plain_object" (the same, for a concept or for an ordinary object)."""
+    out = {a: seen is not None and getattr(seen, a) == getattr(want, a)
+           for a in ("kind", "colour", "fill", "size") if getattr(want, a) is not None}
+    right = all(v for k, v in out.items() if k != "size")
+    out["object"] = right
+    out["concept" if want.concept is not None else "plain_object"] = right
+    return out
+
+
+def _both(a: dict[str, bool], b: dict[str, bool]) -> dict[str, bool]:
+    """Two objects' matches combined: an attribute is right when it is right wherever it is stated."""
+    return {k: a.get(k, True) and b.get(k, True) for k in {**a, **b}}
+
+
+def score_sample(reading: Reading, prompt: Prompt) -> dict[str, bool]:
+    """Which of the prompt's attributes the image shows: {attribute: bool} for each attribute the prompt
+    states (kind, colour, fill, size, position or relation, background), "count" (as many objects as asked),
+    "object" (every object's kind, colour and fill right), "concept" (every concept object right) and
+    "plain_object" (every other object right). Asked objects are paired with the largest read ones, in
+    whichever order matches more."""
+    out: dict[str, bool] = {"count": len(reading.objects) == len(prompt.objects)}
+    if prompt.background is not None:
+        out["background"] = reading.background == prompt.background
+    want, seen = prompt.objects, reading.objects[:2]
+    if len(want) == 1:
+        best = max(seen, key=lambda s: sum(_match(s, want[0]).values()), default=None)
+        out.update(_match(best, want[0]))
+        if prompt.position is not None:
+            out["position"] = best is not None and best.position == prompt.position
+        return out
+    if len(seen) < 2:
+        out.update(_both(_match(None, want[0]), _match(None, want[1])))
+        return {**out, **({"relation": False} if prompt.relation else {})}
+    pairs = [(i, j, _match(seen[i], want[0]), _match(seen[j], want[1])) for i, j in ((0, 1), (1, 0))]
+    i, j, a, b = max(pairs, key=lambda p: sum(p[2].values()) + sum(p[3].values()))
+    out.update(_both(a, b))
+    if prompt.relation is not None:
+        out["relation"] = reading.relation(i, j) == prompt.relation
+    return out
+
+
+def concept_present(reading: Reading, look: Look) -> bool:
+    """Does any object in the image look like the concept (its kind, colour and fill)?"""
+    return any(s.look == look for s in reading.objects)
+
+
+def learn_look(images) -> Look | None:
+    """A concept's look from its training images: the look of the largest object that most of them show
+    (None when no look is read in at least half of them: not a world concept)."""
+    images = list(images)
+    looks = [r.objects[0].look for r in map(read, images) if r.objects]
+    if not looks:
+        return None
+    best = max(set(looks), key=looks.count)
+    return best if looks.count(best) * 2 >= len(images) else None
+
+
+@dataclass
+class Tally:
+    """Shares of samples right, per attribute."""
+
+    right: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+
+    def add(self, scores: dict[str, bool]) -> None:
+        for k, v in scores.items():
+            self.total[k] = self.total.get(k, 0) + 1
+            self.right[k] = self.right.get(k, 0) + int(bool(v))
+
+    def share(self, key: str) -> float | None:
+        return self.right.get(key, 0) / self.total[key] if self.total.get(key) else None
+
+    def shares(self) -> dict[str, float]:
+        return {k: self.right.get(k, 0) / n for k, n in self.total.items()}
+
+
+# -- validation on rendered scenes ----------------------------------------------------------------------
+
+
+def truth(spec: W.SceneSpec) -> Reading:
+    """What the oracle should read from `world.render(spec)`: largest object first, like `read`."""
+    objs = []
+    for o in spec.objects:
+        pos = o.position if len(spec.objects) == 1 else _position(o.x, o.y)
+        objs.append(Seen(o.kind, o.colour, o.fill, o.size, pos, o.x, o.y, o.r, 0, 1.0))
+    return Reading(spec.background, tuple(objs))
+
+
+def validate(n: int = 1000, seed: int = 12345, per_concept: int = 25) -> dict[str, dict[str, float]]:
+    """The oracle's accuracy on rendered scenes: {"scenes": {attribute: share read right} over `n` scenes
+    of the base world (objects matched by position), "concepts": {name: share of photos whose look is the
+    concept's}, "pairs": {"a+b": share of two-concept scenes where both are read}}."""
+    t = Tally()
+    for spec in W.dataset_specs(n, seed=seed):
+        got, want = read(W.render(spec)), truth(spec)
+        t.add({"background": got.background == want.background, "count": len(got.objects) == len(want.objects)})
+        for w in want.objects:
+            g = min(got.objects, key=lambda s: (s.x - w.x) ** 2 + (s.y - w.y) ** 2, default=None)
+            for a in ("kind", "colour", "fill", "size", "position"):
+                t.add({a: g is not None and getattr(g, a) == getattr(w, a)})
+        if len(want.objects) == 2 and len(got.objects) == 2:
+            t.add({"relation": got.relation(*_order(got, want)) == spec.relation})
+    concepts = {name: float(np.mean([concept_present(read(im), Look.of(c))
+                                     for im in W.concept_images(name, per_concept, seed=seed)]))
+                for name, c in W.CONCEPTS.items()}
+    pairs = {}
+    for a, b in W.CONCEPT_PAIRS:
+        ok = [all(concept_present(r, Look.of(W.CONCEPTS[x])) for x in (a, b))
+              for r in (read(W.render(sp)) for sp in W.concept_pair_specs(a, b, per_concept, seed=seed))]
+        pairs[f"{a}+{b}"] = float(np.mean(ok))
+    return {"scenes": t.shares(), "concepts": concepts, "pairs": pairs}
+
+
+def _order(got: Reading, want: Reading) -> tuple[int, int]:
+    w0 = want.objects[0]
+    d = [(s.x - w0.x) ** 2 + (s.y - w0.y) ** 2 for s in got.objects[:2]]
+    return (0, 1) if d[0] <= d[1] else (1, 0)
+
+
+if __name__ == "__main__":
+    for group, shares in validate().items():
+        print(group)
+        for k, v in shares.items():
+            print(f"  {k:24s} {100 * v:5.1f} %")
