@@ -6,7 +6,7 @@ alignment to the training images (the same seeds for every row, so rows differ o
 the largest change of a k/v layer's output on 256 ordinary captions. Also prints the sizes the same
 ranks would give for Stable Diffusion 1.x's 32 k/v layers (full: 76.7 MB in fp32).
 
-    python benchmarks/compress_nano.py [--concept heart] [--steps 250]
+    python benchmarks/compress_nano.py [--concept tealstar] [--steps 250]
 
 Writes benchmarks/results/compress_nano.json.
 """
@@ -23,8 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-PROMPTS = ("a small {} on the left", "a big {} at the top", "{} on the right of a blue circle",
-           "a small {} on a striped green background")
+PROMPTS = ("a small {} on the left, on a gray background", "a big {} at the top, on a black background",
+           "{} on the right of a blue circle, on a white background", "a small {} at the bottom, on a green background")
 SETTINGS = (("full (uncompressed)", None, None), ("energy 0.999", None, 0.999), ("energy 0.99", None, 0.99),
             ("energy 0.9", None, 0.9), ("rank 8", 8, None), ("rank 4", 4, None), ("rank 2", 2, None), ("rank 1", 1, None))
 # Stable Diffusion 1.x: (out features, count) of its cross-attention k/v layers; every input is 768 wide.
@@ -40,7 +40,7 @@ def sd15_bytes(rank: int | None) -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--concept", default="heart")
+    ap.add_argument("--concept", default="tealstar")
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--images-per-prompt", type=int, default=4)

@@ -1,28 +1,32 @@
-"""The paper's comparison in miniature, offline, on the shipped nano model and its procedural world.
+"""The paper's comparison in miniature, offline, on the shipped nano model: oracle and CLIP scores, several
+seeds, 95 % intervals.
 
-Single concept (each of --concepts): Custom Diffusion (k/v), crossattn mode, full UNet fine-tuning and
-the token alone (textual inversion), each with and without generated regularisation images. Scores,
-with the nano CLIP: text alignment (CLIPScore, tokens removed), image alignment to the training images,
-and forgetting (KID x1000 of class-prompt images against the base, paired seeds).
-Two concepts: joint training, the closed-form merge of the two single k/v runs, and the plain sum of
-their deltas; image alignment of pair-prompt images to each concept's training images.
+Single concept (each of --concepts): Custom Diffusion (k/v), crossattn mode, full UNet fine-tuning and the
+token alone (textual inversion), each with and without generated regularisation images. Scores per run:
+- presence: share of images of prompts that place the concept in new contexts (world_eval.SINGLE_TEMPLATES)
+  in which the oracle reads the concept's look (kind, colour, fill);
+- others: share of those images with every other attribute of the prompt right;
+- drift: share of "photo of a CLASS" images showing the concept, and the drop (points) in objects drawn
+  right on ordinary world captions, against the base with the same seeds;
+- CLIP (nano): image alignment to the training images, text alignment (CLIPScore, token removed).
+Two concepts (the first --pairs): joint training, the closed-form merge of the two single k/v runs, and the
+plain sum of their deltas: share of pair-prompt images showing each concept and both.
 
-    python benchmarks/quality_nano.py [--steps 250] [--concepts heart,zigzag] [--images-per-prompt 4]
+Each configuration runs once per seed (--seeds; the seed sets training and sampling); the tables give the
+mean over seeds with a 95 % t-interval across seeds, and the findings compare intervals.
 
-Every method gets the same steps and batch; learning rates follow each method's usual practice (per
-method, absolute, not scaled): k/v and crossattn 3e-4 (the demo's), full fine-tuning 5e-5 (DreamBooth-like,
-lower because every UNet weight moves), token only 5e-3 (textual inversion's). The method's zoom
-augmentation is off (as in the demo, see cdiff_cli/demo.py): the world's 64 px scenes already vary the
-object's size and position, and shrinking a whole scene onto a blank canvas only adds images unlike any
-the nano model knows (measured: it cuts the image-alignment gain of <heart> from +0.21 to +0.08).
+    python benchmarks/quality_nano.py [--seeds 0,1,2] [--steps 300] [--concepts tealstar,pinksquare]
 
-Prints tables and writes benchmarks/results/quality_nano.json.
+Every method gets the same steps and batch; learning rates follow each method's usual practice (absolute):
+k/v and crossattn 6e-4 (the demo's), full fine-tuning 5e-5, token only 5e-3. The zoom augmentation is
+off, as in the demo. Prints Markdown tables and writes benchmarks/results/quality_nano.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import tempfile
@@ -32,190 +36,350 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-PROMPTS = ("a small {} on the left", "a big {} at the top", "{} on the right of a blue circle",
-           "a small {} on a striped green background")
-PAIR_PROMPTS = ("{0} on the left of {1}", "{0} above {1}, on a dotted gray background")
 METHODS = (("custom diffusion (kv)", "kv"), ("crossattn", "crossattn"), ("full fine-tuning", "full"),
            ("textual inversion", "token"))
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
-def main():
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval across seeds (0 for one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def fmt(values: list[float], pct: bool = True) -> str:
+    m, h = interval(values)
+    return f"{100 * m:.0f} ± {100 * h:.0f}" if pct else f"{m:.3f} ± {h:.3f}"
+
+
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=3e-4, help="k/v, crossattn and joint training (absolute, not scaled)")
+    ap.add_argument("--lr", type=float, default=6e-4, help="k/v, crossattn and joint training (absolute, not scaled)")
     ap.add_argument("--lr-full", type=float, default=5e-5, help="full UNet fine-tuning")
-    ap.add_argument("--precision", default="auto", help="training precision (auto: bf16 where the CPU/GPU has it)")
-    ap.add_argument("--aug", action="store_true", help="use the method's zoom augmentation (off: see above)")
     ap.add_argument("--lr-token", type=float, default=5e-3, help="token only (textual inversion)")
-    ap.add_argument("--concepts", default="heart,zigzag")
-    ap.add_argument("--images-per-prompt", type=int, default=4)
+    ap.add_argument("--precision", default="auto", help="training precision (auto: bf16 where the CPU has it)")
+    ap.add_argument("--concepts", default="tealstar,pinksquare")
+    ap.add_argument("--methods", default="kv,crossattn,full,token")
+    ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--class-images", type=int, default=8)
     ap.add_argument("--num-reg", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--base", default="nano", help="the shipped nano model, or a folder")
     ap.add_argument("--clip", default="nano", help="the shipped nano CLIP, or a folder")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import torch
-    from PIL import Image
 
-    from cdiff_cli import metrics as M
-    from cdiff_cli import world
-    from cdiff_cli.base import load_pipeline, resolve_precision
-    from cdiff_cli.captions import load_captions
-    from cdiff_cli.data import list_images
-    from cdiff_cli.delta import apply_delta
-    from cdiff_cli.eval_prompts import strip_tokens
-    from cdiff_cli.features import load_clip
-    from cdiff_cli.generate import sample, set_scheduler
-    from cdiff_cli.layers import fingerprint
-    from cdiff_cli.merge import gram, merge_deltas, prompt_features
-    from cdiff_cli.regset import generated_regularisation
-    from cdiff_cli.train import Concept, TrainConfig, train
+class Bench:
+    """Shared state: the base, its images, the concepts' photos and regularisation sets."""
 
-    args.precision = resolve_precision(args.precision, torch.device("cpu"))
-    torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="cdiff-quality-"))
-    clip = load_clip(args.clip)
-    names = args.concepts.split(",")
-    concepts = {}
-    for i, name in enumerate(names):
-        folder = work / "images" / name
-        world.save_concept_images(name, folder, n=6, seed=0)
-        c = world.CONCEPTS[name]
-        concepts[name] = {"token": f"<{name}>", "class": c.class_word, "images": list_images(folder)}
-        concepts[name]["train_feats"] = clip.images([Image.open(p.path).convert("RGB") for p in concepts[name]["images"]])
+    def __init__(self, args):
+        import torch
+        from PIL import Image
 
-    def fresh():
-        pipe = load_pipeline(args.base)
+        from cdiff_cli import oracle as O
+        from cdiff_cli import world
+        from cdiff_cli import world_eval as WE
+        from cdiff_cli.base import resolve_precision
+        from cdiff_cli.data import list_images
+        from cdiff_cli.features import load_clip
+        from cdiff_cli.layers import fingerprint
+        from cdiff_cli.regset import generated_regularisation
+
+        self.args = args
+        args.precision = resolve_precision(args.precision, torch.device("cpu"))
+        self.work = Path(tempfile.mkdtemp(prefix="cdiff-quality-"))
+        self.clip = load_clip(args.clip)
+        self.ordinary = WE.ordinary_prompts()
+        self.concepts = {}
+        for name in args.concepts.split(","):
+            folder = self.work / "images" / name
+            world.save_concept_images(name, folder, n=6, seed=0)
+            c = world.CONCEPTS[name]
+            images = list_images(folder)
+            pils = [Image.open(p.path).convert("RGB") for p in images]
+            self.concepts[name] = {"token": f"<{name}>", "class": c.class_word, "images": images,
+                                   "look": O.Look.of(c), "train_feats": self.clip.images(pils)}
+        base = self.fresh()
+        fp = fingerprint(base.unet)
+        self.reg = {c["class"]: generated_regularisation(base, class_word=c["class"], count=args.num_reg, seed=0,
+                                                         resolution=64, fingerprint=fp, cache_root=self.work / "reg")
+                    for c in self.concepts.values()}
+        self.base_images = {s: self.images(base, s) for s in self.seeds}
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(s) for s in self.args.seeds.split(",")]
+
+    def fresh(self):
+        from cdiff_cli.base import load_pipeline
+        from cdiff_cli.generate import set_scheduler
+
+        pipe = load_pipeline(self.args.base)
         set_scheduler(pipe, "dpm")
         return pipe
 
-    def gen(pipe, prompts, seed0=0):
-        out = []
-        for k, p in enumerate(prompts):
-            out += sample(pipe, p, n=args.images_per_prompt, steps=args.sample_steps, seed=seed0 + 100 * k)
+    def prompts(self, name: str) -> list[tuple[str, str]]:
+        from cdiff_cli import world_eval as WE
+        from cdiff_cli.eval_prompts import strip_tokens
+
+        c = self.concepts[name]
+        texts = WE.concept_prompts([f"{c['token']} {c['class']}"], [c["look"]])
+        return [(p, strip_tokens(p, [c["token"]])) for p in texts]
+
+    def pair_prompts(self, a: str, b: str) -> list[tuple[str, str]]:
+        from cdiff_cli import world_eval as WE
+        from cdiff_cli.eval_prompts import strip_tokens
+
+        ca, cb = self.concepts[a], self.concepts[b]
+        texts = WE.concept_prompts([f"{ca['token']} {ca['class']}", f"{cb['token']} {cb['class']}"], [ca["look"], cb["look"]])
+        return [(p, strip_tokens(p, [ca["token"], cb["token"]])) for p in texts]
+
+    def gen(self, pipe, prompt: str, n: int, seed: int):
+        from cdiff_cli.generate import sample
+
+        return sample(pipe, prompt, n=n, steps=self.args.sample_steps, seed=seed)
+
+    def images(self, pipe, seed: int, tokens: bool = False, names: list[str] | None = None) -> dict:
+        """The images a run is scored on: the prompts of the concepts `names` (default all; with tokens when
+        `tokens`, else without), their class prompts and the ordinary captions (one image each)."""
+        k, n = self.args.class_images, self.args.images_per_prompt
+        out = {}
+        for name in names or list(self.concepts):
+            c = self.concepts[name]
+            for i, (p, text) in enumerate(self.prompts(name)):
+                q = p if tokens else text
+                out[q] = self.gen(pipe, q, n, 1000 * seed + 10 * i)
+            cp = f"photo of a {c['class']}"
+            out[cp] = self.gen(pipe, cp, k, 1000 * seed + 500)
+        for i, p in enumerate(self.ordinary):
+            out[p] = self.gen(pipe, p, 1, 1000 * seed + 700 + 10 * i)
         return out
 
-    base_pipe = fresh()
-    fp = fingerprint(base_pipe.unet)
-    reg_sets = {}
-    for name, c in concepts.items():
-        if c["class"] not in reg_sets:
-            reg_sets[c["class"]] = generated_regularisation(base_pipe, class_word=c["class"], count=args.num_reg, seed=0,
-                                                            resolution=64, fingerprint=fp, cache_root=work / "reg")
-    class_prompts = {c["class"]: [f"a photo of a {c['class']}"] for c in concepts.values()}
-    base_class = {cls: clip.images(sample(base_pipe, p[0], n=args.class_images, steps=args.sample_steps, seed=500))
-                  for cls, p in class_prompts.items()}
 
-    def phrase(name):
-        return f"{concepts[name]['token']} {concepts[name]['class']}"
+def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
+    from cdiff_cli import metrics as M
+    from cdiff_cli import world_eval as WE
 
-    def score(pipe, name, tokens):
-        prompts = [t.format(phrase(name)) for t in PROMPTS]
-        imgs = gen(pipe, prompts)
-        feats = clip.images(imgs)
-        texts = [strip_tokens(p, tokens) for p in prompts for _ in range(args.images_per_prompt)]
-        cls = concepts[name]["class"]
-        cls_feats = clip.images(sample(pipe, class_prompts[cls][0], n=args.class_images, steps=args.sample_steps, seed=500))
-        return {
-            "text_alignment": float(M.clip_score(feats, clip.texts(texts))),
-            "image_alignment": float(M.mean_cosine(feats, concepts[name]["train_feats"])),
-            "kid_x1000": float(1000 * M.kid(base_class[cls], cls_feats, paired=True)),
-        }
+    c = b.concepts[name]
+    base = b.base_images[seed]
+    prompts = b.prompts(name)
+    cp = f"photo of a {c['class']}"
+    ws = WE.score(tokens=[c["token"]], looks=[c["look"]], prompts=prompts,
+                  concept_images={p: imgs[p] for p, _ in prompts}, base_images={t: base[t] for _, t in prompts},
+                  class_prompts={c["token"]: cp}, class_concept={cp: imgs[cp]}, class_base={cp: base[cp]},
+                  ordinary_concept={p: imgs[p] for p in b.ordinary}, ordinary_base={p: base[p] for p in b.ordinary})
+    sc = ws.concepts[0]
+    flat = [im for p, _ in prompts for im in imgs[p]]
+    feats = b.clip.images(flat)
+    texts = [t for _, t in prompts for _ in imgs[prompts[0][0]]]
+    from cdiff_cli import oracle as O
 
-    results = {"single": [], "pairs": [], "base": {}}
-    # Base model on the same prompts, tokens removed.
-    for name in names:
-        prompts = [strip_tokens(t.format(phrase(name)), [concepts[name]["token"]]) for t in PROMPTS]
-        feats = clip.images(gen(base_pipe, prompts))
-        texts = [p for p in prompts for _ in range(args.images_per_prompt)]
-        results["base"][name] = {"text_alignment": float(M.clip_score(feats, clip.texts(texts))),
-                                 "image_alignment": float(M.mean_cosine(feats, concepts[name]["train_feats"])),
-                                 "kid_x1000": 0.0}
+    def tinted(images):
+        return sum(any(o.colour == c["look"].colour for o in O.read(im).objects) for im in images) / len(images)
 
-    kv_deltas = {}
-    for name in names:
-        c = concepts[name]
-        for label, mode in METHODS:
+    return {"presence": sc.presence.value, "baseline_presence": sc.baseline_presence.value,
+            "colour_presence": sc.colour_presence.value, "baseline_colour_presence": sc.baseline_colour_presence.value,
+            "class_colour": tinted(imgs[cp]), "baseline_class_colour": tinted(base[cp]),
+            "others": ws.others.value, "class_presence": sc.class_presence.value,
+            "baseline_class_presence": sc.baseline_class_presence.value,
+            "ordinary_drop_points": ws.ordinary_drop, "ordinary_object": ws.ordinary.get("object"),
+            "image_alignment": float(M.mean_cosine(feats, c["train_feats"])),
+            "text_alignment": float(M.clip_score(feats, b.clip.texts(texts)))}
+
+
+def run_single(b: Bench, results: dict) -> dict:
+    """Every method x regularisation x concept x seed; returns the k/v deltas (with regularisation) per
+    (concept, seed) for the merge."""
+    from cdiff_cli.train import Concept, TrainConfig, train
+
+    a = b.args
+    kv = {}
+    methods = [m for m in METHODS if m[1] in a.methods.split(",")]
+    for name, c in b.concepts.items():
+        for label, mode in methods:
             for with_reg in (True, False):
-                t0 = time.perf_counter()
-                pipe = fresh()
-                reg = reg_sets[c["class"]] if with_reg else []
-                lr = {"full": args.lr_full, "token": args.lr_token}.get(mode, args.lr)
-                cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, scale_lr=False, mode=mode,
-                                  resolution=64, seed=0, precision=args.precision, aug=args.aug)
-                res = train(pipe, [Concept(c["token"], c["class"], c["images"], reg)], cfg)
-                row = {"concept": name, "method": label, "mode": mode, "regularisation": with_reg, "lr": lr,
-                       **score(pipe, name, [c["token"]]), "train_s": round(time.perf_counter() - t0, 1)}
-                results["single"].append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                if mode == "kv" and with_reg:
-                    kv_deltas[name] = res.delta
+                for seed in b.seeds:
+                    t0 = time.perf_counter()
+                    pipe = b.fresh()
+                    lr = {"full": a.lr_full, "token": a.lr_token}.get(mode, a.lr)
+                    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, scale_lr=False, mode=mode,
+                                      resolution=64, seed=seed, precision=a.precision, aug=False)
+                    res = train(pipe, [Concept(c["token"], c["class"], c["images"], b.reg[c["class"]] if with_reg else [])], cfg)
+                    row = {"concept": name, "method": label, "mode": mode, "regularisation": with_reg, "seed": seed,
+                           "lr": lr, **score_single(b, name, seed, b.images(pipe, seed, tokens=True, names=[name])),
+                           "seconds": round(time.perf_counter() - t0, 1)}
+                    results["single"].append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if mode == "kv" and with_reg:
+                        kv[(name, seed)] = res.delta
+    return kv
 
-    # Two concepts: joint, merge, sum.
-    if len(names) >= 2:
-        a, b = names[:2]
-        ca, cb = concepts[a], concepts[b]
-        pair_prompts = [t.format(phrase(a), phrase(b)) for t in PAIR_PROMPTS]
-        toks = [ca["token"], cb["token"]]
 
-        def pair_scores(pipe, label):
-            imgs = gen(pipe, pair_prompts)
-            feats = clip.images(imgs)
-            texts = [strip_tokens(p, toks) for p in pair_prompts for _ in range(args.images_per_prompt)]
-            row = {"method": label, "text_alignment": float(M.clip_score(feats, clip.texts(texts))),
-                   "image_alignment_" + a: float(M.mean_cosine(feats, ca["train_feats"])),
-                   "image_alignment_" + b: float(M.mean_cosine(feats, cb["train_feats"]))}
+def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: bool = True) -> dict:
+    from cdiff_cli import oracle as O
+
+    both, each, tints = [], {a: [], c2: []}, []
+    for i, (p, text) in enumerate(b.pair_prompts(a, c2)):
+        for im in b.gen(pipe, p if tokens else text, b.args.images_per_prompt, 1000 * seed + 10 * i):
+            r = O.read(im)
+            seen = {x: O.concept_present(r, b.concepts[x]["look"]) for x in (a, c2)}
+            both.append(all(seen.values()))
+            for x in (a, c2):
+                each[x].append(seen[x])
+            tints.append(all(any(o.colour == b.concepts[x]["look"].colour for o in r.objects) for x in (a, c2)))
+    return {"method": label, "seed": seed, "both": sum(both) / len(both), "both_colours": sum(tints) / len(tints),
+            **{f"presence_{x}": sum(v) / len(v) for x, v in each.items()}}
+
+
+def run_pairs(b: Bench, kv: dict, results: dict) -> None:
+    from cdiff_cli.captions import load_captions
+    from cdiff_cli.delta import apply_delta
+    from cdiff_cli.merge import gram, merge_deltas, prompt_features
+    from cdiff_cli.train import Concept, TrainConfig, train
+
+    names = list(b.concepts)
+    if len(names) < 2 or not kv:
+        return
+    a, c2 = names[:2]
+    ca, cb = b.concepts[a], b.concepts[c2]
+    G = gram(prompt_features(b.fresh(), list(load_captions())))
+    for seed in b.seeds:
+        rows = [pair_row(b, b.fresh(), a, c2, seed, "base (tokens removed)", tokens=False)]
+        pipe = b.fresh()
+        cfg = TrainConfig(steps=2 * b.args.steps, batch_size=b.args.batch_size, lr=b.args.lr, scale_lr=False,
+                          resolution=64, seed=seed, precision=b.args.precision, aug=False)
+        train(pipe, [Concept(ca["token"], ca["class"], ca["images"], b.reg[ca["class"]]),
+                     Concept(cb["token"], cb["class"], cb["images"], b.reg[cb["class"]])], cfg)
+        rows.append(pair_row(b, pipe, a, c2, seed, "joint training"))
+        pipe = b.fresh()
+        da, db = kv[(a, seed)], kv[(c2, seed)]
+        merged, _ = merge_deltas(pipe, [da, db], [[ca["class"]], [cb["class"]]], G=G)
+        apply_delta(pipe, merged)
+        rows.append(pair_row(b, pipe, a, c2, seed, "closed-form merge"))
+        pipe = b.fresh()
+        W0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in da.weights}
+        summed = merged.__class__({n: W0[n] + (da.weights[n] - W0[n]) + (db.weights[n] - W0[n]) for n in W0},
+                                  merged.tokens, merged.embeddings, "kv")
+        apply_delta(pipe, summed)
+        rows.append(pair_row(b, pipe, a, c2, seed, "sum of deltas"))
+        for row in rows:
             results["pairs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
 
-        pair_scores(base_pipe, "base (tokens removed: untrained tokens)")  # tokens unknown: a lower bound
-        pipe = fresh()
-        cfg = TrainConfig(steps=2 * args.steps, batch_size=args.batch_size, lr=args.lr, scale_lr=False, resolution=64, seed=0,
-                          precision=args.precision, aug=args.aug)
-        train(pipe, [Concept(ca["token"], ca["class"], ca["images"], reg_sets[ca["class"]]),
-                     Concept(cb["token"], cb["class"], cb["images"], reg_sets[cb["class"]])], cfg)
-        pair_scores(pipe, "joint training")
-        pipe = fresh()
-        G = gram(prompt_features(pipe, list(load_captions())))
-        merged, _ = merge_deltas(pipe, [kv_deltas[a], kv_deltas[b]], [[ca["class"]], [cb["class"]]], G=G)
-        pipe = fresh()
-        apply_delta(pipe, merged)
-        pair_scores(pipe, "closed-form merge")
-        pipe = fresh()
-        W0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if n in kv_deltas[a].weights}
-        summed = merged.__class__({n: W0[n] + (kv_deltas[a].weights[n] - W0[n]) + (kv_deltas[b].weights[n] - W0[n]) for n in W0},
-                                  merged.tokens, merged.embeddings, "kv")
-        apply_delta(pipe, summed)
-        pair_scores(pipe, "sum of deltas")
 
-    # Tables (Markdown, ready for the README).
-    print(f"\nSingle concept: nano, {args.steps} steps, batch {args.batch_size}; scores with the nano CLIP "
-          f"({args.images_per_prompt} images x {len(PROMPTS)} prompts; KID on {args.class_images} class-prompt images)\n")
-    print("| concept | method | reg | text alignment | image alignment | KID x1000 vs base |")
-    print("|---|---|---|---:|---:|---:|")
-    for name in names:
-        b = results["base"][name]
-        print(f"| {name} | base model (token removed) | | {b['text_alignment']:.3f} | {b['image_alignment']:.3f} | 0 |")
-        for r in results["single"]:
-            if r["concept"] == name:
-                print(f"| {name} | {r['method']} | {'yes' if r['regularisation'] else 'no'} | {r['text_alignment']:.3f} "
-                      f"| {r['image_alignment']:.3f} | {r['kid_x1000']:.1f} |")
+def _group(rows, *keys):
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def tables(results: dict, args) -> list[str]:
+    lines = [f"Single concept: nano, {args.steps} steps, batch {args.batch_size}, seeds {args.seeds}; mean ± 95 % "
+             f"interval across seeds; {args.images_per_prompt} images x 10 prompts, {args.class_images} class-prompt images, "
+             "12 ordinary captions x 1 image", "",
+             "| concept | method | reg | presence % | colour % | others % | class prompt: concept % | class prompt: colour % "
+             "| ordinary captions: drop (points) | image alignment | text alignment |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (name,), rows in _group(results["single"], "concept").items():
+        first = _group(rows, "method", "regularisation")
+        base = next(iter(first.values()))
+        lines.append(f"| {name} | base model (token removed) | | {fmt([r['baseline_presence'] for r in base])} "
+                     f"| {fmt([r['baseline_colour_presence'] for r in base])} | | "
+                     f"{fmt([r['baseline_class_presence'] for r in base])} | {fmt([r['baseline_class_colour'] for r in base])} "
+                     "| 0 | | |")
+        for (method, reg), rs in first.items():
+            lines.append(f"| {name} | {method} | {'yes' if reg else 'no'} | {fmt([r['presence'] for r in rs])} "
+                         f"| {fmt([r['colour_presence'] for r in rs])} "
+                         f"| {fmt([r['others'] for r in rs])} | {fmt([r['class_presence'] for r in rs])} "
+                         f"| {fmt([r['class_colour'] for r in rs])} "
+                         f"| {fmt([r['ordinary_drop_points'] / 100 for r in rs])} "
+                         f"| {fmt([r['image_alignment'] for r in rs], pct=False)} | {fmt([r['text_alignment'] for r in rs], pct=False)} |")
     if results["pairs"]:
-        a, b = names[:2]
-        print(f"\nTwo concepts ({a} + {b}), pair prompts\n")
-        print(f"| method | text alignment | image alignment to {a} | image alignment to {b} |")
-        print("|---|---:|---:|---:|")
-        for r in results["pairs"]:
-            print(f"| {r['method']} | {r['text_alignment']:.3f} | {r['image_alignment_' + a]:.3f} | {r['image_alignment_' + b]:.3f} |")
-    meta = {"machine": platform.platform(), "torch": torch.__version__, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "lr_full": args.lr_full, "aug": args.aug, "precision": args.precision, "lr_token": args.lr_token, "images_per_prompt": args.images_per_prompt, "class_images": args.class_images,
-            "sample_steps": args.sample_steps, "num_reg": args.num_reg, "prompts": PROMPTS, "pair_prompts": PAIR_PROMPTS}
+        a, c2 = args.concepts.split(",")[:2]
+        lines += ["", f"Two concepts ({a} + {c2}), 6 pair prompts x {args.images_per_prompt} images, seeds {args.seeds}", "",
+                  f"| method | both present % | both colours % | {a} present % | {c2} present % |", "|---|---:|---:|---:|---:|"]
+        for (method,), rs in _group(results["pairs"], "method").items():
+            lines.append(f"| {method} | {fmt([r['both'] for r in rs])} | {fmt([r['both_colours'] for r in rs])} "
+                         f"| {fmt([r['presence_' + a] for r in rs])} "
+                         f"| {fmt([r['presence_' + c2] for r in rs])} |")
+    return lines
+
+
+def _stat(rows, key):
+    return interval([r[key] for r in rows])
+
+
+def findings(results: dict) -> list[str]:
+    """The paper's claims, checked on the intervals: 'reproduced' only when the intervals do not overlap
+    in the paper's direction, 'not reproduced' when they do in the other, else 'not resolved'."""
+    def verdict(better: tuple[float, float], worse: tuple[float, float]) -> str:
+        if better[0] - better[1] > worse[0] + worse[1]:
+            return "reproduced"
+        if worse[0] - worse[1] > better[0] + better[1]:
+            return "not reproduced (the opposite holds)"
+        return "not resolved at these seeds (intervals overlap)"
+
+    out = []
+    by = _group(results["single"], "concept", "mode", "regularisation")
+    for name in dict.fromkeys(r["concept"] for r in results["single"]):
+        kv_reg, kv_noreg = by.get((name, "kv", True)), by.get((name, "kv", False))
+        if kv_reg and kv_noreg:
+            a, b = _stat(kv_reg, "class_presence"), _stat(kv_noreg, "class_presence")
+            out.append(f"{name}: regularisation limits drift (class prompts yield the concept less often with it: "
+                       f"{100 * a[0]:.0f} ± {100 * a[1]:.0f} % against {100 * b[0]:.0f} ± {100 * b[1]:.0f} %): "
+                       f"{verdict((-a[0], a[1]), (-b[0], b[1]))}")
+        if kv_reg and kv_noreg:
+            a, b = _stat(kv_reg, "class_colour"), _stat(kv_noreg, "class_colour")
+            out.append(f"{name}: regularisation limits drift, read by colour (class prompts give the concept's colour: "
+                       f"{100 * a[0]:.0f} ± {100 * a[1]:.0f} % with it, {100 * b[0]:.0f} ± {100 * b[1]:.0f} % without): "
+                       f"{verdict((-a[0], a[1]), (-b[0], b[1]))}")
+        full = by.get((name, "full", True))
+        if kv_reg and full:
+            a, b = _stat(kv_reg, "ordinary_drop_points"), _stat(full, "ordinary_drop_points")
+            pa, pb = _stat(kv_reg, "presence"), _stat(full, "presence")
+            out.append(f"{name}: k/v forgets less than full fine-tuning (drop on ordinary captions {a[0]:.0f} ± {a[1]:.0f} "
+                       f"against {b[0]:.0f} ± {b[1]:.0f} points; presence {100 * pa[0]:.0f} against {100 * pb[0]:.0f} %): "
+                       f"{verdict((-a[0], a[1]), (-b[0], b[1]))}")
+    pairs = _group(results["pairs"], "method")
+    if pairs:
+        m, j, s = (_stat(pairs.get(k, []), "both_colours") if pairs.get(k) else None
+                   for k in ("closed-form merge", "joint training", "sum of deltas"))
+        if m and s:
+            out.append(f"the merge shows both concepts' colours more often than the sum of deltas ({100 * m[0]:.0f} ± {100 * m[1]:.0f} "
+                       f"against {100 * s[0]:.0f} ± {100 * s[1]:.0f} %): {verdict(m, s)}")
+        if m and j:
+            close = abs(m[0] - j[0]) <= m[1] + j[1]
+            out.append(f"the merge is close to joint training, both colours ({100 * m[0]:.0f} ± {100 * m[1]:.0f} against "
+                       f"{100 * j[0]:.0f} ± {100 * j[1]:.0f} %): {'reproduced (intervals overlap)' if close else 'not reproduced'}")
+    return out
+
+
+def main():
+    import torch
+
+    args = parse_args()
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    b = Bench(args)
+    results = {"single": [], "pairs": []}
+    kv = run_single(b, results)
+    run_pairs(b, kv, results)
+    lines = tables(results, args) + ["", "Findings (the paper's results, checked on 95 % intervals across seeds):", ""]
+    lines += [f"- {f}" for f in findings(results)]
+    print("\n".join(lines))
+    meta = {"machine": platform.platform(), "torch": torch.__version__, **{k: str(v) for k, v in vars(args).items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, **results}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"meta": meta, **results, "findings": findings(results)}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -121,6 +121,8 @@ class ConceptScores:
     look: str | None  # in words: "a teal star"; None when its training images show no world object
     presence: Share
     baseline_presence: Share
+    colour_presence: Share | None = None  # images with an object of the concept's colour (any kind or fill)
+    baseline_colour_presence: Share | None = None
     class_prompt: str = ""
     class_presence: Share | None = None  # drift: the concept model's images of the plain class prompt
     baseline_class_presence: Share | None = None
@@ -151,11 +153,15 @@ class WorldScores:
                 continue
             out.append(f"{c.token} ({c.look}) appears in {c.presence.words()} images of its prompts "
                        f"(the base, same prompts without the token: {c.baseline_presence.words()}).")
+            if c.colour_presence is not None and c.baseline_colour_presence is not None:
+                out.append(f"Its colour alone, on an object of any kind, is in {c.colour_presence.words()} images "
+                           f"(base: {c.baseline_colour_presence.words()}).")
             if c.class_presence is not None and c.baseline_class_presence is not None:
                 out.append(f'"{c.class_prompt}" gives {c.look} in {c.class_presence.words()} images '
                            f"(base: {c.baseline_class_presence.words()}).")
         if self.all_present is not None:
-            out.append(f"All {len(self.concepts)} concepts appear together in {self.all_present.words()} images.")
+            n = len(self.concepts)
+            out.append(f"{'Both' if n == 2 else f'All {n}'} concepts appear together in {self.all_present.words()} images.")
         out.append(f"The rest of each prompt (size, place, background, other objects) is right in {self.others.words()} images.")
         drop = self.ordinary_drop
         if drop is not None:
@@ -169,7 +175,8 @@ class WorldScores:
         d["ordinary_drop_points"] = self.ordinary_drop
         d["sentences"] = self.sentences()
         for c, cd in zip(self.concepts, d["concepts"]):
-            for key in ("presence", "baseline_presence", "class_presence", "baseline_class_presence"):
+            for key in ("presence", "baseline_presence", "colour_presence", "baseline_colour_presence",
+                        "class_presence", "baseline_class_presence"):
                 share = getattr(c, key)
                 if share is not None:
                     cd[key] = {"k": share.k, "n": share.n, "share": share.value}
@@ -177,6 +184,10 @@ class WorldScores:
             share = getattr(self, key)
             d[key] = None if share is None else {"k": share.k, "n": share.n, "share": share.value}
         return d
+
+
+def _has_colour(reading: O.Reading, look: O.Look) -> bool:
+    return any(s.colour == look.colour for s in reading.objects)
 
 
 def _tally(pairs) -> dict[str, float]:
@@ -201,6 +212,8 @@ def score(*, tokens: list[str], looks: list, prompts: list[tuple[str, str]], con
     concept_pairs, base_pairs, others, every = [], [], [], []
     present = {t: [] for t in tokens}
     base_present = {t: [] for t in tokens}
+    tinted = {t: [] for t in tokens}
+    base_tinted = {t: [] for t in tokens}
     for prompt, text in prompts:
         want, want_base = O.parse_prompt(prompt, looks_by_token), O.parse_prompt(text)
         for r in readings(concept_images[prompt]):
@@ -210,14 +223,18 @@ def score(*, tokens: list[str], looks: list, prompts: list[tuple[str, str]], con
                 others.append(all(v for k, v in scores.items() if k in OTHERS))
             for t, lk in looks_by_token.items():
                 present[t].append(O.concept_present(r, lk))
+                tinted[t].append(_has_colour(r, lk))
             every.append(all(O.concept_present(r, lk) for lk in looks_by_token.values()))
         for r in readings(base_images[text]):
             base_pairs.append((r, want_base))
             for t, lk in looks_by_token.items():
                 base_present[t].append(O.concept_present(r, lk))
+                base_tinted[t].append(_has_colour(r, lk))
     concepts = []
     for t, lk in zip(tokens, looks):
         c = ConceptScores(t, None if lk is None else lk.words(), _share(present[t]), _share(base_present[t]))
+        if lk is not None:
+            c.colour_presence, c.baseline_colour_presence = _share(tinted[t]), _share(base_tinted[t])
         cp = class_prompts.get(t)
         if lk is not None and cp in class_concept:
             c.class_prompt = cp

@@ -606,14 +606,22 @@ def training_history(args, out: Path) -> list[dict]:
 def stage_export(args, out: Path, tok, te, vae, unet) -> Path:
     import copy
 
-    from cdiff_cli.world_eval import write_world_marker
-
     folder = out / "nano"
     pipe = assemble(tok, copy.deepcopy(te), copy.deepcopy(vae), copy.deepcopy(unet))
     if args.fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(str(folder), safe_serialization=True)
-    write_world_marker(folder)  # tells cdiff eval that the oracle can read this model's pictures
+    write_metadata(args, out, folder)
+    log(f"export: nano {folder_mb(folder):.1f} MB, nano-clip {folder_mb(out / 'nano-clip'):.1f} MB")
+    return folder
+
+
+def write_metadata(args, out: Path, folder: Path) -> None:
+    """cdiff_world.json (tells cdiff eval that the oracle can read this model's pictures), training.json
+    (every run that shaped the weights) and README.md."""
+    from cdiff_cli.world_eval import write_world_marker
+
+    write_world_marker(folder)
     history = training_history(args, out)
     (folder / "training.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
     (folder / "README.md").write_text(
@@ -622,8 +630,6 @@ def stage_export(args, out: Path, tok, te, vae, unet) -> Path:
         f"`nano-clip`. Weights stored in {'fp16' if args.fp16 else 'fp32'}; load in fp32 on a CPU.\n\n"
         "`training.json` lists every run that shaped these weights (arguments and steps per stage), oldest first;\n"
         "a run with `init_from` trained on from the weights of the run before it.\n", encoding="utf-8")
-    log(f"export: nano {folder_mb(folder):.1f} MB, nano-clip {folder_mb(out / 'nano-clip'):.1f} MB")
-    return folder
 
 
 def stage_sample(args, out: Path, folder: Path) -> None:

@@ -1,70 +1,81 @@
-"""The method works on the shipped nano model: a briefly trained concept is learned (image alignment
-to its training images rises above the base model's) while the class prompt keeps what the base drew:
-images of "a photo of a {class}" from the same seeds stay close to the base's (mean paired cosine of
-nano-CLIP image features), clearly closer than the base's own class images from other seeds are
-(the tolerance: at least MIN_CLASS_MARGIN above that reference; identical images score 1.0).
+"""The method works on the shipped nano model, as the oracle reads the pictures: one concept trained with the
+demo's settings brings its colour where prompts place it in new contexts, while the plain class prompt
+seldom turns into the concept and ordinary captions are drawn about as before (drift). The concept's
+whole look (kind and colour) is reported, not asserted: the shipped base draws the asked kind too rarely
+for it yet (see the README).
 
-KID on 8 images per side is too noisy to assert on (two sets of base images already differ by several
-hundred x1000), so it is only printed."""
+Thresholds sit below the values measured on the shipped model (in the comments), so that a change that
+breaks learning or regularisation fails while seed-level noise does not. The full picture, over several
+seeds and methods, is benchmarks/quality_nano.py."""
 
-import numpy as np
 import torch
-from PIL import Image
 
-from cdiff_cli import metrics as M
+from cdiff_cli import oracle as O
 from cdiff_cli import world
+from cdiff_cli import world_eval as WE
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.data import list_images
-from cdiff_cli.features import load_clip
+from cdiff_cli.demo import DemoSettings
+from cdiff_cli.eval_prompts import strip_tokens
 from cdiff_cli.generate import sample, set_scheduler
 from cdiff_cli.layers import fingerprint
 from cdiff_cli.regset import generated_regularisation
 from cdiff_cli.train import Concept, TrainConfig, train
 
-PROMPTS = ("a small {} on the left", "a big {} at the top", "{} on the right of a blue circle")
-MIN_GAIN = 0.08  # image alignment (cosine, nano CLIP) must rise by at least this much over the base (measured 0.146)
-# Class-prompt images vs the base's from the same seeds must beat base-vs-base from other seeds (measured 0.323)
-# by this much (measured 0.480, a margin of 0.157).
-MIN_CLASS_MARGIN = 0.1
+NAME, TOKEN = "tealstar", "<tealstar>"
+# Measured on the shipped model (2026-12-04, seed 0, 16 images of 8 new-context prompts): the concept's colour
+# on an object in 11 of 16 (base 1 of 16); its whole look (a teal star) in 1 of 16, because the base draws the
+# asked kind in 37 % of samples only (scripts/check_nano.py); the class prompt kept (0 of 8 teal).
+MIN_COLOUR = 0.4  # share of images of new-context prompts with an object in the concept's colour
+MAX_BASE_COLOUR = 0.2  # the base, same prompts without the token
+MAX_CLASS_PRESENCE = 0.25  # "photo of a star" gives the concept
+MAX_CLASS_COLOUR = 0.3  # "photo of a star" gives the concept's colour
+MAX_ORDINARY_DROP = 25  # points lost on ordinary world captions (24 images: one image is 4 points)
 
 
-def _gen(pipe, prompts, n=2, seed=0):
-    return [im for k, p in enumerate(prompts) for im in sample(pipe, p, n=n, steps=20, seed=seed + 100 * k)]
+def _images(pipe, prompts, n=2, seed=0):
+    return {p: sample(pipe, p, n=n, steps=20, seed=seed + 10 * i) for i, p in enumerate(prompts)}
 
 
-def test_nano_learns_a_new_concept_and_keeps_its_class(tmp_path):
+def _all_images(pipe, prompts, class_prompt, ordinary):
+    """The new-context prompts (2 images each), the class prompt (8) and the ordinary captions (1 each)."""
+    return {**_images(pipe, prompts), **_images(pipe, [class_prompt], n=8, seed=500), **_images(pipe, ordinary, n=1, seed=700)}
+
+
+def test_one_concept_is_learned_and_its_class_kept(tmp_path):
     torch.manual_seed(0)
-    clip = load_clip("nano")
-    c = world.CONCEPTS["heart"]
-    folder = tmp_path / "heart"
-    world.save_concept_images("heart", folder, n=6, seed=0)
-    images = list_images(folder)
-    train_feats = clip.images([Image.open(p.path).convert("RGB") for p in images])
+    s = DemoSettings()
+    c = world.CONCEPTS[NAME]
+    folder = tmp_path / NAME
+    world.save_concept_images(NAME, folder, n=s.images, seed=s.seed)
+    look = O.learn_look(world.concept_images(NAME, s.images, seed=s.seed))
+    assert look == O.Look.of(c)
+    prompts = WE.concept_prompts([f"{TOKEN} {c.class_word}"], [look])
+    texts = [strip_tokens(p, [TOKEN]) for p in prompts]
+    class_prompt = f"photo of a {c.class_word}"
+    ordinary = WE.ordinary_prompts()
 
     base = load_pipeline("nano")
     set_scheduler(base, "dpm")
-    phrase = f"<heart> {c.class_word}"
-    plain = [p.format(c.class_word) for p in PROMPTS]
-    base_align = M.mean_cosine(clip.images(_gen(base, plain)), train_feats)
-    class_prompt = f"a photo of a {c.class_word}"
-    base_class = clip.images(sample(base, class_prompt, n=8, steps=20, seed=500))
-    other_seeds = clip.images(sample(base, class_prompt, n=8, steps=20, seed=900))
-    reference = float((M.normalize(base_class) * M.normalize(other_seeds)).sum(1).mean())
-    reg = generated_regularisation(base, class_word=c.class_word, count=16, seed=0, resolution=64,
+    base_imgs = _all_images(base, texts, class_prompt, ordinary)
+    reg = generated_regularisation(base, class_word=c.class_word, count=s.num_reg, seed=0, resolution=64,
                                    fingerprint=fingerprint(base.unet), cache_root=tmp_path / "reg")
-
     pipe = load_pipeline("nano")
-    # The demo's settings (zoom augmentation off for the world's 64 px scenes, see cdiff_cli/demo.py), fewer steps.
-    cfg = TrainConfig(steps=120, batch_size=4, lr=3e-4, scale_lr=False, resolution=64, seed=0, precision="fp32", aug=False)
-    train(pipe, [Concept("<heart>", c.class_word, images, reg)], cfg)
+    cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, scale_lr=False, resolution=64, seed=s.seed,
+                      precision="fp32", aug=s.aug)
+    train(pipe, [Concept(TOKEN, c.class_word, list_images(folder), reg)], cfg)
     set_scheduler(pipe, "dpm")
-    concept_align = M.mean_cosine(clip.images(_gen(pipe, [p.format(phrase) for p in PROMPTS])), train_feats)
-    concept_class = clip.images(sample(pipe, class_prompt, n=8, steps=20, seed=500))
-    kid = 1000 * M.kid(base_class, concept_class, paired=True)
-    similarity = float((M.normalize(base_class) * M.normalize(concept_class)).sum(1).mean())
+    imgs = _all_images(pipe, prompts, class_prompt, ordinary)
 
-    print(f"image alignment: base {base_align:.3f} -> concept {concept_align:.3f}; "
-          f"class images vs base: paired cosine {similarity:.3f} (other seeds {reference:.3f}), KID x1000 {kid:.1f}")
-    assert concept_align > base_align + MIN_GAIN
-    assert similarity > reference + MIN_CLASS_MARGIN
-    assert np.isfinite(kid)
+    scores = WE.score(tokens=[TOKEN], looks=[look], prompts=list(zip(prompts, texts)), concept_images=imgs,
+                      base_images=base_imgs, class_prompts={TOKEN: class_prompt}, class_concept=imgs,
+                      class_base=base_imgs, ordinary_concept={p: imgs[p] for p in ordinary},
+                      ordinary_base={p: base_imgs[p] for p in ordinary})
+    sc = scores.concepts[0]
+    print("\n".join(scores.sentences()))
+    class_colour = sum(any(o.colour == look.colour for o in O.read(im).objects) for im in imgs[class_prompt])
+    assert sc.colour_presence.value >= MIN_COLOUR
+    assert sc.baseline_colour_presence.value <= MAX_BASE_COLOUR
+    assert sc.class_presence.value <= MAX_CLASS_PRESENCE
+    assert class_colour / len(imgs[class_prompt]) <= MAX_CLASS_COLOUR
+    assert scores.ordinary_drop <= MAX_ORDINARY_DROP

@@ -16,7 +16,7 @@ from cdiff_cli.cli._term import term
 @command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (it gets its own registry).")] = Path("cdiff-demo"),
-    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 250,
+    steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 300,
     device: Device = "cpu",
     as_json: Json = False,
 ):

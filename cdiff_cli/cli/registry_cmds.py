@@ -87,6 +87,9 @@ def metrics_lines(m: dict) -> list[tuple[str, str]]:
                                                  + (f", {_score(c.get('image_alignment_dino'))} DINO" if c.get("image_alignment_dino") is not None else "")))
     kid = m.get("kid")
     lines.append(("forgetting", f"KID x1000 {kid:.2f} (CLIP features)" if isinstance(kid, (int, float)) else "not measured"))
+    world = m.get("world") if isinstance(m.get("world"), dict) else {}
+    for i, sentence in enumerate(world.get("sentences") or []):  # a nano-world base: what the oracle read
+        lines.append(("pictures" if i == 0 else "", str(sentence)))
     s, models = m.get("settings") or {}, m.get("models") or {}
     lines.append(("evaluated", f"{str(m.get('date', ''))[:19].replace('T', ' ')}: {m.get('prompts')} prompts ({m.get('prompt_set')}), "
                                f"{s.get('n')} image(s) each, {s.get('steps')} steps, guidance {s.get('guidance')}, seed {s.get('seed')}; "

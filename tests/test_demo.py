@@ -1,0 +1,49 @@
+"""`cdiff demo` end to end at a few steps: two entries and their merge in the demo's own registry, the eval
+report with the oracle's sentences, and the overview picture (its sections in order)."""
+
+import json
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from cdiff_cli.demo import DEMO_CONCEPTS, THUMB, DemoSettings, run_demo
+
+
+def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
+    res = run_demo(tmp_path / "demo", DemoSettings(steps=6, num_reg=2, images=4, n=1, sample_steps=4))
+    names = [c.entry for c in DEMO_CONCEPTS]
+    assert res.entries == names + ["+".join(names)]
+    assert sorted(p.name for p in (res.registry / "concepts").iterdir()) == sorted(res.entries)
+    report = json.loads(res.report_json.read_text())
+    for r in report["entries"]:
+        assert r["prompt_set"] == "built-in: nano world"
+        assert r["world"]["sentences"] == res.sentences[r["name"]]
+    single = res.sentences[names[0]][0]
+    assert single.startswith("<tealstar> (a teal star) appears in ") and " of 10 images" in single
+    assert any(s.startswith("Both concepts appear together in ") for s in res.sentences[res.entries[-1]])
+    assert "What the pictures show" in res.report_html.read_text()
+    # Per concept: photos, samples, base; then compositions and base: 8 rows of thumbnails.
+    overview = np.asarray(Image.open(res.overview).convert("RGB"))
+    filled = (overview[:, 8 + THUMB // 2] != 255).any(-1)  # down the middle of the first column
+    runs, length = [], 0
+    for f in filled:
+        length = length + 1 if f else 0
+        if length == THUMB - 8:  # a thumbnail, not a line of text
+            runs.append(1)
+    assert len(runs) == 8 and overview.shape[1] >= 6 * THUMB
+
+
+def test_demo_cli_prints_the_overview_and_the_report(tmp_path, monkeypatch):
+    from cdiff_cli import demo
+    from cdiff_cli.cli import app
+
+    def small(steps):
+        return DemoSettings(steps=steps, num_reg=2, images=4, n=1, sample_steps=4)
+
+    monkeypatch.setattr(demo, "DemoSettings", small)
+    out = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "d"), "--steps", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert data["overview"].endswith("overview.png") and data["report_html"].endswith("report.html")
+    assert set(data["sentences"]) == set(data["entries"])

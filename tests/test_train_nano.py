@@ -1,0 +1,53 @@
+"""scripts/train_nano.py at toy size: it exports a world model cdiff recognises, and a second run trains on
+from the first one's exported weights (--init-from) and records both runs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_nano.py"
+TOY = ["--data", "48", "--threads", "1", "--clip-steps", "2", "--clip-batch", "8", "--clip-hidden", "32",
+       "--clip-layers", "1", "--vae-steps", "2", "--vae-batch", "4", "--vae-channels", "8", "16",
+       "--unet-steps", "3", "--unet-batch", "4", "--unet-channels", "16", "32", "--unet-layers", "1",
+       "--preview-every", "0", "--stages", "clip,vae,unet,export"]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_nano", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _unet(folder: Path) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(folder / "nano" / "unet")).state_dict()
+
+
+def test_train_nano_exports_and_trains_on_from_its_export(tmp_path):
+    from cdiff_cli.world_eval import is_world_base
+
+    T = _script()
+    first, second = tmp_path / "first", tmp_path / "second"
+    T.main(["--out", str(first), *TOY])
+    assert is_world_base(str(first / "nano"))
+    history = json.loads((first / "nano" / "training.json").read_text())
+    assert len(history) == 1 and history[0]["stages"]["unet"]["steps"] == 3
+
+    # The shipped layout: nano/ and nano-clip/ side by side.
+    T.main(["--out", str(second), "--init-from", str(first), *TOY])
+    history = json.loads((second / "nano" / "training.json").read_text())
+    assert len(history) == 2 and history[1]["args"]["init_from"] == str(first)
+    assert "from" in history[1]["stages"]["clip"] and "from" in history[1]["stages"]["vae"]
+    a, b = _unet(first), _unet(second)
+    # Trained on for 3 steps from the first run's weights: close to them, not equal.
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert 0 < diff < 0.05
+    clip_a = json.loads((first / "nano-clip" / "config.json").read_text())
+    clip_b = json.loads((second / "nano-clip" / "config.json").read_text())
+    assert clip_a["text_config"]["hidden_size"] == clip_b["text_config"]["hidden_size"]
+    assert torch.equal(*(torch.load(p / "ckpt" / "vae.pt", weights_only=True)["model"]["encoder.conv_in.weight"]
+                         .half() for p in (first, second)))
