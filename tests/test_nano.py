@@ -96,7 +96,7 @@ def test_nano_text_encoder_is_the_nano_clip_text_tower(nano_pipe, nano_clip):
 
 def _swap_colour(spec):
     obj = spec.objects[0]
-    other = next(c for c in W.COLOURS if c != obj.colour and not W._clashes(c, obj.fill, spec.background))
+    other = next(c for c in W.COLOURS if c not in (obj.colour, spec.background))
     from dataclasses import replace
 
     return replace(spec, objects=(replace(obj, colour=other),) + spec.objects[1:])
