@@ -183,7 +183,7 @@ def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
     from cdiff_cli import oracle as O
 
     def tinted(images):
-        return sum(any(o.colour == c["look"].colour for o in O.read(im).objects) for im in images) / len(images)
+        return sum(WE._has_colour(O.read(im), c["look"]) for im in images) / len(images)
 
     return {"presence": sc.presence.value, "baseline_presence": sc.baseline_presence.value,
             "colour_presence": sc.colour_presence.value, "baseline_colour_presence": sc.baseline_colour_presence.value,

@@ -103,12 +103,18 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> np.ndar
 
 
 @lru_cache(maxsize=None)
+def _reference(kind: str) -> np.ndarray:
+    """The kind's outline at radius 200 around (256, 256) on a 512 px canvas (bool): what templates, extents
+    and centre offsets are measured on."""
+    return np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127
+
+
+@lru_cache(maxsize=None)
 def _templates() -> dict[str, np.ndarray]:
     """Each kind's outline, cropped to its bounding box and resized to _TEMPLATE x _TEMPLATE (bool)."""
     out = {}
     for kind in W.KINDS:
-        m = np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127
-        out[kind] = _normalise(m)
+        out[kind] = _normalise(_reference(kind))
     return out
 
 
@@ -117,7 +123,7 @@ def _extent() -> dict[str, tuple[float, float]]:
     """Each kind's bounding-box width and height in units of its radius."""
     out = {}
     for kind in W.KINDS:
-        ys, xs = np.nonzero(np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127)
+        ys, xs = np.nonzero(_reference(kind))
         out[kind] = ((xs.max() - xs.min() + 1) / 200, (ys.max() - ys.min() + 1) / 200)
     return out
 
@@ -278,7 +284,7 @@ def _read_object(a: np.ndarray, mask: np.ndarray, n_objects: int) -> Seen:
 @lru_cache(maxsize=None)
 def _centre_offset(kind: str) -> float:
     """How far (in radii) the shape's centre lies below its bounding box's centre."""
-    ys, _ = np.nonzero(np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127)
+    ys, _ = np.nonzero(_reference(kind))
     return (256 - (ys.min() + ys.max() + 1) / 2) / 200
 
 
