@@ -59,8 +59,8 @@ def main():
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.captions import load_captions
     from cdiff_cli.delta import apply_delta
-    from cdiff_cli.generate import sample, set_scheduler
-    from cdiff_cli.merge import gram, merge_deltas, prompt_features
+    from cdiff_cli.generation import sample, set_scheduler
+    from cdiff_cli.merging import gram, merge_deltas, prompt_features
 
     if not (args.model_dir / "model_index.json").is_file():
         from _sd15 import build_sd15

@@ -71,7 +71,7 @@ def worker_cdiff(args) -> dict:
 
     from cdiff_cli.data import ImageItem
     from cdiff_cli.progress import Progress, Task
-    from cdiff_cli.train import Concept, TrainConfig, base_waits_in_cpu_memory, low_memory_config, train
+    from cdiff_cli.training import Concept, TrainConfig, base_waits_in_cpu_memory, low_memory_config, train
 
     marks: dict[str, list[float]] = {}
 

@@ -120,7 +120,7 @@ class Bench:
 
     def fresh(self):
         from cdiff_cli.base import load_pipeline
-        from cdiff_cli.generate import set_scheduler
+        from cdiff_cli.generation import set_scheduler
 
         pipe = load_pipeline(self.args.base)
         set_scheduler(pipe, "dpm")
@@ -143,7 +143,7 @@ class Bench:
         return [(p, strip_tokens(p, [ca["token"], cb["token"]])) for p in texts]
 
     def gen(self, pipe, prompt: str, n: int, seed: int):
-        from cdiff_cli.generate import sample
+        from cdiff_cli.generation import sample
 
         return sample(pipe, prompt, n=n, steps=self.args.sample_steps, seed=seed)
 
@@ -198,7 +198,7 @@ def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
 def run_single(b: Bench, results: dict) -> dict:
     """Every method x regularisation x concept x seed; returns the k/v deltas (with regularisation) per
     (concept, seed) for the merge."""
-    from cdiff_cli.train import Concept, TrainConfig, train
+    from cdiff_cli.training import Concept, TrainConfig, train
 
     a = b.args
     kv = {}
@@ -242,8 +242,8 @@ def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: 
 def run_pairs(b: Bench, kv: dict, results: dict) -> None:
     from cdiff_cli.captions import load_captions
     from cdiff_cli.delta import apply_delta
-    from cdiff_cli.merge import gram, merge_deltas, prompt_features
-    from cdiff_cli.train import Concept, TrainConfig, train
+    from cdiff_cli.merging import gram, merge_deltas, prompt_features
+    from cdiff_cli.training import Concept, TrainConfig, train
 
     names = list(b.concepts)
     if len(names) < 2 or not kv:

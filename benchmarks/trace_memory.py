@@ -168,7 +168,7 @@ def trace_phases(resolution: int, precision: str, low_memory: bool, offload: boo
     from transformers import CLIPTextModel
 
     from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY
-    from cdiff_cli.train import ENCODE_BATCH, ENCODE_BATCH_LOW_MEMORY
+    from cdiff_cli.training import ENCODE_BATCH, ENCODE_BATCH_LOW_MEMORY
 
     staged = low_memory or offload
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -55,7 +55,10 @@ def resolve_base(spec: str | None) -> BaseSpec:
 
 
 def quiet_libraries() -> None:
-    """Silence the libraries' own loading bars and advice: cdiff reports progress itself."""
+    """Silence the libraries' own loading bars and advice, process-wide: the CLI reports progress itself.
+
+    The CLI calls this before a command that loads models (cdiff_cli.cli._app.command); the engine and the
+    Python API never do, so a program that imports cdiff keeps its own logging and warning settings."""
     import warnings
 
     from diffusers.utils import logging as dlog
@@ -153,7 +156,6 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
     from diffusers import StableDiffusionPipeline
 
     base = spec if isinstance(spec, BaseSpec) else resolve_base(spec)
-    quiet_libraries()
     common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     # An unreachable hub would cost half a minute of retries before failing: ask once, and if it does not
     # answer use the local cache only.

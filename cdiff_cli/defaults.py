@@ -4,9 +4,11 @@ Kept free of heavy imports so `cdiff --help`, `cdiff list` and shell completion 
 engine modules re-export what they use from here.
 """
 
+from dataclasses import dataclass
+
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the paper's CLIP for text/image alignment
 PAPER_DINO = "facebook/dino-vits16"  # the paper's DINO for image alignment
-DEFAULT_RIDGE = 1e-3  # relative ridge of the closed-form merge (see cdiff_cli.merge)
+DEFAULT_RIDGE = 1e-3  # relative ridge of the closed-form merge (see cdiff_cli.merging)
 DEFAULT_COMPRESS_ENERGY = 0.99  # share of each k/v update's energy `cdiff compress` keeps (README: Compression)
 
 # Sampler names -> diffusers scheduler class names ("default" keeps the base's own scheduler).
@@ -20,3 +22,41 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "default": None,
 }
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """`cdiff train`'s defaults; the Python API's `train` reads the same (tests/test_api.py checks both)."""
+
+    steps: int = 250  # the reference's for one concept
+    batch_size: int = 8
+    lr: float = 1e-5  # per image: the optimiser gets lr x batch size x processes
+    scale_lr: bool = True
+    mode: str = "kv"
+    reg: str = "generated"
+    num_reg: int = 200
+    seed: int = 0
+    aug: bool = True
+    hflip: bool = True
+    precision: str = "auto"
+    aug_pool: int = 16
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class GenDefaults:
+    """`cdiff gen`'s (and `merge`'s ridge) defaults; the Python API's `generate` and `merge` read the same."""
+
+    n: int = 1
+    steps: int = 25
+    guidance: float = 6.0
+    seed: int = 0
+    scheduler: str = "dpm"
+    batch_size: int = 4
+    precision: str = "fp16"  # on a GPU; a CPU computes in fp32 unless bf16 is asked for
+    device: str = "auto"
+    ridge: float = DEFAULT_RIDGE
+
+
+TRAIN = TrainDefaults()
+GEN = GenDefaults()

@@ -70,7 +70,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
     from cdiff_cli import world
     from cdiff_cli.evaluation import EvalSettings, evaluate_entries
     from cdiff_cli.registry import Registry
-    from cdiff_cli.train import TrainConfig
+    from cdiff_cli.training import TrainConfig
     from cdiff_cli.workflows import ConceptSpec, RegOptions, merge_entries, train_entry
 
     s = settings or DemoSettings()

@@ -163,6 +163,3 @@ def select_prompts(tokens: list[str], classes: list[str], *, prompt_file: str | 
     return (prompts[:max_prompts] if max_prompts else prompts), desc
 
 
-def class_prompt(class_word: str) -> str:
-    """The plain class prompt whose images measure forgetting."""
-    return f"photo of a {class_word}"

@@ -26,9 +26,10 @@ from cdiff_cli import __version__
 from cdiff_cli import metrics as M
 from cdiff_cli.data import open_rgb
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.eval_prompts import EvalPrompt, class_prompt, select_prompts, strip_tokens, to_dict
+from cdiff_cli.eval_prompts import EvalPrompt, select_prompts, strip_tokens, to_dict
 from cdiff_cli.features import DEFAULT_CLIP
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.prompts import class_prompt
 from cdiff_cli.registry import Entry, Registry
 from cdiff_cli.tokens import canonical
 
@@ -120,7 +121,7 @@ def concept_sources(registry: Registry, entry: Entry) -> tuple[list[ConceptSourc
 
 
 def _sample(pipe, prompt: str, n: int, s: "EvalSettings", task) -> list:
-    from cdiff_cli.generate import sample
+    from cdiff_cli.generation import sample
 
     return sample(pipe, prompt, n=n, steps=s.steps, guidance=s.guidance, seed=s.seed, height=s.height,
                   width=s.width, batch_size=s.batch_size, on_image=task.advance)
@@ -144,7 +145,7 @@ def _clean(folder: Path) -> None:
 
 
 def _save(images, folder: Path, prompt: str, params: dict) -> list[str]:
-    from cdiff_cli.generate import save_pngs
+    from cdiff_cli.generation import save_pngs
 
     return [str(p) for p in save_pngs(images, folder, prompt, params)]
 
@@ -291,7 +292,7 @@ def evaluate_entries(
     checked); the baseline images from the plain base, loaded once per base for all its entries."""
     from cdiff_cli.base import pick_device
     from cdiff_cli.features import load_clip, load_dino
-    from cdiff_cli.generate import SCHEDULERS, set_scheduler
+    from cdiff_cli.generation import SCHEDULERS, set_scheduler
     from cdiff_cli.report import write_report
     from cdiff_cli.workflows import prepare_pipeline
 

@@ -118,9 +118,6 @@ def load_clip(ref: str | None = None, device: torch.device | str = "cpu") -> Cli
     """CLIPModel + its processor (AutoProcessor; else AutoImageProcessor + AutoTokenizer)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, CLIPModel
 
-    from cdiff_cli.base import quiet_libraries
-
-    quiet_libraries()
     ref = _check_ref(ref or DEFAULT_CLIP, "CLIP")
     try:
         model = CLIPModel.from_pretrained(ref)
@@ -146,9 +143,6 @@ def load_dino(ref: str, device: torch.device | str = "cpu") -> DinoScorer:
     """A ViT-family image model (AutoModel) and its AutoImageProcessor; the CLS embedding is the feature."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from cdiff_cli.base import quiet_libraries
-
-    quiet_libraries()
     ref = _check_ref(ref, "DINO")
     try:
         model = AutoModel.from_pretrained(ref)

@@ -17,15 +17,12 @@ import torch
 
 from cdiff_cli.data import ImageItem, list_images
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.prompts import class_prompt
 
 # Sampler for generated regularisation images: the reference uses 50 DDIM steps (eta 1, guidance 6);
 # a multistep solver reaches similar images in half the steps.
 REG_STEPS = 25
 REG_GUIDANCE = 6.0
-
-
-def class_prompt(class_word: str) -> str:
-    return f"photo of a {class_word}"
 
 
 # Images per pipeline call: with --low-memory/--offload on a GPU, two (the UNet's steps for two images

@@ -29,7 +29,7 @@ from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, va
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
 if TYPE_CHECKING:
-    from cdiff_cli.train import TrainResult
+    from cdiff_cli.training import TrainResult
 
 # -- train -----------------------------------------------------------------------------------------
 
@@ -101,7 +101,7 @@ def train_entry(
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
     from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
     from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
-    from cdiff_cli.train import Concept, base_waits_in_cpu_memory, config_dict, train
+    from cdiff_cli.training import Concept, base_waits_in_cpu_memory, config_dict, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
@@ -277,13 +277,13 @@ def _launched_accelerator():
 
 
 def _gram(registry: Registry, pipe, fp: str):
-    from cdiff_cli.merge import regulariser_gram
+    from cdiff_cli.merging import regulariser_gram
 
     return regulariser_gram(pipe, list(load_captions()), registry.cache_dir("gram"), fp)
 
 
 def _merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress):
-    from cdiff_cli.merge import merge_deltas
+    from cdiff_cli.merging import merge_deltas
 
     G = _gram(registry, pipe, fp)
     deltas = [e.load_delta(pipe.unet) for e in entries]
@@ -302,7 +302,7 @@ def merge_entries(
     force: bool = False,
     progress: Progress = SILENT,
 ) -> tuple[Entry, list[str]]:
-    from cdiff_cli.merge import DEFAULT_RIDGE
+    from cdiff_cli.merging import DEFAULT_RIDGE
 
     if len(names) < 2:
         raise CdiffError("give at least two concepts to merge")
@@ -400,7 +400,7 @@ def prepare_pipeline(
 
 def _write_delta(registry, pipe, spec, entries: list[Entry], ridge: float | None, progress: Progress) -> Delta | None:
     """The entries' delta (merged on the fly and cached when several), written into `pipe`."""
-    from cdiff_cli.merge import DEFAULT_RIDGE
+    from cdiff_cli.merging import DEFAULT_RIDGE
 
     if not entries:
         return None
@@ -544,8 +544,8 @@ def compress_entry(
 ) -> tuple[Entry, dict]:
     """Rewrite an entry with its k/v updates as low-rank factors (atomically, in place); returns the
     entry and a report: sizes, ranks, and the largest change of any k/v layer's output on captions."""
-    from cdiff_cli.compress import compress_delta, output_fidelity, ranks, stored_bytes
-    from cdiff_cli.merge import prompt_features
+    from cdiff_cli.compression import compress_delta, output_fidelity, ranks, stored_bytes
+    from cdiff_cli.merging import prompt_features
 
     _check_rank_energy(rank, energy)
     if rank is None and energy is None:

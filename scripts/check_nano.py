@@ -39,7 +39,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def check(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: int):
     """(Tally over all samples, the images) of `captions`, n images each."""
     from cdiff_cli import oracle as O
-    from cdiff_cli.generate import sample
+    from cdiff_cli.generation import sample
 
     t = O.Tally()
     images = []
@@ -54,7 +54,7 @@ def check(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: 
 def main(argv=None) -> dict:
     from cdiff_cli import world as W
     from cdiff_cli.base import load_pipeline
-    from cdiff_cli.generate import set_scheduler
+    from cdiff_cli.generation import set_scheduler
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="nano")

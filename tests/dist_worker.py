@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.progress import SILENT, Progress, Task
 from cdiff_cli.registry import Registry
-from cdiff_cli.train import TrainConfig
+from cdiff_cli.training import TrainConfig
 from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
 

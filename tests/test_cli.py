@@ -140,7 +140,7 @@ def test_folder_without_model_index_is_refused(home, cat_images, tmp_path):
 
 
 def test_ctrl_c_leaves_no_entry(home, sd1_base, cat_images, monkeypatch):
-    import cdiff_cli.train as train_mod
+    import cdiff_cli.training as train_mod
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cdiff_cli.cli import app
-from cdiff_cli.compress import compress_delta, output_fidelity, stored_bytes
+from cdiff_cli.compression import compress_delta, output_fidelity, stored_bytes
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.registry import Registry
@@ -106,7 +106,7 @@ def test_compress_bad_options(home, sd1_base, cat_images):
 
 def test_compress_never_overwrites_an_entry_replaced_meanwhile(home, sd1_base, cat_images, monkeypatch):
     """`train --force` finishing while `compress` factorises must not be overwritten by the old version."""
-    import cdiff_cli.compress as compress_mod
+    import cdiff_cli.compression as compress_mod
     from cdiff_cli.workflows import compress_entry
 
     args = ["--base", str(sd1_base), "--steps", "2", "--batch-size", "2", "--resolution", str(RES), "--reg", "none", "--device", "cpu"]

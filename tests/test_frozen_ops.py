@@ -154,7 +154,7 @@ def test_bit_identical_under_gradient_checkpointing_too():
 
 def test_training_uses_the_lean_layers(tmp_path, monkeypatch):
     from cdiff_cli.data import list_images
-    from cdiff_cli.train import Concept, TrainConfig, train
+    from cdiff_cli.training import Concept, TrainConfig, train
 
     from .conftest import RES, make_images
 

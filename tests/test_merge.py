@@ -7,7 +7,7 @@ from cdiff_cli.captions import load_captions
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import kv_names, read_weights, trainable_names
-from cdiff_cli.merge import (
+from cdiff_cli.merging import (
     concept_prompts,
     constrained_merge,
     constraint_residual,
@@ -123,3 +123,16 @@ def test_factorised_solve_matches_the_closed_form_written_out():
     Gi = torch.linalg.inv(G)
     expected = W0 + (V.T - W0 @ C.T) @ torch.linalg.inv(C @ Gi @ C.T) @ C @ Gi
     assert torch.allclose(constrained_merge(W0, C, V, G, ridge=0.0), expected, atol=1e-6)
+
+
+def test_merge_constrains_the_prompt_the_concept_was_trained_on():
+    """The merge is only right when its constraint rows are the training caption's features: both come from
+    cdiff_cli.prompts, and the caption a concept trains on is one of the merge's constraint prompts."""
+    from cdiff_cli.merging import concept_prompts
+    from cdiff_cli.prompts import class_prompt
+    from cdiff_cli.training import Concept
+
+    c = Concept(token="<mycat>", class_word="cat", images=[])
+    assert c.prompt == "photo of a <mycat> cat"
+    assert c.prompt in concept_prompts("<mycat>", "cat")
+    assert c.reg_caption is not None and class_prompt("cat") == "photo of a cat"

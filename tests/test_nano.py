@@ -73,7 +73,10 @@ def test_nano_loads_offline_in_fp32_and_samples(nano_pipe):
     assert pipe.text_encoder.dtype == torch.float32
     assert sum(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()) >= 4
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
-    assert pipe.scheduler.config.prediction_type == "epsilon"
+    # v-prediction on a zero-terminal-SNR schedule: sampling starts from noise that holds nothing of an image.
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert float(pipe.scheduler.alphas_cumprod[-1]) < 1e-6
     tok = pipe.tokenizer
     assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in W.WORDS)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -84,14 +87,19 @@ def test_nano_loads_offline_in_fp32_and_samples(nano_pipe):
     assert img.std() > 0.02  # a picture, not a flat field
 
 
-def test_nano_text_encoder_is_the_nano_clip_text_tower(nano_pipe, nano_clip):
-    te = nano_pipe.text_encoder.state_dict()
-    tower = {k.removeprefix("text_model."): v for k, v in nano_clip.model.state_dict().items()
-             if k.startswith("text_model.")}
-    key = next(k for k in te if k.endswith("token_embedding.weight"))
-    ref = tower[key.removeprefix("text_model.")]
-    # nano is stored in fp16, nano-clip in fp32.
-    assert torch.allclose(te[key], ref.half().float(), atol=1e-3)
+def test_nano_text_encoder_is_trained_with_the_unet(nano_pipe, nano_clip):
+    """The base's text encoder keeps nano-clip's tokenizer, vocabulary and width (so nano-clip and the oracle
+    read the same words) but is its own: trained jointly with the UNet, its token embeddings have moved away
+    from the contrastive tower it started from."""
+    import torch
+
+    te, tower = nano_pipe.text_encoder, nano_clip.model.text_model
+    assert (te.config.hidden_size, te.config.vocab_size) == (nano_clip.model.config.text_config.hidden_size,
+                                                             nano_clip.model.config.text_config.vocab_size)
+    a = te.get_input_embeddings().weight.detach().float()
+    b = tower.embeddings.token_embedding.weight.detach().float()
+    assert a.shape == b.shape
+    assert float((a - b).norm() / b.norm()) > 0.05  # shipped: 0.19
 
 
 def _swap_colour(spec):
@@ -132,3 +140,18 @@ def test_nano_clip_knows_the_world(nano_clip):
 def test_eval_clip_nano_resolves(nano_clip):
     assert Path(nano_clip.ref) == packaged_model("nano-clip").resolve()
     assert nano_clip.images([W.render(W.dataset_specs(1, seed=0)[0])]).shape[0] == 1
+
+
+def test_zero_snr_base_refuses_a_scheduler_that_would_drop_its_schedule(nano_pipe):
+    from types import SimpleNamespace
+
+    from cdiff_cli.generation import set_scheduler
+
+    pipe = SimpleNamespace(scheduler=nano_pipe.scheduler)  # set_scheduler only swaps .scheduler
+    with pytest.raises(CdiffError, match="zero-terminal-SNR.*choose one of dpm"):
+        set_scheduler(pipe, "pndm")
+    for name in ("dpm", "ddim", "euler", "unipc"):
+        set_scheduler(pipe, name)
+        assert pipe.scheduler.config.rescale_betas_zero_snr
+        pipe.scheduler.set_timesteps(10)
+        assert int(pipe.scheduler.timesteps[0]) == 999  # trailing spacing starts at the noisiest step

@@ -17,10 +17,10 @@ from cdiff_cli.base import load_pipeline
 from cdiff_cli.data import list_images
 from cdiff_cli.demo import DemoSettings
 from cdiff_cli.eval_prompts import strip_tokens
-from cdiff_cli.generate import sample, set_scheduler
+from cdiff_cli.generation import sample, set_scheduler
 from cdiff_cli.layers import fingerprint
 from cdiff_cli.regset import generated_regularisation
-from cdiff_cli.train import Concept, TrainConfig, train
+from cdiff_cli.training import Concept, TrainConfig, train
 
 NAME, TOKEN = "tealstar", "<tealstar>"
 # Measured on the shipped model (2026-12-04, seed 0, 16 images of 8 new-context prompts): the concept's colour

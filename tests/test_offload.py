@@ -11,7 +11,7 @@ from cdiff_cli import offload
 from cdiff_cli.data import list_images
 from cdiff_cli.layers import trainable_names
 from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
-from cdiff_cli.train import Concept, TrainConfig, train
+from cdiff_cli.training import Concept, TrainConfig, train
 
 from .conftest import RES, make_images
 
@@ -245,7 +245,7 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
     "onto" it stays on the CPU), and generation and training are spies (each is tested for what it does
     above and in test_train)."""
     from cdiff_cli import regset, workflows
-    from cdiff_cli import train as train_mod
+    from cdiff_cli import training as train_mod
     from cdiff_cli.registry import Registry
 
     gpu = torch.device("cuda")

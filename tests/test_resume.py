@@ -15,7 +15,7 @@ from PIL import Image
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.progress import Progress
 from cdiff_cli.registry import Registry
-from cdiff_cli.train import TrainConfig
+from cdiff_cli.training import TrainConfig
 from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
 from .conftest import RES

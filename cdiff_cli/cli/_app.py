@@ -82,14 +82,19 @@ def _one_line(message: str) -> str:
     return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
-def command(*args, **kwargs):
+def command(*args, loads_models: bool = False, **kwargs):
     """`@app.command` plus the error boundary: one clear line on stderr and an exit code, never a
-    traceback (unless CDIFF_DEBUG=1)."""
+    traceback (unless CDIFF_DEBUG=1). `loads_models`: the command loads diffusers/transformers models, so
+    their loading bars and advice are silenced first (process-wide, which only the CLI may decide)."""
 
     def decorate(fn):
         @functools.wraps(fn)
         def wrapper(*a, **k):
             try:
+                if loads_models:
+                    from cdiff_cli.base import quiet_libraries
+
+                    quiet_libraries()
                 return fn(*a, **k)
             except (typer.Exit, typer.Abort):
                 raise

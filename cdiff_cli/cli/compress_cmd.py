@@ -12,7 +12,7 @@ from cdiff_cli.cli._term import term
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 
 
-@command("compress")
+@command("compress", loads_models=True)
 def compress_cmd(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     rank: Annotated[Optional[int], typer.Option("--rank", help="Keep this many singular values per layer.", show_default=False)] = None,

@@ -13,7 +13,7 @@ from cdiff_cli.cli._options import Device, Json
 from cdiff_cli.cli._term import term
 
 
-@command("demo")
+@command("demo", loads_models=True)
 def demo_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (it gets its own registry).")] = Path("cdiff-demo"),
     steps: Annotated[int, typer.Option(help="Training steps per concept.")] = 300,

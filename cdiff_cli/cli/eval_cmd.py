@@ -13,7 +13,7 @@ from cdiff_cli.cli._term import term
 from cdiff_cli.defaults import DEFAULT_CLIP, PAPER_DINO, SCHEDULERS
 
 
-@command("eval")
+@command("eval", loads_models=True)
 def eval_cmd(
     names: Annotated[list[str], typer.Argument(help="Concept name(s) to evaluate.", show_default=False)],
     n: Annotated[int, typer.Option("-n", "--num", help="Images per prompt.")] = 2,

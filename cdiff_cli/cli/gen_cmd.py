@@ -12,35 +12,35 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.defaults import SCHEDULERS
+from cdiff_cli.defaults import GEN, SCHEDULERS
 
 Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULERS}, type=str)
 
 
-@command("gen")
+@command("gen", loads_models=True)
 def gen_cmd(
     prompt: Annotated[str, typer.Argument(help='Prompt, e.g. "<mycat> cat on <mychair> chair".')],
-    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = 1,
-    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = GEN.n,
+    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = GEN.steps,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = GEN.guidance,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = GEN.seed,
     height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help="Image width (default: the base's native size).", show_default=False)] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.", show_default=False)] = None,
-    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (default: DPM-Solver++ multistep).")] = Scheduler.dpm,
+    scheduler: Annotated[Scheduler, typer.Option(help="Sampler (default: DPM-Solver++ multistep).")] = Scheduler(GEN.scheduler),
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cdiff-out"),
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = GEN.batch_size,
     base: Base = None,
-    precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision.fp16,
+    precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision(GEN.precision),
     low_memory: Annotated[bool, typer.Option("--low-memory", help="Small GPU: the base waits in CPU memory and diffusers' model CPU offload brings one model at a time (text encoder, UNet, VAE) to the GPU; images are decoded one at a time. A little slower.")] = False,
     offload: Annotated[bool, typer.Option("--offload", help="Smaller GPU still: diffusers' sequential CPU offload, one layer at a time on the GPU. Much slower.")] = False,
-    device: Device = "auto",
+    device: Device = GEN.device,
     as_json: Json = False,
 ):
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
     from cdiff_cli.errors import CdiffError
-    from cdiff_cli.generate import sample, save_pngs, set_scheduler
+    from cdiff_cli.generation import sample, save_pngs, set_scheduler
     from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1:

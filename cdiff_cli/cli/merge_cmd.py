@@ -12,7 +12,7 @@ from cdiff_cli.cli._term import term
 from cdiff_cli.defaults import DEFAULT_RIDGE
 
 
-@command("merge")
+@command("merge", loads_models=True)
 def merge_cmd(
     names: Annotated[list[str], typer.Argument(help="Two or more concept names.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the merged entry. Default: A+B.", show_default=False)] = None,

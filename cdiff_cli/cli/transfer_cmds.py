@@ -20,7 +20,7 @@ class ExportFormat(str, Enum):
     lora = "lora"
 
 
-@command("add")
+@command("add", loads_models=True)
 def add_cmd(
     name: Annotated[str, typer.Argument(help="Name of the new entry.")],
     path: Annotated[Path, typer.Argument(help="A diffusers output folder, a reference delta.bin / delta_epoch=*.ckpt, a cdiff export, or a LoRA of cross-attention k/v (a cdiff LoRA export folder, or a .safetensors file with --embedding).")],
@@ -42,7 +42,7 @@ def add_cmd(
         term.ok(f"added {entry.name} ({' '.join(entry.tokens)}) from {entry.manifest['source']['format']} format")
 
 
-@command("export")
+@command("export", loads_models=True)
 def export_cmd(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],

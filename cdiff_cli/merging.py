@@ -29,6 +29,7 @@ from cdiff_cli.delta import Delta, add_delta_tokens
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.layers import kv_names
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.prompts import merge_constraint_prompts
 from cdiff_cli.tokens import canonical
 
 _JITTER = 1e-9
@@ -134,7 +135,7 @@ def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerpr
 
 
 def concept_prompts(token: str, class_word: str) -> list[str]:
-    return [f"{token} {class_word}", f"photo of a {token} {class_word}"]
+    return merge_constraint_prompts(token, class_word)
 
 
 def merge_deltas(

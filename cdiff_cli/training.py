@@ -50,7 +50,7 @@ from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.layers import read_weights, trainable_names
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.regset import class_prompt
+from cdiff_cli.prompts import class_prompt, instance_prompt
 from cdiff_cli.tokens import add_tokens, initial_embedding
 
 
@@ -65,7 +65,7 @@ class Concept:
 
     @property
     def prompt(self) -> str:
-        return f"photo of a {self.token} {self.class_word}"
+        return instance_prompt(self.token, self.class_word)
 
     def reg_caption(self, j: int) -> str:
         return self.reg[j].caption or class_prompt(self.class_word)

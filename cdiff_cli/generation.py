@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -18,8 +19,16 @@ def set_scheduler(pipe, name: str) -> None:
     if name not in SCHEDULERS:
         raise CdiffError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls_name = SCHEDULERS[name]
-    if cls_name is not None and type(pipe.scheduler).__name__ != cls_name:
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
+    if cls_name is None or type(pipe.scheduler).__name__ == cls_name:
+        return
+    cls = getattr(diffusers, cls_name)
+    # A base trained on a zero-terminal-SNR schedule (nano) samples wrongly with a scheduler that cannot
+    # rescale its betas: from_config would drop the flag and silently fall back to the leaky schedule.
+    if pipe.scheduler.config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in inspect.signature(cls).parameters:
+        usable = [n for n, c in SCHEDULERS.items() if c and "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c)).parameters]
+        raise CdiffError(f"scheduler {name!r} cannot follow this base's zero-terminal-SNR schedule; "
+                         f"choose one of {', '.join(usable)}")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
 def generators(seed: int, n: int) -> list:
