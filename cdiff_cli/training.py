@@ -67,13 +67,23 @@ class Concept:
     def prompt(self) -> str:
         return instance_prompt(self.token, self.class_word)
 
+    def target_caption(self, i: int) -> str:
+        """The caption of target image `i`: its own (read from `NAME.txt`, the token already in it), else
+        the template's "photo of a TOKEN CLASS"."""
+        return self.images[i].caption or self.prompt
+
+    def target_captions(self) -> list[str]:
+        """The distinct captions of the target images, in order."""
+        return list(dict.fromkeys(self.target_caption(i) for i in range(len(self.images))))
+
     def reg_caption(self, j: int) -> str:
         return self.reg[j].caption or class_prompt(self.class_word)
 
     def prompts(self) -> list[str]:
         """Every prompt a run can encode for this concept: its prompt under each augmentation prefix,
         and its regularisation captions."""
-        return [p + self.prompt for p in ("", *FAR_PREFIXES, *NEAR_PREFIXES)] + [self.reg_caption(j) for j in range(len(self.reg))]
+        return [p + t for t in self.target_captions() for p in ("", *FAR_PREFIXES, *NEAR_PREFIXES)] + \
+            [self.reg_caption(j) for j in range(len(self.reg))]
 
 
 @dataclass
@@ -338,13 +348,16 @@ def train(
             hidden, pooled, _ = textcond.encode(pipe, prompts, device)
             return hidden, pooled
 
-    def draw_target(ci: int) -> _Latent:
+    def draw_target(ci: int) -> tuple[_Latent, str]:
+        """A latent of the next target image of concept `ci`, and its caption under its augmentation."""
         ii = target_cycles[ci].next()
+        caption = concepts[ci].target_caption(ii)
         if pools:
-            return rng.choice(pools[ci][ii])
+            lt = rng.choice(pools[ci][ii])
+            return lt, lt.prefix + caption
         a = sample_augmentation(rng, res, aug=cfg.aug, hflip=cfg.hflip)
         (m, sd), = encode([apply_augmentation(pixels.get(concepts[ci].images[ii].path), a)])
-        return _Latent(m, sd, latent_mask(a, res, factor).to(device), a.prefix)
+        return _Latent(m, sd, latent_mask(a, res, factor).to(device), a.prefix), a.prefix + caption
 
     def draw_reg(ci: int) -> tuple[_Latent, str]:
         j = reg_cycles[ci].next()
@@ -464,10 +477,10 @@ def train(
             if start:
                 bar.advance(start)
             for step in range(start, cfg.steps):
-                targets = [(ci, draw_target(ci)) for ci in balanced_slots(step, n_target, len(concepts))]
+                targets = [draw_target(ci) for ci in balanced_slots(step, n_target, len(concepts))]
                 regs = [draw_reg(reg_concepts[s]) for s in balanced_slots(step, n_reg, len(reg_concepts))] if n_reg else []
                 # One sample per image: (latent, text source, mask or None). Targets first, then regs.
-                samples = [(lt, ("target", lt.prefix + concepts[ci].prompt), lt.mask) for ci, lt in targets]
+                samples = [(lt, ("target", caption), lt.mask) for lt, caption in targets]
                 samples += [(lt, ("reg", caption), None) for lt, caption in regs]
                 micro = cfg.micro_batch or len(samples)
                 optimizer.zero_grad(set_to_none=True)
