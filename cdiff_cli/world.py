@@ -215,9 +215,10 @@ def _pick(rng: np.random.Generator, options, weights=None):
 
 def sample_object(rng: np.random.Generator, kind: str, *, position: str, size: str | None = None,
                   colour: str | None = None, fill: str | None = None, background: str = "gray", pair: bool = False,
-                  centre: tuple[float, float] | None = None, concept: str = "") -> ObjectSpec:
+                  centre: tuple[float, float] | None = None, concept: str = "", unnamed: float = _P_UNNAMED) -> ObjectSpec:
     """An object of `kind` at a named position (random size, colour and fill unless given, never one that
-    clashes with the background). With `concept`, kind, colour and fill are the concept's."""
+    clashes with the background; an unnamed colour with probability `unnamed`). With `concept`, kind,
+    colour and fill are the concept's."""
     size = size or _pick(rng, SIZES)
     lo, hi = (RADIUS_PAIR if pair else RADIUS)[size]
     r = float(rng.uniform(lo, hi))
@@ -233,7 +234,7 @@ def sample_object(rng: np.random.Generator, kind: str, *, position: str, size: s
     else:
         fill = fill or _pick(rng, _P_FILL, list(_P_FILL.values()))
         if colour is None:
-            pool = UNNAMED if rng.random() < _P_UNNAMED else COLOURS
+            pool = UNNAMED if rng.random() < unnamed else COLOURS
             choices = [c for c in pool if not _clashes(c, fill, background)]
             colour = _pick(rng, choices)
         if colour in _PLAIN_ONLY:
@@ -242,7 +243,7 @@ def sample_object(rng: np.random.Generator, kind: str, *, position: str, size: s
                       float(rng.random()))
 
 
-def _pair_objects(rng, picks, relation, background, concepts) -> tuple[ObjectSpec, ...]:
+def _pair_objects(rng, picks, relation, background, concepts, unnamed) -> tuple[ObjectSpec, ...]:
     first, second = {"left of": ("left", "right"), "right of": ("right", "left"),
                      "above": ("top", "bottom"), "below": ("bottom", "top")}[relation]
     along = rng.uniform(0.42, 0.58, size=2)
@@ -251,7 +252,7 @@ def _pair_objects(rng, picks, relation, background, concepts) -> tuple[ObjectSpe
         cx, cy = _PAIR_CENTRES[where]
         cx, cy = (cx + rng.uniform(-0.03, 0.03), a) if where in ("left", "right") else (a, cy + rng.uniform(-0.03, 0.03))
         objs.append(sample_object(rng, kind, position=where, background=background, pair=True, centre=(cx, cy),
-                                  concept=concept))
+                                  concept=concept, unnamed=unnamed))
     return tuple(objs)
 
 
@@ -266,10 +267,12 @@ def _mentions(rng, objects, caption_variety: bool) -> tuple[str, tuple[Mentions,
 
 
 def sample_scene(rng: np.random.Generator, *, n_objects: int | None = None, concepts: tuple[str, ...] = (),
-                 caption_variety: bool = True, background: str | None = None) -> SceneSpec:
+                 caption_variety: bool = True, background: str | None = None,
+                 unnamed: float = _P_UNNAMED) -> SceneSpec:
     """A random scene of `n_objects` (1 or 2; default random, two objects 35 % of the time). `concepts`: the
     first objects are these concepts (used by `concept_specs`); `caption_variety`: vary what the caption
-    mentions (else it names every attribute)."""
+    mentions (else it names every attribute); `unnamed`: the share of objects in an unnamed colour (the
+    base's training scenes use the default; the VAE decoder's use more, to learn to draw those colours)."""
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown:
         raise ValueError(f"unknown concept {unknown[0]!r}; known: {', '.join(CONCEPTS)}")
@@ -284,11 +287,11 @@ def sample_scene(rng: np.random.Generator, *, n_objects: int | None = None, conc
     picks = [_pick(rng, KINDS) for _ in range(n)]
     if n == 1:
         objects = (sample_object(rng, picks[0], position=_pick(rng, POSITIONS), background=background,
-                                 concept=own[0]),)
+                                 concept=own[0], unnamed=unnamed),)
         relation = ""
     else:
         relation = _pick(rng, RELATIONS)
-        objects = _pair_objects(rng, picks, relation, background, own)
+        objects = _pair_objects(rng, picks, relation, background, own, unnamed)
     prefix, mentions, mention_bg = _mentions(rng, objects, caption_variety)
     return SceneSpec(objects, background, relation, bg_rgb, prefix, mentions, mention_bg)
 

@@ -8,6 +8,9 @@ starting the same command again):
   data   render the world (images + captions) and tokenize the captions
   clip   a small CLIPModel (text + vision towers) trained contrastively          -> OUT/nano-clip
   vae    an AutoencoderKL, 64 px -> 16x16x4 latents (reconstruction + small KL)
+  decoder the VAE's decoder trained on with its encoder frozen, on scenes where the unnamed colours are
+         common: the latents (and so the UNet) stay as they are, the decoded pictures get sharper and the
+         unnamed colours (the concepts' own) come out right
   unet   a UNet2DConditionModel with cross-attention on the VAE latents, and with it the text encoder
          (started from nano-clip's text tower); v-prediction on a zero-terminal-SNR schedule, Min-SNR
          weighting, 10 % caption dropout, EMA
@@ -403,6 +406,100 @@ def _to_pil(t: torch.Tensor):
     return Image.fromarray(a)
 
 
+# -- VAE decoder --------------------------------------------------------------------------------------------
+
+
+def decoder_data(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder stage's scenes: the world with --decoder-unnamed of its objects in the unnamed colours
+    (6 % in the base's scenes), as uint8 images [n, 64, 64, 3] and object masks [n, 64, 64]."""
+    specs = W.dataset_specs(args.decoder_data, seed=args.seed + 11, unnamed=args.decoder_unnamed)
+    images = np.stack([np.asarray(W.render(s), dtype=np.uint8) for s in specs])
+    masks = np.stack([np.asarray(W.object_mask(s), dtype=np.uint8) for s in specs])
+    return torch.from_numpy(images), torch.from_numpy(masks)
+
+
+def concept_reconstruction(vae, n: int = 16) -> dict[str, int]:
+    """Per concept: of `n` fresh photos, how many the oracle still reads as the concept after encoding and
+    decoding (the most the UNet's pictures of it can reach)."""
+    from cdiff_cli import oracle as O
+
+    out = {}
+    with torch.no_grad():
+        for name, concept in W.CONCEPTS.items():
+            x = images_to_tensor(torch.from_numpy(np.stack([np.asarray(im) for im in W.concept_images(name, n, seed=7)])))
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            out[name] = sum(O.concept_present(O.read(_to_pil(r)), O.Look.of(concept)) for r in rec)
+    return out
+
+
+def stage_decoder(args, out: Path, vae):
+    """Train the VAE's decoder on with its encoder frozen. The latents stay exactly as they were, so the
+    UNet trained on them needs nothing new, while the pictures decoded from them get sharper and the
+    unnamed colours (rare in the base's scenes, and the concepts' own) come out as they are."""
+    ck = Checkpoint(out / "ckpt", "decoder")
+    if ck.done.is_file():
+        vae.load_state_dict(ck.load()["model"])
+        log("decoder: done (cached)")
+        return vae
+    trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    vae.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained, lr=args.decoder_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args.seed + 12)
+    step, elapsed = ck.resume("decoder", {"model": vae}, opt, g)
+    before = concept_reconstruction(vae.eval()) if step == 0 else None
+    images, masks = decoder_data(args)
+    held = len(images) - 256
+    budget = Budget(args.decoder_steps, 60 * args.decoder_minutes)
+    log(f"decoder: {sum(p.numel() for p in trained) / 1e6:.2f} M parameters trained, encoder frozen; {held} scenes, "
+        f"{100 * args.decoder_unnamed:.0f} % of objects in unnamed colours; concepts read after encoding and "
+        f"decoding: {before}")
+    vae.train()
+    t_last, running = time.time(), []
+    while not budget.done(step, elapsed):
+        idx = torch.randint(0, held, (args.vae_batch,), generator=g)
+        x = images_to_tensor(images[idx])
+        wmap = 1 + args.vae_object_weight * masks[idx].float().div(255).unsqueeze(1)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(budget.progress(step, elapsed), step, args.decoder_lr, 50, floor=0.0)
+        t = time.time()
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=g)
+        d = vae.decode(z).sample - x
+        loss = (wmap * (d.pow(2) + d.abs())).sum() / (wmap.sum() * 3)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+        elapsed += time.time() - t
+        step += 1
+        running.append(loss.item())
+        if step % 100 == 0:
+            log(f"decoder: step {step} ({100 * budget.progress(step, elapsed):.0f}% of {budget.describe()}) "
+                f"loss {np.mean(running):.4f} ({elapsed / 60:.1f} min)")
+            running = []
+        if time.time() - t_last > 120:
+            ck.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                     "gen": g.get_state()})
+            t_last = time.time()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = images_to_tensor(images[held:])
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        psnr = 10 * math.log10(4 / F.mse_loss(rec, x).item())
+        m = masks[held:].float().div(255).unsqueeze(1) > 0.5
+        obj_psnr = 10 * math.log10(4 / (((rec - x).pow(2) * m).sum().item() / (m.sum().item() * 3)))
+        W.grid([_to_pil(t) for t in torch.cat([x[:16], rec[:16]])], cols=16).save(out / "decoder_recon.png")
+    after = concept_reconstruction(vae)
+    log(f"decoder: held-out PSNR {psnr:.1f} dB (on objects {obj_psnr:.1f} dB); concepts read after encoding and "
+        f"decoding (of 16): {after}")
+    ck.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "gen": g.get_state()})
+    ck.done.write_text(json.dumps({"steps": step, "minutes": elapsed / 60, "psnr": psnr, "object_psnr": obj_psnr,
+                                  "concepts_before": before, "concepts_after": after}))
+    return vae
+
+
 # -- UNet ---------------------------------------------------------------------------------------------------
 
 
@@ -477,6 +574,17 @@ def load_shipped_text_encoder(args, te):
         return False
     te.load_state_dict(CLIPTextModel.from_pretrained(str(src)).float().state_dict())
     return True
+
+
+def shipped_unet(args, te):
+    """The --init-from model's UNet and text encoder as they are (an export with no unet stage)."""
+    from diffusers import UNet2DConditionModel
+
+    if (src := shipped(args, "nano/unet")) is None:
+        raise SystemExit("export without the unet stage takes the UNet of --init-from: give --init-from")
+    load_shipped_text_encoder(args, te)
+    log(f"unet: taken as it is from {src}")
+    return UNet2DConditionModel.from_pretrained(str(src)).float().eval(), te
 
 
 def stage_unet(args, out: Path, tok, data, te, vae):
@@ -643,7 +751,7 @@ def training_history(args, out: Path) -> list[dict]:
     if (src := shipped(args, "nano")) and (src / "training.json").is_file():
         history = json.loads((src / "training.json").read_text(encoding="utf-8"))
     stages = {}
-    for name in ("clip", "vae", "unet"):
+    for name in ("clip", "vae", "decoder", "unet"):
         done = out / "ckpt" / f"{name}.done"
         if done.is_file():
             stages[name] = json.loads(done.read_text())
@@ -719,6 +827,13 @@ def parse_args(argv=None):
     p.add_argument("--vae-object-weight", type=float, default=4.0, help="extra loss weight on object pixels")
     p.add_argument("--vae-crop-until", type=float, default=0.75,
                    help="train on 32 px crops until this fraction of the VAE stage, then on whole images")
+    p.add_argument("--decoder-minutes", type=float, default=15.0,
+                   help="time budget of the decoder stage (the VAE decoder trained on, its encoder frozen)")
+    p.add_argument("--decoder-steps", type=int, default=None)
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
+    p.add_argument("--decoder-data", type=int, default=8000, help="scenes rendered for the decoder stage")
+    p.add_argument("--decoder-unnamed", type=float, default=0.35,
+                   help="share of objects in unnamed colours in the decoder stage's scenes")
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=5e-4)
@@ -733,7 +848,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--preview-every", type=float, default=5.0, help="minutes between preview grids (0: none)")
     p.add_argument("--no-fp16", dest="fp16", action="store_false", help="store the nano weights in fp32")
-    p.add_argument("--stages", default="clip,vae,unet,export,sample")
+    p.add_argument("--stages", default="clip,vae,decoder,unet,export,sample",
+                   help="stages to run; without unet, export takes the UNet and text encoder of --init-from as they are")
     p.add_argument("--init-from", type=Path, default=None,
                    help="a folder holding nano/ and nano-clip/ (e.g. cdiff_cli/models): take the CLIP and the VAE "
                         "from it and train the UNet on from its weights, for stages with no checkpoint in OUT")
@@ -751,9 +867,12 @@ def main(argv=None) -> None:
     tok = load_tokenizer(out)
     data = stage_data(args, out, tok)
     clip = stage_clip(args, out, tok, data) if stages & {"clip", "unet", "export"} else None
-    vae = stage_vae(args, out, data) if stages & {"vae", "unet", "export"} else None
+    vae = stage_vae(args, out, data) if stages & {"vae", "decoder", "unet", "export"} else None
+    if "decoder" in stages:
+        vae = stage_decoder(args, out, vae)
     if stages & {"unet", "export"}:
-        unet, te = stage_unet(args, out, tok, data, text_encoder_from_clip(clip), vae)
+        te = text_encoder_from_clip(clip)
+        unet, te = stage_unet(args, out, tok, data, te, vae) if "unet" in stages else shipped_unet(args, te)
         folder = stage_export(args, out, tok, te, vae, unet)
     else:
         folder = out / "nano"

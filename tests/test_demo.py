@@ -20,7 +20,7 @@ def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
         assert r["prompt_set"] == "built-in: nano world"
         assert r["world"]["sentences"] == res.sentences[r["name"]]
     single = res.sentences[names[0]][0]
-    assert single.startswith("<tealstar> (a teal star) appears in ") and " of 10 images" in single
+    assert single.startswith("<pinksquare> (a pink striped square) appears in ") and " of 10 images" in single
     assert any(s.startswith("Both concepts appear together in ") for s in res.sentences[res.entries[-1]])
     assert "What the pictures show" in res.report_html.read_text()
     # Per concept: photos, samples, base; then compositions and base: 8 rows of thumbnails.

@@ -1,9 +1,7 @@
 """The method works on the shipped nano model, as the oracle reads the pictures: one concept trained with the
-demo's settings brings its colour where prompts place it in new contexts, while the plain class prompt
-seldom turns into the concept and ordinary captions are drawn about as before (drift). The concept's
-whole look (a star in exactly the concept's teal) is reported, not asserted: the learned teal comes out
-darker and greener than the photos', so the oracle reads it as teal in a few images only (see
-docs/nano-world.md).
+demo's settings (a pink square with black stripes) appears where prompts place it in new contexts, while
+the base draws it for none of those prompts, the plain class prompt seldom turns into the concept, and
+ordinary captions are drawn about as before (drift).
 
 Thresholds sit below the values measured on the shipped model (in the comments), so that a change that
 breaks learning or regularisation fails while seed-level noise does not. The full picture, over several
@@ -23,21 +21,21 @@ from cdiff_cli.layers import fingerprint
 from cdiff_cli.regset import generated_regularisation
 from cdiff_cli.training import Concept, TrainConfig, train
 
-NAME, TOKEN = "tealstar", "<tealstar>"
-# Measured on the shipped model (retrained 2026-12-04, seed 0, 20 images of 10 new-context prompts): the
-# concept's colour on an object in 8 of 20 (base 1 of 20); its whole look (a teal star) in 2 of 20; the class
-# prompt kept (0 of 8 teal stars); objects on ordinary captions right in 67 % against the base's 83 % (a drop
-# of 17 points, on 24 images). The colour count moves by several images between runs of the demo (10 of 20
-# in `cdiff demo`, whose prompts share these templates): the threshold leaves room for that.
-MIN_COLOUR = 0.25  # share of images of new-context prompts with an object in the concept's colour
-MAX_BASE_COLOUR = 0.2  # the base, same prompts without the token
-MAX_CLASS_PRESENCE = 0.25  # "photo of a star" gives the concept
-MAX_CLASS_COLOUR = 0.3  # "photo of a star" gives the concept's colour
+NAME, TOKEN = "pinksquare", "<pinksquare>"
+# Measured on the shipped model (decoder retrained 2026-12-05, seed 0, 20 images of 10 new-context prompts):
+# the concept in 11 of 20 (base 0 of 20); the rest of each prompt right in 18 of 20; "photo of a square" gave
+# it in 0 of 8; objects on ordinary captions right in 67 % against the base's 83 % (a drop of 17 points, on
+# 24 images, where one image is 4 points).
+MIN_PRESENCE = 0.3  # share of images of new-context prompts in which the oracle reads the concept
+MAX_BASE_PRESENCE = 0.1  # the base, same prompts without the token
+MAX_CLASS_PRESENCE = 0.25  # "photo of a square" gives the concept
 MAX_ORDINARY_DROP = 30  # points lost on ordinary world captions (24 images: one image is 4 points)
 
 
 def _images(pipe, prompts, n=2, seed=0):
-    return {p: sample(pipe, p, n=n, steps=20, seed=seed + 10 * i) for i, p in enumerate(prompts)}
+    s = DemoSettings()
+    return {p: sample(pipe, p, n=n, steps=s.sample_steps, guidance=s.guidance, seed=seed + 10 * i)
+            for i, p in enumerate(prompts)}
 
 
 def _all_images(pipe, prompts, class_prompt, ordinary):
@@ -76,9 +74,7 @@ def test_one_concept_is_learned_and_its_class_kept(tmp_path):
                       ordinary_base={p: base_imgs[p] for p in ordinary})
     sc = scores.concepts[0]
     print("\n".join(scores.sentences()))
-    class_colour = sum(any(o.colour == look.colour for o in O.read(im).objects) for im in imgs[class_prompt])
-    assert sc.colour_presence.value >= MIN_COLOUR
-    assert sc.baseline_colour_presence.value <= MAX_BASE_COLOUR
+    assert sc.presence.value >= MIN_PRESENCE
+    assert sc.baseline_presence.value <= MAX_BASE_PRESENCE
     assert sc.class_presence.value <= MAX_CLASS_PRESENCE
-    assert class_colour / len(imgs[class_prompt]) <= MAX_CLASS_COLOUR
     assert scores.ordinary_drop <= MAX_ORDINARY_DROP

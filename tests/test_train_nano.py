@@ -52,3 +52,28 @@ def test_train_nano_exports_and_trains_on_from_its_export(tmp_path):
     assert clip_a["text_config"]["hidden_size"] == clip_b["text_config"]["hidden_size"]
     assert torch.equal(*(torch.load(p / "ckpt" / "vae.pt", weights_only=True)["model"]["encoder.conv_in.weight"]
                          .half() for p in (first, second)))
+
+
+def _vae(folder: Path) -> dict:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(folder / "nano" / "vae")).state_dict()
+
+
+def test_decoder_stage_trains_the_decoder_and_keeps_latents_and_unet(tmp_path):
+    T = _script()
+    first, third = tmp_path / "first", tmp_path / "third"
+    T.main(["--out", str(first), *TOY])
+    T.main(["--out", str(third), "--init-from", str(first), *TOY[:-1], "decoder,export",
+            "--decoder-steps", "3", "--decoder-data", "300"])
+    a, b = _vae(first), _vae(third)
+    encoder = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder
+    # The latent space is the UNet's input: the encoder stays bit-identical, the decoder trains.
+    assert all(torch.equal(a[k], b[k]) for k in encoder)
+    assert any(not torch.equal(a[k], b[k]) for k in decoder)
+    ua, ub = _unet(first), _unet(third)
+    assert all(torch.equal(ua[k], ub[k]) for k in ua)  # no unet stage: taken as it is
+    stage = json.loads((third / "nano" / "training.json").read_text())[-1]["stages"]["decoder"]
+    assert stage["steps"] == 3 and set(stage["concepts_after"]) == {"tealstar", "pinksquare", "orangeheart", "browncircle"}

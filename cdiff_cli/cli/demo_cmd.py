@@ -22,7 +22,7 @@ def demo_cmd(
 ):
     """Show the method end to end, offline, in a few minutes on a CPU.
 
-    Two particular objects of classes the nano model already draws (a teal star, a pink square with black stripes: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
+    Two particular objects of classes the nano model already draws (a pink square with black stripes, an orange heart with black dots: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
     """
     from cdiff_cli.demo import DemoSettings, run_demo
 
@@ -41,4 +41,6 @@ def demo_cmd(
                   f"text alignment {sc['text_alignment']} (base {base.get('text_alignment')}), KID x1000 {sc['kid']}")
     term.ok(f"demo finished in {result['seconds']} s")
     term.info(f"overview picture: {result['overview']}")
+    term.info(f"try it: CDIFF_HOME={result['registry']} cdiff gen \"a <pinksquare> square above a <orangeheart> heart, "
+              f"on a blue background\" --guidance 3 -n 4")
     term.data(result["report_html"])
