@@ -51,7 +51,7 @@ def test_nano_says_it_draws_the_world_and_how_it_was_trained():
     assert json.loads((nano / WORLD_MARKER).read_text()) == world_marker()
     history = json.loads((nano / "training.json").read_text())
     assert history and all("args" in run and "stages" in run for run in history)
-    assert sum(run["stages"]["unet"].get("steps", 0) for run in history) > 1000
+    assert sum(run["stages"].get("unet", {}).get("steps", 0) for run in history) > 1000  # a decoder-only run has none
 
 
 def test_base_nano_resolves_to_the_packaged_folder(tmp_path, monkeypatch):
