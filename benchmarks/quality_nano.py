@@ -322,7 +322,12 @@ def _stat(rows, key):
 def findings(results: dict) -> list[str]:
     """The paper's claims, checked on the intervals: 'reproduced' only when the intervals do not overlap
     in the paper's direction, 'not reproduced' when they do in the other, else 'not resolved'."""
+    one_seed = len({r["seed"] for r in results["single"] + results["pairs"]}) < 2
+
     def verdict(better: tuple[float, float], worse: tuple[float, float]) -> str:
+        if one_seed:  # no interval: say only which way it went
+            return "in the paper's direction (one seed: no interval)" if better[0] > worse[0] else \
+                "not in the paper's direction (one seed: no interval)"
         if better[0] - better[1] > worse[0] + worse[1]:
             return "reproduced"
         if worse[0] - worse[1] > better[0] + better[1]:
@@ -352,7 +357,7 @@ def findings(results: dict) -> list[str]:
                        f"{verdict((-a[0], a[1]), (-b[0], b[1]))}")
     pairs = _group(results["pairs"], "method")
     if pairs:
-        m, j, s = (_stat(pairs.get(k, []), "both") if pairs.get(k) else None
+        m, j, s = (_stat(pairs[(k,)], "both") if pairs.get((k,)) else None
                    for k in ("closed-form merge", "joint training", "sum of deltas"))
         if m and s:
             out.append(f"the merge shows both concepts more often than the sum of deltas ({100 * m[0]:.0f} ± {100 * m[1]:.0f} "
