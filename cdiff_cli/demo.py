@@ -1,8 +1,8 @@
 """`cdiff demo`: the whole method, offline, on the shipped `nano` model and its procedural world.
 
 Two particular objects of classes the nano model already draws (a pink square with black stripes, an
-orange heart with black dots: colourings no caption word names) are photographed by the world generator, trained as concepts,
-merged with the closed-form merge, composed, and evaluated against the base: with the nano CLIP and with
+orange heart with black dots: colourings no caption word names) are photographed by the world generator,
+trained as concepts, merged with the closed-form merge, composed, and evaluated against the base: with the nano CLIP and with
 the world's oracle, which reads the pictures ("the concept appears in 17 of 20 images"). One overview
 picture shows training photos, the concepts in new places, both together, and the base for the same
 prompts. Everything lives under one output folder, including its own registry, so the user's registry
@@ -33,7 +33,7 @@ DEMO_CONCEPTS = (DemoConcept("pinksquare", "pinksquare", "<pinksquare>"),
 
 @dataclass
 class DemoSettings:
-    # Measured on the shipped nano (seed 0, 20 new-context images each): pinksquare appeared in 11 of 20 after
+    # Measured on the nano with a first cut of its retrained decoder (seed 0, 20 new-context images each): pinksquare appeared in 11 of 20 after
     # 300 steps of lr 6e-4, 10 after 600 of 3e-4, 12 with batch 8; orangeheart in 12, 10 and 13. Seeds move
     # these counts as much as the settings do, so the cheapest is kept; 1e-3 blurred the pictures.
     steps: int = 300
