@@ -118,6 +118,7 @@ class Checkpoint:
     def __init__(self, folder: Path, name: str):
         self.path = folder / f"{name}.pt"
         self.done = folder / f"{name}.done"
+        self._made = time.time()
         folder.mkdir(parents=True, exist_ok=True)
 
     def load(self):
@@ -140,6 +141,13 @@ class Checkpoint:
         tmp = self.path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.path)
+        self._saved = time.time()
+
+    def save_if_due(self, state, every: float = 120.0) -> None:
+        """Save `state()` when `every` seconds have passed since the last save (or since this object was
+        made): a stopped run loses at most that much training."""
+        if time.time() - getattr(self, "_saved", self._made) > every:
+            self.save(state())
 
 
 def images_to_tensor(u8: torch.Tensor) -> torch.Tensor:
@@ -230,7 +238,7 @@ def stage_clip(args, out: Path, tok, data):
     n = len(data["captions"])
     held = torch.arange(n - 512, n)  # the last 512 scenes are held out for a retrieval check
     model.train()
-    t_last, running = time.time(), []
+    running = []
     while True:
         if budget.done(step, elapsed):
             break
@@ -252,10 +260,8 @@ def stage_clip(args, out: Path, tok, data):
             log(f"clip: step {step} ({100 * budget.progress(step, elapsed):.0f}% of {budget.describe()}) loss {np.mean(running):.3f} scale {model.logit_scale.exp().item():.1f} "
                 f"({elapsed / 60:.1f} min)")
             running = []
-        if time.time() - t_last > 120:
-            ck.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                     "gen": g.get_state()})
-            t_last = time.time()
+        ck.save_if_due(lambda step=step, elapsed=elapsed: {"model": model.state_dict(), "opt": opt.state_dict(),
+                                                          "step": step, "elapsed": elapsed, "gen": g.get_state()})
     model.eval()
     acc = clip_retrieval(model, data, held)
     log(f"clip: held-out retrieval top-1 in 512: image->text {acc[0]:.2f}, text->image {acc[1]:.2f}")
@@ -328,7 +334,7 @@ def stage_vae(args, out: Path, data):
     n = len(data["captions"])
     masks = object_masks(args, out)
     vae.train()
-    t_last, running = time.time(), []
+    running = []
     while True:
         if budget.done(step, elapsed):
             break
@@ -363,10 +369,8 @@ def stage_vae(args, out: Path, data):
             log(f"vae: step {step} ({100 * budget.progress(step, elapsed):.0f}% of {budget.describe()}) mse {m[0]:.4f} (PSNR {psnr:.1f} dB) l1 {m[1]:.4f} kl {m[2]:.0f} "
                 f"({elapsed / 60:.1f} min)")
             running = []
-        if time.time() - t_last > 120:
-            ck.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                     "gen": g.get_state()})
-            t_last = time.time()
+        ck.save_if_due(lambda step=step, elapsed=elapsed: {"model": vae.state_dict(), "opt": opt.state_dict(),
+                                                          "step": step, "elapsed": elapsed, "gen": g.get_state()})
     vae.eval()
     with torch.no_grad():
         x = images_to_tensor(data["images"][-256:])
@@ -456,7 +460,7 @@ def stage_decoder(args, out: Path, vae):
         f"{100 * args.decoder_unnamed:.0f} % of objects in unnamed colours; concepts read after encoding and "
         f"decoding: {before}")
     vae.train()
-    t_last, running = time.time(), []
+    running = []
     while not budget.done(step, elapsed):
         idx = torch.randint(0, held, (args.vae_batch,), generator=g)
         x = images_to_tensor(images[idx])
@@ -479,10 +483,8 @@ def stage_decoder(args, out: Path, vae):
             log(f"decoder: step {step} ({100 * budget.progress(step, elapsed):.0f}% of {budget.describe()}) "
                 f"loss {np.mean(running):.4f} ({elapsed / 60:.1f} min)")
             running = []
-        if time.time() - t_last > 120:
-            ck.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
-                     "gen": g.get_state()})
-            t_last = time.time()
+        ck.save_if_due(lambda step=step, elapsed=elapsed: {"model": vae.state_dict(), "opt": opt.state_dict(),
+                                                          "step": step, "elapsed": elapsed, "gen": g.get_state()})
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         x = images_to_tensor(images[held:])
@@ -653,7 +655,7 @@ def stage_unet(args, out: Path, tok, data, te, vae):
                 "te_ema": te_ema.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
                 "gen": g.get_state()}
 
-    t_last, t_sample, running = time.time(), time.time(), []
+    t_sample, running = time.time(), []
     while True:
         if budget.done(step, elapsed):
             break
@@ -689,9 +691,7 @@ def stage_unet(args, out: Path, tok, data, te, vae):
             log(f"unet: step {step} ({100 * budget.progress(step, elapsed):.0f}% of {budget.describe()}) v-mse {np.mean(running):.4f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"({elapsed / 60:.1f} min)")
             running = []
-        if time.time() - t_last > 120:
-            ck.save(state())
-            t_last = time.time()
+        ck.save_if_due(state)
         if args.preview_every and time.time() - t_sample > args.preview_every * 60:
             preview(out / "preview.png", tok, te_ema, vae, ema)
             t_sample = time.time()

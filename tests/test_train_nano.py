@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_nano.py"
@@ -22,18 +23,25 @@ def _script():
     return mod
 
 
+@pytest.fixture(scope="module")
+def first(tmp_path_factory) -> Path:
+    """One toy run from scratch, shared by the tests that train on from it."""
+    folder = tmp_path_factory.mktemp("train_nano") / "first"
+    _script().main(["--out", str(folder), *TOY])
+    return folder
+
+
 def _unet(folder: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(str(folder / "nano" / "unet")).state_dict()
 
 
-def test_train_nano_exports_and_trains_on_from_its_export(tmp_path):
+def test_train_nano_exports_and_trains_on_from_its_export(tmp_path, first):
     from cdiff_cli.world_eval import is_world_base
 
     T = _script()
-    first, second = tmp_path / "first", tmp_path / "second"
-    T.main(["--out", str(first), *TOY])
+    second = tmp_path / "second"
     assert is_world_base(str(first / "nano"))
     history = json.loads((first / "nano" / "training.json").read_text())
     assert len(history) == 1 and history[0]["stages"]["unet"]["steps"] == 3
@@ -60,10 +68,9 @@ def _vae(folder: Path) -> dict:
     return AutoencoderKL.from_pretrained(str(folder / "nano" / "vae")).state_dict()
 
 
-def test_decoder_stage_trains_the_decoder_and_keeps_latents_and_unet(tmp_path):
+def test_decoder_stage_trains_the_decoder_and_keeps_latents_and_unet(tmp_path, first):
     T = _script()
-    first, third = tmp_path / "first", tmp_path / "third"
-    T.main(["--out", str(first), *TOY])
+    third = tmp_path / "third"
     T.main(["--out", str(third), "--init-from", str(first), *TOY[:-1], "decoder,export",
             "--decoder-steps", "3", "--decoder-data", "300"])
     a, b = _vae(first), _vae(third)
