@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from cdiff_cli import world as W
 
@@ -34,6 +34,10 @@ SIDE = 64  # images are read at the world's size
 _BG_DISTANCE = 45.0  # RGB distance from the background above which a pixel belongs to an object
 _MIN_AREA = 24  # pixels: smaller regions are specks
 _PATTERN_SHARE = 0.12  # share of an object's inner pixels in the pattern colour for it to count as a pattern
+_PATTERN_SPREAD = 0.12  # or the spread (std) of where its pixels lie between its colour and the pattern's
+_MAIN_SHARE = 0.25  # share of an object's inner pixels near its colour (under _MAIN_T towards its pattern's), at least
+_MAIN_T = 0.3
+_STRIPE_ROWS = 0.6  # stripes: the row means of the pattern spread at least this share of all pixels' spread
 _TEMPLATE = 32  # side of the normalised shape templates
 
 
@@ -143,34 +147,55 @@ def _kind(mask: np.ndarray) -> tuple[str, float]:
 
 
 def _colour_and_fill(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> tuple[str, str]:
-    """The object's main colour, and its fill from where its pattern colour lies (pixels: [n, 3])."""
-    names = list(W.PALETTE)
-    idx = _nearest(pixels, W.PALETTE)
-    counts = np.bincount(idx, minlength=len(names))
-    order = np.argsort(-counts)
-    main, other = names[order[0]], names[order[1]]
-    # Red with wide white stripes can have more white pixels than red: a colour whose pattern colour is the
-    # majority is the object's colour (black and white, each the other's pattern colour, go by majority).
-    if counts[order[1]] >= _PATTERN_SHARE * len(idx) and W.pattern_colour(other) == main != W.pattern_colour(main):
-        main = other
-    # Pattern pixels: nearer the pattern colour than the main one along the line between them (a blurred
-    # stripe blends the two; the nearest palette colour of a blend can be a third one).
-    m, q = np.array(W.PALETTE[main], float), np.array(W.PALETTE[W.pattern_colour(main)], float)
-    t = (pixels - m) @ (q - m) / max(float((q - m) @ (q - m)), 1.0)
-    pattern = t > 0.5
-    if pattern.mean() < _PATTERN_SHARE:
+    """The object's colour and fill (pixels: [n, 3] of its inside).
+
+    Every pixel of a world object is its colour, its pattern's colour, or (where the picture is soft, as
+    generated pictures are) a blend of the two: a point on the segment between them. So the colour is the
+    palette colour whose segment to its pattern colour lies nearest the pixels, among colours that cover a
+    fair share of them; a nearest-colour vote instead reads blurred pink and black stripes as brown."""
+    names, best = list(W.PALETTE), None
+    for name in names:
+        t, dist = _along(pixels, name)
+        share = float((t < _MAIN_T).mean())
+        if share < _MAIN_SHARE:
+            continue  # the colour itself is hardly there: its pattern colour alone is another object's
+        cost = float(dist.mean())
+        if best is None or cost < best[0]:
+            best = (cost, name, t)
+    if best is None:  # every candidate covers too little: fall back on the commonest nearest colour
+        idx = _nearest(pixels, W.PALETTE)
+        main = names[int(np.bincount(idx, minlength=len(names)).argmax())]
+        best = (0.0, main, _along(pixels, main)[0])
+    _, main, t = best
+    if main in W.SOLID_ONLY or not _patterned(t):
         return main, "solid"
-    return main, _pattern_kind(pattern, ys, xs)
+    return main, _pattern_kind(t, ys, xs)
 
 
-def _pattern_kind(pattern: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> str:
+def _along(pixels: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel lies between `colour` (0) and its pattern colour (1), and its distance from that
+    segment. Colours that are never patterned have no segment: every pixel is at 0."""
+    m = np.array(W.PALETTE[colour], float)
+    if colour in W.SOLID_ONLY:
+        return np.zeros(len(pixels)), np.sqrt(((pixels - m) ** 2).sum(-1))
+    q = np.array(W.PALETTE[W.pattern_colour(colour)], float)
+    t = np.clip((pixels - m) @ (q - m) / float((q - m) @ (q - m)), 0.0, 1.0)
+    return t, np.sqrt(((pixels - (m + t[:, None] * (q - m))) ** 2).sum(-1))
+
+
+def _patterned(t: np.ndarray) -> bool:
+    """A pattern: enough pixels nearer the pattern colour, or (blurred) a wide spread between the two."""
+    return float((t > 0.5).mean()) >= _PATTERN_SHARE or float(t.std()) >= _PATTERN_SPREAD
+
+
+def _pattern_kind(t: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> str:
     """Striped (the pattern's share changes from row to row, not from column to column) or dotted."""
     def spread(coord):
-        shares = [pattern[coord == v].mean() for v in np.unique(coord) if (coord == v).sum() >= 3]
+        shares = [t[coord == v].mean() for v in np.unique(coord) if (coord == v).sum() >= 3]
         return float(np.std(shares)) if len(shares) > 2 else 0.0
 
     rows, cols = spread(ys), spread(xs)
-    return "striped" if rows > 0.25 and rows > 1.6 * cols else "dotted"
+    return "striped" if rows > _STRIPE_ROWS * float(t.std()) and rows > 1.6 * cols else "dotted"
 
 
 def _size(r: float, n_objects: int) -> str:
@@ -270,6 +295,8 @@ def _read_object(a: np.ndarray, mask: np.ndarray, n_objects: int) -> Seen:
     inner = _erode(mask)
     if inner.sum() < 8:
         inner = mask
+    elif _erode(inner).sum() >= 12:  # soft pictures blend two pixels of edge: off a solid object, a false pattern
+        inner = _erode(inner)
     iy, ix = np.nonzero(inner)
     colour, fill = _colour_and_fill(a[iy, ix], iy, ix)
     # The centre of a shape's template box: the world places shapes by their centre, not their centroid.
@@ -459,13 +486,18 @@ def truth(spec: W.SceneSpec) -> Reading:
     return Reading(spec.background, tuple(objs))
 
 
-def validate(n: int = 1000, seed: int = 12345, per_concept: int = 25) -> dict[str, dict[str, float]]:
+def validate(n: int = 1000, seed: int = 12345, per_concept: int = 25, blur: float = 0.0) -> dict[str, dict[str, float]]:
     """The oracle's accuracy on rendered scenes: {"scenes": {attribute: share read right} over `n` scenes
     of the base world (objects matched by position), "concepts": {name: share of photos whose look is the
-    concept's}, "pairs": {"a+b": share of two-concept scenes where both are read}}."""
+    concept's}, "pairs": {"a+b": share of two-concept scenes where both are read}}. `blur`: a Gaussian
+    blur radius (pixels at 64 px) applied first, to read pictures as soft as generated ones."""
+    def render(spec):
+        im = W.render(spec)
+        return im.filter(ImageFilter.GaussianBlur(blur)) if blur else im
+
     t = Tally()
     for spec in W.dataset_specs(n, seed=seed):
-        got, want = read(W.render(spec)), truth(spec)
+        got, want = read(render(spec)), truth(spec)
         t.add({"background": got.background == want.background, "count": len(got.objects) == len(want.objects)})
         for w in want.objects:
             g = min(got.objects, key=lambda s: (s.x - w.x) ** 2 + (s.y - w.y) ** 2, default=None)
@@ -473,13 +505,13 @@ def validate(n: int = 1000, seed: int = 12345, per_concept: int = 25) -> dict[st
                 t.add({a: g is not None and getattr(g, a) == getattr(w, a)})
         if len(want.objects) == 2 and len(got.objects) == 2:
             t.add({"relation": got.relation(*_order(got, want)) == spec.relation})
-    concepts = {name: float(np.mean([concept_present(read(im), Look.of(c))
-                                     for im in W.concept_images(name, per_concept, seed=seed)]))
+    concepts = {name: float(np.mean([concept_present(read(render(sp)), Look.of(c))
+                                     for sp in W.concept_specs(name, per_concept, seed=seed)]))
                 for name, c in W.CONCEPTS.items()}
     pairs = {}
     for a, b in W.CONCEPT_PAIRS:
         ok = [all(concept_present(r, Look.of(W.CONCEPTS[x])) for x in (a, b))
-              for r in (read(W.render(sp)) for sp in W.concept_pair_specs(a, b, per_concept, seed=seed))]
+              for r in (read(render(sp)) for sp in W.concept_pair_specs(a, b, per_concept, seed=seed))]
         pairs[f"{a}+{b}"] = float(np.mean(ok))
     return {"scenes": t.shares(), "concepts": concepts, "pairs": pairs}
 
@@ -491,7 +523,10 @@ def _order(got: Reading, want: Reading) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    for group, shares in validate().items():
+    import sys
+
+    blur = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # python -m cdiff_cli.oracle [BLUR]
+    for group, shares in validate(blur=blur).items():
         print(group)
         for k, v in shares.items():
             print(f"  {k:24s} {100 * v:5.1f} %")

@@ -66,7 +66,7 @@ PREFIXES = ("a photo of", "a picture of")
 _LIGHT = {"white", "yellow", "pink", "orange"}  # a pattern on these is drawn in black, on the others in white
 # White and black objects are always solid: white with black stripes and black with white stripes would differ
 # only by which colour covers more.
-_PLAIN_ONLY = {"white", "black"}
+SOLID_ONLY = {"white", "black"}
 
 _POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                     "middle": "in the middle"}
@@ -237,7 +237,7 @@ def sample_object(rng: np.random.Generator, kind: str, *, position: str, size: s
             pool = UNNAMED if rng.random() < unnamed else COLOURS
             choices = [c for c in pool if not _clashes(c, fill, background)]
             colour = _pick(rng, choices)
-        if colour in _PLAIN_ONLY:
+        if colour in SOLID_ONLY:
             fill = "solid"
     return ObjectSpec(kind, colour, fill, size, cx, cy, r, _jitter(PALETTE[colour], rng), position, concept,
                       float(rng.random()))

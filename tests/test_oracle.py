@@ -28,6 +28,24 @@ def test_reads_concept_photos_and_pair_scenes(validation):
     assert min(validation["pairs"].values()) >= 0.9, validation["pairs"]
 
 
+@pytest.fixture(scope="module")
+def soft_validation():
+    return O.validate(n=300, seed=778, per_concept=20, blur=1.0)
+
+
+@pytest.mark.parametrize("attribute", ["background", "count", "kind", "colour", "fill", "size", "position"])
+def test_reads_soft_scenes(soft_validation, attribute):
+    """Blurred as generated pictures are soft: a blend of an object's colour and its pattern's is read as
+    that colour (a nearest-colour vote read blurred pink and black stripes as brown)."""
+    assert soft_validation["scenes"][attribute] >= MIN_ACCURACY, soft_validation["scenes"]
+
+
+def test_reads_soft_concept_photos(soft_validation):
+    assert soft_validation["concepts"]["pinksquare"] >= MIN_ACCURACY, soft_validation["concepts"]
+    assert soft_validation["concepts"]["browncircle"] >= MIN_ACCURACY, soft_validation["concepts"]
+    assert min(soft_validation["concepts"].values()) >= 0.85, soft_validation["concepts"]
+
+
 def _degrade(im: Image.Image, rng) -> Image.Image:
     """Blur and noise, as a small generator's samples have."""
     a = np.asarray(im.filter(ImageFilter.GaussianBlur(0.8)), float) + rng.normal(0, 8, (64, 64, 3))
