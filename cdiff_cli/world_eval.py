@@ -37,11 +37,13 @@ SINGLE_TEMPLATES = (
     "a {} on the right of a green cross, on a {bg} background",
     "a big {} on the right, on a {bg} background",
 )
+# With their articles, as the world's captions have them: "<a> square on the left of <b> circle" is a
+# sentence the base never saw, and it draws the second object wrong more often.
 PAIR_TEMPLATES = (
-    "{0} on the left of {1}, on a {bg} background",
-    "{0} above {1}, on a {bg} background",
-    "{1} on the left of {0}, on a {bg} background",
-    "{1} below {0}, on a {bg} background",
+    "a {0} on the left of a {1}, on a {bg} background",
+    "a {0} above a {1}, on a {bg} background",
+    "a {1} on the left of a {0}, on a {bg} background",
+    "a {1} below a {0}, on a {bg} background",
     "a small {0} on the right of a big {1}, on a {bg} background",
     "a big {0} below a small {1}, on a {bg} background",
 )

@@ -1,6 +1,8 @@
 """The nano world's oracle reads rendered scenes right, parses world prompts, and scores samples truthfully;
 world_eval turns its readings into presence, prompt following and drift."""
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -165,6 +167,8 @@ def test_world_prompts_place_concepts_on_backgrounds_they_show_on():
     assert not any("black background" in p for p in prompts)  # black stripes would not show on black
     pair = WE.concept_prompts(["<a> star", "<b> square"], [O.Look.of(W.CONCEPTS["tealstar"])] + looks)
     assert len(pair) == len(WE.PAIR_TEMPLATES) and all("<a> star" in p and "<b> square" in p for p in pair)
+    # Sentences in the world's own language: every object with its article, as the base's captions have it.
+    assert all(len(re.findall(r"\ba (?:small |big )?<[ab]>", p)) == 2 for p in pair), pair
     for p in prompts + pair:
         parsed = O.parse_prompt(p, {"<p>": looks[0], "<a>": looks[0], "<b>": looks[0]})
         assert parsed is not None and parsed.background is not None

@@ -22,9 +22,9 @@ def demo_cmd(
 ):
     """Show the method end to end, offline, in a few minutes on a CPU.
 
-    Two particular objects of classes the nano model already draws (a pink square with black stripes, an orange heart with black dots: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
+    Two particular objects of classes the nano model already draws (a pink square with black stripes and a brown circle: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
     """
-    from cdiff_cli.demo import DemoSettings, run_demo
+    from cdiff_cli.demo import DemoSettings, run_demo, try_prompt
 
     t0 = time.perf_counter()
     result = run_demo(out, DemoSettings(steps=steps), device=device, progress=term.progress()).to_dict()
@@ -41,6 +41,5 @@ def demo_cmd(
                   f"text alignment {sc['text_alignment']} (base {base.get('text_alignment')}), KID x1000 {sc['kid']}")
     term.ok(f"demo finished in {result['seconds']} s")
     term.info(f"overview picture: {result['overview']}")
-    term.info(f"try it: CDIFF_HOME={result['registry']} cdiff gen \"a <pinksquare> square above a <orangeheart> heart, "
-              f"on a blue background\" --guidance 3 -n 4")
+    term.info(f"try it: CDIFF_HOME={result['registry']} cdiff gen \"{try_prompt()}\" --guidance 3 -n 4")
     term.data(result["report_html"])
