@@ -6,8 +6,9 @@ by a learned scorer:
 - the background is the palette colour nearest to the median of the image's border;
 - objects are the connected regions that differ from it (holes filled, specks dropped);
 - an object's kind is the shape template with the best overlap once both are scaled to its bounding box;
-- its colour is the palette colour most of its inner pixels are nearest to, and its fill is solid unless a
-  second colour covers a good share of it: in bands along rows (striped) or in spots (dotted);
+- its colour is the palette colour whose segment to its pattern colour (black or white) fits its inner
+  pixels best (each is one, the other, or a blend of the two where the picture is soft), and its fill is
+  solid unless its pixels spread along that segment: in bands along rows (striped) or in spots (dotted);
 - its size and position follow from the template's fitted radius and its centre.
 
     reading = read(image)                     # Reading(background='gray', objects=(Seen(kind='star', ...),))
@@ -15,7 +16,7 @@ by a learned scorer:
     want = parse_prompt("a big <tealstar> star on the left", {"<tealstar>": look})
     score_sample(reading, want)               # {'kind': True, 'size': True, 'position': True, 'concept': True, ...}
 
-`validate` measures the oracle on rendered scenes (`python -m cdiff_cli.oracle` prints it). Pure numpy and
+`validate` measures the oracle on rendered scenes, optionally blurred (`python -m cdiff_cli.oracle [BLUR]` prints it). Pure numpy and
 PIL: the images are 64 px, so a plain flood fill labels regions in a millisecond.
 """
 
@@ -36,7 +37,7 @@ _MIN_AREA = 24  # pixels: smaller regions are specks
 _PATTERN_SHARE = 0.12  # share of an object's inner pixels in the pattern colour for it to count as a pattern
 _PATTERN_SPREAD = 0.12  # or the spread (std) of where its pixels lie between its colour and the pattern's
 _MAIN_SHARE = 0.25  # share of an object's inner pixels near its colour (under _MAIN_T towards its pattern's), at least
-_MAIN_T = 0.3
+_MAIN_T = 0.3  # (0: the colour itself, 1: its pattern colour)
 _STRIPE_ROWS = 0.6  # stripes: the row means of the pattern spread at least this share of all pixels' spread
 _TEMPLATE = 32  # side of the normalised shape templates
 
