@@ -1,9 +1,9 @@
 """`cdiff demo`: the whole method, offline, on the shipped `nano` model and its procedural world.
 
 Two particular objects of classes the nano model already draws (a pink square with black stripes and a
-brown circle: colourings no caption word names) are photographed by the world generator,
-trained as concepts, merged with the closed-form merge, composed, and evaluated against the base: with the nano CLIP and with
-the world's oracle, which reads the pictures ("the concept appears in 17 of 20 images"). One overview
+brown circle: colourings no caption word names) are photographed by the world generator, trained as
+concepts, merged with the closed-form merge, composed, and evaluated against the base: with the nano CLIP
+and with the world's oracle, which reads the pictures ("the concept appears in 17 of 20 images"). One overview
 picture shows training photos, the concepts in new places, both together, and the base for the same
 prompts. Everything lives under one output folder, including its own registry, so the user's registry
 is untouched.
@@ -25,11 +25,11 @@ class DemoConcept:
     token: str
 
 
-# A patterned concept and a solid one. The nano base draws two objects together right when at most one of
-# them is patterned: "a red striped square on the left of a yellow circle" comes out right in 12 of 12
-# samples, "... of a yellow dotted heart" in 0 of 16 (both objects take one colour and one pattern), so two
-# patterned concepts can never be shown together (docs/nano-world.md). A teal star on a blue or green
-# background comes back blurred from the VAE's encoder; the brown circle passes it intact.
+# A patterned concept and a solid one. The nano base draws two objects together right far more often when at
+# most one of them is patterned (scripts/probe_binding.py: 14 of 24 samples with one striped or dotted object,
+# 1 of 16 with two, where both take one colour and one pattern), so two patterned concepts could not be shown
+# together. A teal star on a blue or green background comes back blurred from the VAE's encoder; the brown
+# circle comes through it intact (docs/nano-world.md).
 DEMO_CONCEPTS = (DemoConcept("pinksquare", "pinksquare", "<pinksquare>"),
                  DemoConcept("browncircle", "browncircle", "<browncircle>"))
 
@@ -44,10 +44,10 @@ def try_prompt() -> str:
 
 @dataclass
 class DemoSettings:
-    # Measured on the nano with a first cut of its retrained decoder (seed 0, 20 new-context images each): pinksquare appeared in 11 of 20 after
-    # 300 steps of lr 6e-4, 10 after 600 of 3e-4, 12 with batch 8 (orangeheart: 12, 10 and 13). Seeds move
-    # these counts as much as the settings do, so the cheapest is kept; 1e-3 blurred the pictures; 8 or 10
-    # photos instead of 6 did not help either (docs/nano-world.md).
+    # Measured on the nano with a first cut of its retrained decoder (seed 0, 20 new-context images each):
+    # pinksquare appeared in 11 of 20 after 300 steps of lr 6e-4, 10 after 600 of 3e-4, 12 with batch 8
+    # (orangeheart: 12, 10 and 13). Seeds move these counts as much as the settings do, so the cheapest is
+    # kept; 1e-3 blurred the pictures; 8 or 10 photos instead of 6 did not help either (docs/nano-world.md).
     steps: int = 300
     batch_size: int = 4
     lr: float = 6e-4

@@ -68,7 +68,7 @@ class Concept:
         return instance_prompt(self.token, self.class_word)
 
     def target_caption(self, i: int) -> str:
-        """The caption of target image `i`: its own (read from `NAME.txt`, the token already in it), else
+        """The caption of target image `i`: its own (`ImageItem.caption`, the token already in it), else
         the template's "photo of a TOKEN CLASS"."""
         return self.images[i].caption or self.prompt
 
