@@ -134,8 +134,8 @@ def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerpr
     return G
 
 
-def concept_prompts(token: str, class_word: str) -> list[str]:
-    return merge_constraint_prompts(token, class_word)
+def concept_prompts(token: str, class_word: str, captions: list[str] = ()) -> list[str]:
+    return merge_constraint_prompts(token, class_word, captions)
 
 
 def merge_deltas(
@@ -145,10 +145,12 @@ def merge_deltas(
     *,
     G: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
+    captions: list[list[list[str]]] | None = None,
     progress: Progress = SILENT,
 ) -> tuple[Delta, list[str]]:
     """Merge several deltas of the same base. `pipe` must hold the base weights; its tokenizer and
-    text encoder get every concept's token. Returns the merged delta and notes for the user."""
+    text encoder get every concept's token. `captions`: per delta, per token, the target images' own
+    captions it was trained on (constrained as well). Returns the merged delta and notes for the user."""
     if len(deltas) < 2:
         raise CdiffError("a merge needs at least two concepts")
     seen: dict[str, int] = {}
@@ -167,8 +169,10 @@ def merge_deltas(
 
     # C_n, the rows of concept n's own prompts, each computed with all tokens present.
     C_parts = []
-    for d, cls in zip(deltas, classes):
-        prompts = [p for t, c in zip(d.tokens, cls) for p in concept_prompts(t, c)]
+    captions = captions or [[] for _ in deltas]
+    for d, cls, caps in zip(deltas, classes, captions):
+        own = list(caps) + [[] for _ in range(len(d.tokens) - len(caps))]
+        prompts = [p for t, c, o in zip(d.tokens, cls, own) for p in concept_prompts(t, c, o)]
         C_parts.append(torch.cat(prompt_features(pipe, prompts)).double())
     names = sorted({n for d in deltas for n in d.weights})
     params = dict(pipe.unet.named_parameters())

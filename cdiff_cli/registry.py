@@ -87,6 +87,13 @@ class Entry:
         return _str_list(self.manifest.get("classes"))
 
     @property
+    def captions(self) -> list[list[str]]:
+        """Per token, the target images' own captions it was trained on ([] for "photo of a TOKEN CLASS")."""
+        raw = self.manifest.get("captions")
+        rows = [_str_list(x) for x in raw] if isinstance(raw, list) else []
+        return (rows + [[] for _ in self.tokens])[: len(self.tokens)]
+
+    @property
     def base(self) -> dict:
         b = self.manifest.get("base")
         return b if isinstance(b, dict) else {}

@@ -19,12 +19,13 @@ import torch
 
 from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
-from cdiff_cli.data import check_images, list_images
+from cdiff_cli.data import ImageItem, check_images, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.prompts import TOKEN_MARK, own_caption
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
@@ -128,7 +129,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
-    images = {s.token: list_images(s.images_dir) for s in specs}  # fail fast, before loading a model
+    images = {s.token: target_images(s) for s in specs}  # fail fast, before loading a model
     digests = {}  # each photo's sha256, for the run id and the manifest
     for items in images.values():
         digests.update(check_images(items))  # every image decodes, none is a copy of another
@@ -192,6 +193,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         "device": dev.type,  # random numbers (and rounding) differ between devices
         # Images by file name, so that a refusal names the file that changed.
         "concepts": [{"token": c.token, "class": c.class_word, "images": {i.path.name: digests[i.path] for i in c.images},
+                      **({"captions": {i.path.name: i.caption for i in c.images}} if own_captions(c) else {}),
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
     }
@@ -213,6 +215,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     manifest = {
         "kind": "trained",
         "classes": [s.class_word for s in specs],
+        "captions": [own_captions(c) for c in concepts],
         "base": base_rec,
         "train": {
             **config_dict(cfg),
@@ -238,6 +241,24 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         raise
     ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
+
+
+def target_images(spec: ConceptSpec) -> list[ImageItem]:
+    """A concept's photos, each with its own caption where `NAME.txt` lies beside it (`{token}` or the token
+    marks where the token goes); the others are captioned "photo of a TOKEN CLASS"."""
+    items = []
+    for it in list_images(spec.images_dir, with_captions=True):
+        caption = it.caption and own_caption(it.caption, spec.token)
+        if it.caption and caption is None:
+            raise CdiffError(f"the caption {it.path.with_suffix('.txt')} does not say where the token goes: write "
+                             f"{TOKEN_MARK} (or {spec.token}) in it, as in \"photo of a {TOKEN_MARK} {spec.class_word}\"")
+        items.append(replace(it, caption=caption))
+    return items
+
+
+def own_captions(concept) -> list[str]:
+    """The distinct captions a concept's photos carry themselves (none: all use the template)."""
+    return list(dict.fromkeys(i.caption for i in concept.images if i.caption))
 
 
 def _kept(ckpt) -> str:
@@ -288,7 +309,8 @@ def _merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progre
     G = _gram(registry, pipe, fp)
     deltas = [e.load_delta(pipe.unet) for e in entries]
     classes = [e.classes or ["" for _ in e.tokens] for e in entries]
-    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, progress=progress)
+    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, captions=[e.captions for e in entries],
+                        progress=progress)
 
 
 def merge_entries(
@@ -324,6 +346,7 @@ def merge_entries(
     manifest = {
         "kind": "merged",
         "classes": [c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
+        "captions": [c for e in entries for c in e.captions],
         "base": base_rec,
         "merge": {"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
         "parents": [{"name": e.name, "id": e.id} for e in entries],

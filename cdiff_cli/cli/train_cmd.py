@@ -28,7 +28,7 @@ class Reg(str, Enum):
 @command("train", loads_models=True)
 def train_cmd(
     name: Annotated[str, typer.Argument(help="Name of the new concept entry.")],
-    images_dir: Annotated[Optional[Path], typer.Argument(help="Folder of 4-20 photos of the concept.", show_default=False)] = None,
+    images_dir: Annotated[Optional[Path], typer.Argument(help="Folder of 4-20 photos of the concept. NAME.txt beside a photo is its caption; {token} marks where the token goes.", show_default=False)] = None,
     class_word: Annotated[Optional[str], typer.Option("--class", help="Class word of the concept (cat, chair, person...).", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Modifier token to use in prompts. Default: <NAME>.", show_default=False)] = None,
     concept: Annotated[
