@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.files import share_as_umask
 from cdiff_cli.layers import write_weights
 
 FORMAT = "cdiff-delta"
@@ -60,6 +61,7 @@ class Delta:
         _put_embeddings(tensors, self.embeddings, self.embeddings_2)
         meta = {"format": FORMAT, "version": "1", "tokens": json.dumps(self.tokens), "mode": self.mode}
         save_file(tensors, str(path), metadata=meta)
+        share_as_umask(path)  # safetensors writes 0600
 
     @classmethod
     def load(cls, path: str | Path, base_unet=None) -> "Delta":
@@ -132,6 +134,7 @@ class LowRankDelta:
         meta = {"format": FORMAT, "version": "1", "tokens": json.dumps(self.tokens), "mode": self.mode,
                 "storage": LOWRANK}
         save_file(tensors, str(path), metadata=meta)
+        share_as_umask(path)  # safetensors writes 0600
 
     def expanded(self, base: dict[str, torch.Tensor]) -> Delta:
         """The full delta this file loads as (factors rounded to the stored dtype, as on disk)."""

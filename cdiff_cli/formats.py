@@ -23,17 +23,19 @@ from somewhere must not be able to run code.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cdiff_cli.delta import FORMAT as CDIFF_FORMAT
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, first_line
+from cdiff_cli.files import save_tensors
 
 FORMATS = ("cdiff", "diffusers", "reference", "reference-ckpt", "lora")
 
@@ -43,6 +45,8 @@ WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' CUSTOM_DIFFUS
 EXPORT_MANIFEST = "cdiff_export.json"
 REFERENCE_FILE = "delta.bin"
 LORA_MANIFEST = "cdiff_lora.json"  # which token each embedding file of a LoRA export is (cdiff_cli.lora)
+BASE_FILE = "cdiff_base.json"  # beside every export: the base it was made on, for `cdiff add` without --base
+_BASE_FILE_LIMIT = 1 << 20  # bytes: a base record is a few hundred; anything larger is not one
 LDM_PREFIX = "model.diffusion_model."
 CKPT_EMBED_KEY = "embed"
 SDXL_EMBED_KEYS = ("clip_l", "clip_g")  # an SDXL token file: first and second text encoder
@@ -552,10 +556,10 @@ def export_diffusers(delta: Delta, out_dir) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {to_processor_key(n): v.detach().to("cpu").contiguous() for n, v in delta.weights.items()}
-    save_file(weights, str(out / WEIGHTS_SAFE), metadata={"format": "pt"})
+    save_tensors(weights, out / WEIGHTS_SAFE, metadata={"format": "pt"})
     written = [out / WEIGHTS_SAFE]
     for token, name in zip(delta.tokens, names):
-        save_file(token_tensors(delta, token), str(out / name), metadata={"format": "pt", "cdiff_token": token})
+        save_tensors(token_tensors(delta, token), out / name, metadata={"format": "pt", "cdiff_token": token})
         written.append(out / name)
     manifest = {
         "format": "cdiff-diffusers-export",
@@ -632,3 +636,38 @@ def load_diffusers_export_into(pipe, folder) -> list[str]:
                                         tokenizer=pipe.tokenizer_2)
         tokens.append(entry["token"])
     return tokens
+
+
+# --------------------------------------------------------------------------- the base an export was made on
+
+
+def write_base_record(out_dir, base: dict) -> Path:
+    """Write `cdiff_base.json` (the entry's base record: ref, fingerprint, probe) into an export folder."""
+    record = {"format": "cdiff-base", "version": 1, **{k: base[k] for k in ("ref", "fingerprint", "probe") if k in base}}
+    path = Path(out_dir) / BASE_FILE
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_base_record(path) -> dict | None:
+    """The base record beside an export (in the folder, or beside the file given), or None when there is none.
+    The file comes from elsewhere: it must be a small regular file holding a string ref and fingerprint."""
+    p = Path(path)
+    file = (p if p.is_dir() else p.parent) / BASE_FILE
+    if not file.exists() and not file.is_symlink():
+        return None
+    if file.is_symlink() or not file.is_file() or file.stat().st_size > _BASE_FILE_LIMIT:
+        raise CdiffError(f"{file}: not a regular file of a few hundred bytes; remove it or give --base")
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CdiffError(f"{file}: unreadable ({first_line(e)}); remove it or give --base") from e
+    if not (isinstance(record, dict) and isinstance(record.get("ref"), str) and record["ref"]
+            and isinstance(record.get("fingerprint"), str)):
+        raise CdiffError(f"{file}: does not name a base (a string ref and fingerprint); remove it or give --base")
+    out = {"ref": record["ref"], "fingerprint": record["fingerprint"]}
+    probe = record.get("probe")
+    if isinstance(probe, list) and probe and all(type(x) in (int, float) and math.isfinite(x) for x in probe):
+        out["probe"] = probe  # else compared by fingerprint alone
+    return out
+

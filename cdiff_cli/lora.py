@@ -21,10 +21,11 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.files import save_tensors
 from cdiff_cli.formats import LORA_MANIFEST, WEBUI_EMBED_KEY, token_tensors
 from cdiff_cli.layers import is_kv
 from cdiff_cli.lowrank import factorize, relative_error
@@ -102,11 +103,11 @@ def export_lora(
         **(metadata or {}),
     }
     lora_file = out / f"{name}.safetensors"
-    save_file(tensors, str(lora_file), metadata=meta)
+    save_tensors(tensors, lora_file, metadata=meta)
     written = [lora_file]
     for token, stem in zip(delta.tokens, stems):
         file = out / EMBED_DIR / f"{stem}.safetensors"
-        save_file(token_tensors(delta, token, key=WEBUI_EMBED_KEY), str(file), metadata={"cdiff_token": token})
+        save_tensors(token_tensors(delta, token, key=WEBUI_EMBED_KEY), file, metadata={"cdiff_token": token})
         written.append(file)
     manifest = {
         "format": "cdiff-lora-export",

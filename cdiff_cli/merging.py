@@ -21,12 +21,13 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cdiff_cli import textcond
 from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
 from cdiff_cli.delta import Delta, add_delta_tokens
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.files import save_tensors
 from cdiff_cli.layers import kv_names
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.prompts import merge_constraint_prompts
@@ -129,7 +130,7 @@ def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerpr
     G = gram(prompt_features(pipe, captions))
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        save_file({"gram": G.contiguous()}, str(tmp))
+        save_tensors({"gram": G.contiguous()}, tmp)
         tmp.replace(path)
     return G
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from cdiff_cli import __version__, locks
 from cdiff_cli.errors import CdiffError, NotFoundError, reason
+from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.tokens import canonical
 
@@ -240,6 +241,7 @@ class Registry:
             raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
         self.concepts.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.concepts))
+        share_as_umask(tmp, folder=True)  # mkdtemp makes it 0700: a webui running as another user could not read it
         trash = None
         try:
             delta.save(tmp / DELTA_FILE)
@@ -306,7 +308,8 @@ def base_record(spec_ref: str, unet) -> dict:
     return {"ref": spec_ref, "fingerprint": fingerprint(unet, probe), "probe": probe}
 
 
-def _same(a: dict, b: dict) -> bool:
+def same_base(a: dict, b: dict) -> bool:
+    """Are two base records (see `base_record`) the same model?"""
     from cdiff_cli.layers import same_base_probe
 
     if a.get("probe") and b.get("probe"):
@@ -317,10 +320,10 @@ def _same(a: dict, b: dict) -> bool:
 def check_same_base(entries: list[Entry], base: dict | None = None) -> None:
     """Refuse entries trained on different bases (or on a base other than `base`, a base_record)."""
     for e in entries[1:]:
-        if not _same(entries[0].base, e.base):
+        if not same_base(entries[0].base, e.base):
             desc = ", ".join(f"{x.name} ({x.base.get('ref')})" for x in entries)
             raise CdiffError(f"these concepts were trained on different base models: {desc}")
-    if base is not None and entries and not _same(entries[0].base, base):
+    if base is not None and entries and not same_base(entries[0].base, base):
         e = entries[0]
         raise CdiffError(
             f"concept {e.name!r} belongs to base {e.base.get('ref')} (fingerprint {e.base.get('fingerprint')}), "

@@ -26,7 +26,7 @@ from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.prompts import TOKEN_MARK, own_caption
-from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, validate_name
+from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, same_base, validate_name
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
 if TYPE_CHECKING:
@@ -469,7 +469,7 @@ def import_entry(
     if not Path(path).exists():
         raise NotFoundError(f"not found: {path}")
     fmt = detect_format(path)
-    spec, pipe, _ = _load_base(base, "cpu")
+    spec, pipe = _load_export_base(path, base)
     delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None, embeddings=embeddings)
     check_against_base(delta, pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     for t in delta.tokens:
@@ -485,6 +485,25 @@ def import_entry(
         "parents": [],
     }
     return registry.create(name, delta, manifest, overwrite=force)
+
+
+def _load_export_base(path: Path, base: str | None):
+    """(spec, pipeline) for importing `path`: `base`, else the base its export recorded (cdiff_base.json);
+    a base that is not the recorded one is refused."""
+    from cdiff_cli.formats import BASE_FILE, read_base_record
+
+    recorded = read_base_record(path)
+    try:
+        spec, pipe, _ = _load_base(base or (recorded or {}).get("ref"), "cpu")
+    except CdiffError as e:
+        if base is None and recorded is not None:  # say where the ref came from, and the way out
+            e.args = (f"{e} (the base named by {BASE_FILE} of the export; give --base with that model)",)
+        raise
+    if recorded is not None and not same_base(recorded, rec := base_record(spec.ref, pipe.unet)):
+        raise CdiffError(f"{path} was exported from another base model, {recorded['ref']} (fingerprint "
+                         f"{recorded['fingerprint']}), not {rec['ref']} (fingerprint {rec['fingerprint']}): give "
+                         "--base with the model it was trained on")
+    return spec, pipe
 
 
 EXPORT_FORMATS = ("diffusers", "reference", "cdiff", "lora")
@@ -518,8 +537,9 @@ def export_entry(
     energy: float | None = None,
 ) -> tuple[list[Path], dict]:
     """Write an entry in another tool's layout; returns (files, details). `rank`/`energy` apply to "lora"
-    (default: full rank, exact up to fp16); the LoRA holds W - W0, so the entry's base is loaded."""
-    from cdiff_cli.formats import export_diffusers, export_reference
+    (default: full rank, exact up to fp16); the LoRA holds W - W0, so the entry's base is loaded. Every
+    format gets `cdiff_base.json` beside its files: the base it belongs to, which `cdiff add` reads."""
+    from cdiff_cli.formats import write_base_record
 
     entry = registry.get(name)
     out_dir = Path(out_dir)
@@ -528,6 +548,16 @@ def export_entry(
     if fmt != "lora" and (rank is not None or energy is not None):
         raise CdiffError("--rank and --energy apply to --format lora only")
     _check_rank_energy(rank, energy)
+    files, details = _export_files(registry, entry, fmt, out_dir, base, rank, energy)
+    if entry.base.get("ref") and entry.base.get("fingerprint"):
+        files.append(write_base_record(out_dir, entry.base))
+    return files, details
+
+
+def _export_files(registry, entry: Entry, fmt: str, out_dir: Path, base, rank, energy) -> tuple[list[Path], dict]:
+    from cdiff_cli.formats import export_diffusers, export_reference
+
+    name = entry.name
     if fmt == "cdiff":  # the entry as stored (compressed or not), with its manifest
         out_dir.mkdir(parents=True, exist_ok=True)
         with registry.reading(name) as now:  # delta and manifest of one version, never a partial copy
@@ -546,7 +576,8 @@ def export_entry(
         from cdiff_cli.lora import export_lora
 
         base_weights = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
-        meta = {"cdiff_entry": entry.name, "cdiff_base": str(spec.ref)}
+        meta = {"cdiff_entry": entry.name, "cdiff_base": str(spec.ref),
+                "cdiff_base_fingerprint": str(entry.base.get("fingerprint", ""))}
         return export_lora(delta, base_weights, out_dir, entry.name, rank=rank, energy=energy or 1.0, metadata=meta)
     raise CdiffError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
 

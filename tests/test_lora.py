@@ -209,7 +209,7 @@ def test_merged_entry_exports_one_lora_with_every_token(home, sd1_base, cat_imag
     r = runner.invoke(app, ["export", "mycat+mychair", "--format", "lora", "--energy", "0.9", "-o", str(tmp_path / "m"), "--json"])
     assert r.exit_code == 0, r.output
     files = [p.split("/")[-1] for p in json.loads(r.stdout)["files"]]
-    assert files == ["mycat+mychair.safetensors", "mycat.safetensors", "mychair.safetensors", "cdiff_lora.json"]
+    assert files == ["mycat+mychair.safetensors", "mycat.safetensors", "mychair.safetensors", "cdiff_lora.json", "cdiff_base.json"]
     r = runner.invoke(app, ["export", "mycat", "--format", "diffusers", "--rank", "2", "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "--format lora only" in r.stderr
     for bad in (["--rank", "0"], ["--energy", "0"], ["--rank", "2", "--energy", "0.9"]):

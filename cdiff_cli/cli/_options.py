@@ -28,6 +28,15 @@ NewBase = Annotated[
         show_default=False,
     ),
 ]
+ImportBase = Annotated[
+    Optional[str],
+    typer.Option(
+        "--base",
+        help="Base model: hub id, local diffusers folder or single-file .safetensors/.ckpt. Default: the base "
+        "a cdiff export records (cdiff_base.json), else $CDIFF_BASE, else stable-diffusion-v1-5/stable-diffusion-v1-5.",
+        show_default=False,
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing concept of the same name.")]
 

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdiff_cli.cli._app import command
-from cdiff_cli.cli._options import Force, Json, NewBase, registry
+from cdiff_cli.cli._options import Force, ImportBase, Json, NewBase, registry
 from cdiff_cli.cli._term import term
 
 
@@ -27,7 +27,7 @@ def add_cmd(
     token: Annotated[Optional[list[str]], typer.Option("--token", help="Rename the tokens, in order (repeat for several).", show_default=False)] = None,
     class_word: Annotated[Optional[list[str]], typer.Option("--class", help="Class word of each token, in order (used by merge).", show_default=False)] = None,
     embedding: Annotated[Optional[list[Path]], typer.Option("--embedding", help="Token embedding file (textual-inversion format) for a bare LoRA file; repeat for several tokens.", show_default=False)] = None,
-    base: NewBase = None,
+    base: ImportBase = None,
     force: Force = False,
     as_json: Json = False,
 ):
