@@ -49,10 +49,16 @@ class Trained:
     seconds: float
     effective_lr: float
     processes: int = 1
+    sample_seconds: float = 0.0
 
     @property
     def final_loss(self) -> float:
         return self.losses[-1]
+
+    @property
+    def samples(self) -> Path | None:
+        """The grid of samples made at the end of training (None with samples=False)."""
+        return self.entry.samples_path
 
 
 def _registry(registry: Registry | str | Path | None) -> Registry:
@@ -89,12 +95,18 @@ def train(
     device: str = TRAIN.device,
     resume: bool = False,
     checkpoint_every: int | None = None,
+    samples: bool = True,
+    sample_prompts: list[str] | None = None,
+    sample_every: int = TRAIN.sample_every,
     force: bool = False,
     registry: Registry | str | Path | None = None,
     progress: Progress = SILENT,
 ) -> Trained:
     """Train one concept (`images`, `class_word`, optional `token`, default "<NAME>") or several jointly
-    (`concepts`) into a new registry entry, as `cdiff train` does."""
+    (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
+    samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
+    steps; `Trained.samples` is the last one's path in the entry."""
+    from cdiff_cli.samples import SampleSettings
     from cdiff_cli.training import TrainConfig, low_memory_config
     from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
@@ -117,11 +129,15 @@ def train(
                       gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload)
     if low_memory:
         cfg = low_memory_config(cfg)
+    if not samples and (sample_prompts or sample_every):
+        raise CdiffError("samples=False cannot go with sample_prompts or sample_every")
+    sample_settings = SampleSettings(tuple(sample_prompts or ()), sample_every) if samples else None
     entry, result = train_entry(_registry(registry), name, specs, cfg, base=base, reg=reg_opts, device=device,
-                                force=force, resume=resume, checkpoint_every=checkpoint_every, progress=progress)
+                                force=force, resume=resume, checkpoint_every=checkpoint_every,
+                                samples=sample_settings, progress=progress)
     if entry is None:
         raise CdiffError("this is a secondary process of a multi-process run: only the main process writes the entry")
-    return Trained(entry, result.losses, result.seconds, result.effective_lr, result.processes)
+    return Trained(entry, result.losses, result.seconds, result.effective_lr, result.processes, result.sample_seconds)
 
 
 def merge(names: list[str], *, name: str | None = None, base: str | None = None, ridge: float = GEN.ridge,

@@ -41,6 +41,7 @@ class TrainDefaults:
     precision: str = "auto"
     aug_pool: int = 16
     device: str = "auto"
+    sample_every: int = 0  # samples only at the end of training
 
 
 @dataclass(frozen=True)

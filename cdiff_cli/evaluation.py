@@ -541,6 +541,7 @@ def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, ou
             "class_base": [p for r in class_rows for p in r["baseline_images"]],
         },
         "world": _world_scores(plan) if plan.world else None,
+        "training_samples": str(entry.samples_path) if entry.samples_path else None,
         "notes": plan.notes,
         "seconds": round(plan.seconds + time.perf_counter() - t0, 2),
     }

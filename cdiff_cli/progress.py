@@ -9,6 +9,9 @@ class Task:
     def advance(self, n: int = 1, **fields) -> None:  # fields: loss=..., etc.
         pass
 
+    def status(self, text: str) -> None:
+        """What the task is doing between two advances ("sampling"), shown until the next advance."""
+
 
 class Progress:
     """No-op progress: library callers get silence unless they pass their own."""

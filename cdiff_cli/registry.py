@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 DELTA_FILE = "delta.safetensors"
 MANIFEST_FILE = "manifest.json"
+SAMPLES_FILE = "samples.png"  # samples.GRID_FILE (not imported: the registry loads without torch)
 WRITE_WAIT = 30.0  # seconds a write waits for a busy name before BusyError
 READ_WAIT = 30.0  # seconds a read waits for a name being written
 
@@ -112,6 +113,13 @@ class Entry:
         return self.path / DELTA_FILE
 
     @property
+    def samples_path(self) -> Path | None:
+        """The grid of samples made at the end of training, if the entry keeps one (the name is fixed, never
+        read from the manifest)."""
+        p = self.path / SAMPLES_FILE
+        return p if isinstance(self.manifest.get("samples"), dict) and p.is_file() and not p.is_symlink() else None
+
+    @property
     def compressed(self) -> bool:
         return self.manifest.get("storage") == "lowrank"
 
@@ -139,6 +147,7 @@ class Registry:
         self.cache = self.home / "cache"
         self.locks = self.home / "locks"
         self.checkpoints = self.home / "checkpoints"  # HOME/checkpoints/NAME: resumable training state
+        self.samples = self.home / "samples"  # HOME/samples/NAME: the grids a training run makes
         self.quarantine = self.home / "quarantine"  # damaged entries moved aside by `cdiff doctor --fix`
 
     # -- reading -------------------------------------------------------------------------------
@@ -229,13 +238,15 @@ class Registry:
                 raise CdiffError(f"token {t!r} is already used by concept {owner.name!r}; pick another with --token")
 
     # -- writing -------------------------------------------------------------------------------
-    def create(self, name: str, delta: Delta, manifest: dict, *, overwrite: bool = False) -> Entry:
-        """Write an entry atomically (temp dir + rename). Fills id, size, content hash, time."""
+    def create(self, name: str, delta: Delta, manifest: dict, *, overwrite: bool = False,
+               files: dict[str, Path] | None = None) -> Entry:
+        """Write an entry atomically (temp dir + rename). Fills id, size, content hash, time. `files`: other
+        files the entry keeps, by their name in its folder (the samples grid)."""
         validate_name(name)
         with self.lock(name):
-            return self._create(name, delta, manifest, overwrite)
+            return self._create(name, delta, manifest, overwrite, files or {})
 
-    def _create(self, name: str, delta: Delta, manifest: dict, overwrite: bool) -> Entry:
+    def _create(self, name: str, delta: Delta, manifest: dict, overwrite: bool, files: dict[str, Path]) -> Entry:
         final = self.concepts / name
         if final.exists() and not overwrite:
             raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
@@ -245,6 +256,8 @@ class Registry:
         trash = None
         try:
             delta.save(tmp / DELTA_FILE)
+            for fname, src in files.items():
+                shutil.copyfile(src, tmp / fname)
             digest = file_sha256(tmp / DELTA_FILE)
             manifest = {
                 "name": name,

@@ -177,13 +177,21 @@ th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums
 .pos{color:#17803d}.neg{color:#b3261e} .thumbs img{width:96px;height:96px;object-fit:cover;margin:1px;border:1px solid #ccc}
 .samples td{padding:4px} .note{background:#fff8e1;border-left:3px solid #f0b400;padding:4px 8px;margin:4px 0;font-size:.9em}
 .small{font-size:.85em;color:#555} svg .tick{font-size:11px;fill:#555} svg .axis{font-size:12px;fill:#333} svg .label{font-size:12px;fill:#111}
-.flex{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start}
+.flex{display:flex;gap:32px;flex-wrap:wrap;align-items:flex-start} img.grid{max-width:100%;border:1px solid #ccc}
 """
 
 
 def _delta_cell(x) -> str:
     cls = "" if x is None or round(x, 3) == 0 else ("pos" if x > 0 else "neg")
     return f'<td class="num {cls}">{fmt(x, signed=True)}</td>'
+
+
+def _grid_uri(path: str) -> str:
+    """The training-samples grid, whole (a thumbnail would shrink its cells to nothing)."""
+    try:
+        return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    except OSError:
+        return ""
 
 
 def _imgs(paths, cache) -> str:
@@ -262,6 +270,9 @@ def entry_section(r: dict, cache: dict) -> str:
                    f'<td class="thumbs">{_imgs(p["images"], cache)}</td><td class="thumbs">{_imgs(p["baseline_images"], cache)}</td></tr>')
     out.append("</tbody></table>")
     out.append(world_section(r.get("world")))
+    if r.get("training_samples"):
+        out.append(f'<h3>Samples made at the end of training</h3><img class="grid" alt="samples" '
+                   f'src="{_grid_uri(r["training_samples"])}">')
     f = r.get("forgetting", {})
     if f.get("classes"):
         out.append("<h3>Forgetting</h3><table class=\"samples\"><thead><tr><th>class prompt</th><th>KID ×1000</th>"

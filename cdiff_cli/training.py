@@ -117,6 +117,7 @@ class TrainResult:
     seconds: float
     effective_lr: float
     processes: int = 1
+    sample_seconds: float = 0.0  # spent making sample grids (not in `seconds`)
 
 
 def split_batch(batch_size: int, with_reg: bool) -> tuple[int, int]:
@@ -215,6 +216,7 @@ def train(
     checkpointer: Checkpointer | None = None,
     resume: bool = False,
     keep_pipe: bool = True,
+    sampler=None,
 ) -> TrainResult:
     """Train the concepts jointly into one delta. `pipe` is modified in place (weights and tokenizer).
 
@@ -228,7 +230,10 @@ def train(
     latents are cached, and everywhere the token-embedding rows that no prompt of the run uses (72 MB of
     SD 1.x's table in half precision; `textcond.keep_rows_for`). The delta is the same, but the pipeline
     can no longer encode other prompts. Measured on a CPU, the peak RSS falls by 100-150 MB for the VAE
-    (fp32) and by 80 MB for the table (bf16)."""
+    (fp32) and by 80 MB for the table (bf16).
+
+    A `sampler` (`samples.TrainingSampler`) makes a grid of samples after the steps it asks for, on the main
+    process, with the weights and tokens as they are then; the VAE and its prompts' rows are kept for it."""
     if not concepts:
         raise CdiffError("nothing to train: no concept given")
     toks = [c.token for c in concepts]
@@ -307,10 +312,10 @@ def train(
         pixels.items.clear()
         if device.type != "cpu":
             vae.to("cpu")  # not needed any more: give its memory to the UNet's activations
-        elif not keep_pipe:
+        elif not keep_pipe and sampler is None:
             vae.to("meta")  # frees the weights; only its config (the latent scaling factor) is read below
     if not keep_pipe:
-        textcond.keep_rows_for(pipe, [p for c in concepts for p in c.prompts()])
+        textcond.keep_rows_for(pipe, [p for c in concepts for p in c.prompts()] + (sampler.prompts + [""] if sampler else []))
 
     if not cfg.offload:  # (under --offload, offload.frozen_parts_offloaded places them)
         for m in (unet, *(te_i for te_i, _, _ in rows_of)):
@@ -515,6 +520,10 @@ def train(
                     raise StopRequested(done, cfg.steps, saved=saved)
                 if due:
                     _save_on_main(checkpointer, capture(done), done, cfg.steps, progress, rank, processes)
+                if sampler is not None and rank == 0 and sampler.due(done, cfg.steps):
+                    bar.status(f"sampling at step {done}")
+                    path = sampler(pipe, done, device, autocast)
+                    progress.note(f"samples at step {done}: {path}")
     finally:
         for h in hooks:
             h.remove()
@@ -535,7 +544,8 @@ def train(
     learned = [r.rows.detach().cpu().float().clone() for _, _, r in rows_of]
     delta = Delta(read_weights(unet, names), toks, learned[0], cfg.mode,
                   embeddings_2=learned[1] if len(learned) > 1 else None)
-    return TrainResult(delta, losses, time.perf_counter() - t0, lr, processes)
+    sampling = sampler.seconds if sampler is not None else 0.0
+    return TrainResult(delta, losses, time.perf_counter() - t0 - sampling, lr, processes, sampling)
 
 
 def _try_save(checkpointer: Checkpointer, state: dict, step: int, steps: int, progress: Progress) -> bool:

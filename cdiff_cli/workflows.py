@@ -25,8 +25,9 @@ from cdiff_cli.delta import Delta, apply_delta
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.prompts import TOKEN_MARK, own_caption
-from cdiff_cli.registry import Entry, Registry, base_record, check_same_base, same_base, validate_name
+from cdiff_cli.prompts import TOKEN_MARK, instance_prompt, own_caption
+from cdiff_cli.registry import SAMPLES_FILE, Entry, Registry, base_record, check_same_base, same_base, validate_name
+from cdiff_cli.samples import check_settings as check_sample_settings
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def train_entry(
     force: bool = False,
     resume: bool = False,
     checkpoint_every: int | None = None,
+    samples=None,
     progress: Progress = SILENT,
 ) -> tuple[Entry | None, TrainResult]:
     """Train one or several concepts jointly into a new registry entry. Returns (entry, result); the
@@ -88,18 +90,21 @@ def train_entry(
     stops it (exit 130);
     `resume` continues such a run and ends with the weights an uninterrupted run would have.
 
+    `samples` (`samples.SampleSettings`, None: no samples) makes a grid of samples at the end of training
+    (and every `samples.every` steps) into HOME/samples/NAME; the last one is kept in the entry's folder.
+
     The run holds NAME's training lock from start to end: a second run for the same name fails at once
     (BusyError, exit code 3) instead of racing for the checkpoint and the entry."""
     validate_name(name)
     args = dict(base=base, reg=reg, device=device, force=force, resume=resume, checkpoint_every=checkpoint_every,
-                progress=progress)
+                samples=samples, progress=progress)
     if int(os.environ.get("RANK", "0")) != 0:  # secondary processes of `accelerate launch` write nothing
         return _train_entry(registry, name, specs, cfg, **args)
     with registry.hold(name):
         return _train_entry(registry, name, specs, cfg, **args)
 
 
-def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, progress):
+def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, samples, progress):
     from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
     from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
     from cdiff_cli.training import Concept, base_waits_in_cpu_memory, config_dict, train
@@ -129,6 +134,8 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
+    if samples is not None:
+        check_sample_settings(samples)
     images = {s.token: target_images(s) for s in specs}  # fail fast, before loading a model
     digests = {}  # each photo's sha256, for the run id and the manifest
     for items in images.values():
@@ -201,9 +208,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     ckpt.description["processes"] = accelerator.num_processes if accelerator is not None else 1
     if force and not resume and main:
         ckpt.clear()
+    sampler = _sampler(registry, name, samples, specs, spec.ref, cfg.resolution, resume, progress) if main else None
     try:
         result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
-                       checkpointer=ckpt, resume=resume, keep_pipe=False)
+                       checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler)
     except StopRequested as e:
         if not e.saved:
             raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
@@ -234,8 +242,13 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         ],
         "parents": [],
     }
+    files = {}
+    if sampler is not None and sampler.grids:
+        manifest["samples"] = {"file": SAMPLES_FILE, **sampler.record(), "grids": len(sampler.grids),
+                               "seconds": round(sampler.seconds, 2)}
+        files[SAMPLES_FILE] = sampler.grids[-1]
     try:
-        entry = registry.create(name, result.delta, manifest, overwrite=force)
+        entry = registry.create(name, result.delta, manifest, overwrite=force, files=files)
     except CdiffError as e:  # a full disk, a busy name: say what is left to resume from
         e.args = (f"{e}{_kept(ckpt)}",)
         raise
@@ -254,6 +267,24 @@ def target_images(spec: ConceptSpec) -> list[ImageItem]:
                              f"{TOKEN_MARK} (or {spec.token}) in it, as in \"photo of a {TOKEN_MARK} {spec.class_word}\"")
         items.append(replace(it, caption=caption))
     return items
+
+
+def _sampler(registry, name, samples, specs, base_ref, resolution, resume, progress):
+    """The run's TrainingSampler (None without `samples`): default prompts, the base's guidance, its folder
+    emptied unless the run resumes."""
+    from cdiff_cli.samples import TrainingSampler, clear, default_guidance
+
+    if samples is None:
+        return None
+    prompts = samples.prompts or tuple(instance_prompt(s.token, s.class_word) for s in specs)
+    if not any(s.token in p for p in prompts for s in specs):
+        progress.warn(f"no --sample prompt names {' or '.join(s.token for s in specs)}: the samples will not show "
+                      "what was learned")
+    folder = registry.samples / name
+    if not resume:
+        clear(folder)
+    guidance = samples.guidance if samples.guidance is not None else default_guidance(base_ref)
+    return TrainingSampler(replace(samples, prompts=prompts), folder, resolution, guidance)
 
 
 def own_captions(concept) -> list[str]:

@@ -313,6 +313,9 @@ def test_eval_end_to_end(home, sd1_base, cat_images, tiny_clip, tmp_path):
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
     page = (out / "report.html").read_text()
     assert "<svg" in page and 'class="scores"' in page and "data:image/png;base64," in page
+    # The grid `cdiff train` made at the end is in the report, whole.
+    assert res["training_samples"] == str(home / "concepts" / "mycat" / "samples.png")
+    assert "Samples made at the end of training" in page and '<img class="grid"' in page
     assert json.loads((out / "report.json").read_text())["entries"][0]["name"] == "mycat"
 
     shown = json.loads(cdiff("show", "mycat", "--json").stdout)

@@ -82,6 +82,9 @@ class _RichTask(Task):
         if self.fallback is not None:
             self.fallback(self.done, extra)
 
+    def status(self, text: str) -> None:
+        self.bar.update(self.id, extra=text)
+
 
 class _RichProgress(Progress):
     """Rich bars on a terminal; a few plain lines (start, every 10 %, end) when not a TTY."""

@@ -120,6 +120,10 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Concept name.")], as_json
         t = m["train"]
         lines.append(("training", f"{t.get('steps')} steps, batch {t.get('batch_size')}, lr {t.get('effective_lr')}, "
                                   f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}"))
+    if e.samples_path:
+        smp = m["samples"]
+        lines.append(("samples", f"{e.samples_path} (end of training; {len(smp.get('prompts') or [])} prompt(s) x "
+                                 f"{len(smp.get('seeds') or [])} seeds)"))
     if m.get("compression"):
         c = m["compression"]
         lines.append(("compressed", f"low-rank, rank {c['min_rank']}-{c['max_rank']} "

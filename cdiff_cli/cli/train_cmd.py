@@ -62,6 +62,9 @@ def train_cmd(
     device: Device = TRAIN.device,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped or killed run from its checkpoint (give the same arguments); ends with the same weights as an uninterrupted run.")] = False,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=0, show_default=False, help="Save a resumable checkpoint every N steps (0: only when stopped by Ctrl-C or SIGTERM). Default: every 5 minutes of training.")] = None,
+    sample: Annotated[Optional[list[str]], typer.Option("--sample", help="Prompt to sample while training, repeatable (4 images each, the same seeds every time). Default: \"photo of a TOKEN CLASS\" for each concept.", show_default=False)] = None,
+    sample_every: Annotated[int, typer.Option("--sample-every", min=0, help="Also make a grid of samples every N steps (0: only at the end). Grids go to CDIFF_HOME/samples/NAME; the last is kept in the entry.")] = TRAIN.sample_every,
+    no_samples: Annotated[bool, typer.Option("--no-samples", help="Make no samples (saves their time: about 4 x 25 denoising steps per prompt and grid).")] = False,
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing entry of this name, and discard an unfinished run's checkpoint.")] = False,
     as_json: Json = False,
 ):
@@ -69,6 +72,7 @@ def train_cmd(
 
     Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (exit code 130); a second Ctrl-C stops at once. Run the same command with --resume to continue; a killed run resumes from its last periodic checkpoint.
     """
+    from cdiff_cli.samples import SampleSettings
     from cdiff_cli.training import TrainConfig, low_memory_config
     from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
 
@@ -91,9 +95,12 @@ def train_cmd(
     )
     if low_memory:
         cfg = low_memory_config(cfg)
+    if no_samples and (sample or sample_every):
+        raise CdiffError("--no-samples cannot go with --sample or --sample-every")
+    samples = None if no_samples else SampleSettings(prompts=tuple(sample or ()), every=sample_every)
     entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
                                 force=force, resume=resume, checkpoint_every=checkpoint_every,
-                                progress=term.progress())
+                                samples=samples, progress=term.progress())
     if entry is None:
         return  # a secondary process under `accelerate launch`: the main process reports
     info = {
@@ -101,6 +108,8 @@ def train_cmd(
         "steps": cfg.steps, "effective_lr": result.effective_lr, "processes": result.processes,
         "effective_batch_size": cfg.batch_size * result.processes, "seconds": round(result.seconds, 2),
         "final_loss": result.losses[-1],
+        "samples": str(entry.samples_path) if entry.samples_path else None,
+        "sample_seconds": round(result.sample_seconds, 2),
     }
     if as_json:
         term.json(info)
@@ -108,4 +117,6 @@ def train_cmd(
         term.ok(f"trained {entry.name} ({', '.join(entry.tokens)}) in {result.seconds:.1f} s, "
                 f"batch {cfg.batch_size * result.processes} ({result.processes} process(es)), "
                 f"lr {result.effective_lr:g}, final loss {result.losses[-1]:.4f}")
+        if entry.samples_path:
+            term.info(f"samples: {entry.samples_path} ({result.sample_seconds:.1f} s)")
         term.info(f"use it: cdiff gen \"photo of a {entry.tokens[0]} {entry.classes[0]}\"")
