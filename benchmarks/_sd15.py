@@ -118,3 +118,57 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+class PhasePeaks:
+    """Peak memory of each phase of a whole run (loading, caching, training...): process RSS sampled
+    every 10 ms on CPU (with ru_maxrss, the kernel's own whole-process peak, as the total), or GPU
+    memory allocated per phase on CUDA. `phase(name)` ends the current phase and starts another."""
+
+    def __init__(self, device: torch.device):
+        import threading
+
+        self.device, self.peaks, self.seconds = device, {}, {}
+        self.name, self._t0 = "start", __import__("time").perf_counter()
+        self.peaks[self.name] = PeakMemory.rss_mb() if device.type != "cuda" else 0.0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        if device.type != "cuda":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            rss = PeakMemory.rss_mb()
+            with self._lock:
+                self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), rss)
+
+    def _close(self):
+        import time
+
+        now = time.perf_counter()
+        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + now - self._t0
+        self._t0 = now
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**20)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with self._lock:
+                self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), PeakMemory.rss_mb())
+
+    def phase(self, name: str) -> None:
+        self._close()
+        with self._lock:
+            self.name = name
+
+    def finish(self) -> dict:
+        """{"phases": {name: peak MiB}, "seconds": {name: s}, "peak_mb": the whole run's peak}."""
+        import resource
+
+        self._close()
+        self._stop.set()
+        whole = max(self.peaks.values())
+        if self.device.type != "cuda":
+            whole = max(whole, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return {"phases": {k: round(v, 1) for k, v in self.peaks.items()},
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}, "peak_mb": round(whole, 1)}

@@ -43,11 +43,11 @@ sys.path.insert(0, str(HERE))
 # -- workers ---------------------------------------------------------------------------------------
 
 
-def _setup(args):
+def _setup(args, trainer: str):
+    """The run up to its first step: the base loaded as each trainer loads it, and the images. Memory is
+    followed from here on, phase by phase (`PhasePeaks`)."""
     import torch
-    from _sd15 import write_images
-
-    from cdiff_cli.base import load_pipeline
+    from _sd15 import PhasePeaks, write_images
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     device = torch.device(args.device)
@@ -56,17 +56,28 @@ def _setup(args):
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    phases = PhasePeaks(device)
+    phases.phase("load")
     t0 = time.perf_counter()
-    # Loaded the way users load a base: from a diffusers folder, frozen weights in the run's precision.
-    pipe = load_pipeline(str(args.model_dir), dtype=dtype)
+    if trainer == "cdiff":  # as `cdiff train` loads a base: frozen weights in the run's precision
+        from cdiff_cli.base import load_pipeline
+
+        pipe = load_pipeline(str(args.model_dir), dtype=dtype)
+    else:  # as the diffusers example loads it: each model in fp32; the frozen ones are cast on the device later
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(args.model_dir), safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - t0
+    phases.phase("images")
     work = Path(tempfile.mkdtemp(prefix="cdiff-bench-"))
     targets = write_images(work / "target", 5, seed=1)
     regs = write_images(work / "reg", 10, seed=2)
-    return torch, device, dtype, pipe, targets, regs, time.perf_counter() - t0
+    return torch, device, dtype, pipe, targets, regs, load_s, phases
 
 
 def worker_cdiff(args) -> dict:
-    torch, device, dtype, pipe, targets, regs, setup_s = _setup(args)
+    torch, device, dtype, pipe, targets, regs, setup_s, phases = _setup(args, "cdiff")
     from _sd15 import PeakMemory
 
     from cdiff_cli.data import ImageItem
@@ -81,6 +92,7 @@ def worker_cdiff(args) -> dict:
 
             @contextlib.contextmanager
             def cm():
+                phases.phase({"encoding latents": "cache latents", "training": "train"}.get(description, description))
                 marks[description] = [time.perf_counter()]
 
                 class T(Task):
@@ -105,12 +117,13 @@ def worker_cdiff(args) -> dict:
     wall = time.perf_counter() - t0
     steps = marks["training"]
     cache = marks.get("encoding latents", [steps[0], steps[0]])
-    return {"setup_s": setup_s, "cache_s": cache[-1] - cache[0], "step_times": [b - a for a, b in zip(steps, steps[1:])],
-            "train_wall_s": wall, "peak_memory_mb": mem.peak_mb, "reserved_mb": mem.reserved_mb, "memory_before_mb": mem.start_mb}
+    return {"load_s": setup_s, "cache_s": cache[-1] - cache[0], "step_times": [b - a for a, b in zip(steps, steps[1:])],
+            "train_wall_s": wall, "peak_memory_mb": mem.peak_mb, "reserved_mb": mem.reserved_mb, "memory_before_mb": mem.start_mb,
+            "run": phases.finish()}
 
 
 def worker_baseline(args) -> dict:
-    torch, device, dtype, pipe, targets, regs, setup_s = _setup(args)
+    torch, device, dtype, pipe, targets, regs, setup_s, phases = _setup(args, "baseline")
     import random
 
     import torch.nn.functional as F
@@ -134,9 +147,11 @@ def worker_baseline(args) -> dict:
     text_model.encoder.requires_grad_(False)
     text_model.final_layer_norm.requires_grad_(False)
     text_model.embeddings.position_embedding.requires_grad_(False)
-    # Frozen UNet/VAE in the low precision; the text encoder stays fp32 because it is trained.
-    unet.to(device)
-    vae.to(device)
+    # Frozen UNet/VAE in the low precision (the example's weight_dtype); the text encoder stays fp32 because
+    # it is trained.
+    phases.phase("cast")
+    unet.to(device, dtype)
+    vae.to(device, dtype)
     te.to(device, torch.float32)
     procs = {}
     st = unet.state_dict()
@@ -170,6 +185,7 @@ def worker_baseline(args) -> dict:
     reg_px = [to_tensor(open_rgb(p), res) for p in regs]
     n_target = max(1, args.batch_size // 2)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    phases.phase("train")
     mem = PeakMemory(device).__enter__()  # everything from here on is the training run
     times = [time.perf_counter()]
     t0 = time.perf_counter()
@@ -205,9 +221,22 @@ def worker_baseline(args) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
     mem.__exit__(None, None, None)
-    return {"setup_s": setup_s, "cache_s": 0.0, "step_times": [b - a for a, b in zip(times, times[1:])],
+    return {"load_s": setup_s, "cache_s": 0.0, "step_times": [b - a for a, b in zip(times, times[1:])],
             "train_wall_s": time.perf_counter() - t0, "peak_memory_mb": mem.peak_mb, "reserved_mb": mem.reserved_mb,
-            "memory_before_mb": mem.start_mb}
+            "memory_before_mb": mem.start_mb, "run": phases.finish()}
+
+
+def loading_s(r: dict) -> float:
+    """Seconds until the frozen weights are in the run's precision: the baseline casts after loading."""
+    return r["load_s"] + r["run"]["seconds"].get("cast", 0.0)
+
+
+def ratio(b: dict | None, c: dict | None) -> dict | None:
+    """cdiff (c) against the baseline (b): speed and memory ratios."""
+    if b is None or c is None or b.get("out_of_memory") or c.get("out_of_memory"):
+        return None
+    return {"speedup_steps_per_s": b["s_per_step"] / c["s_per_step"], "memory_ratio": c["peak_memory_mb"] / b["peak_memory_mb"],
+            "run_memory_ratio": c["run"]["peak_mb"] / b["run"]["peak_mb"], "load_speedup": loading_s(b) / loading_s(c)}
 
 
 def worker_main(args):
@@ -276,11 +305,6 @@ def main():
             results[f"{trainer}-{precision}"] = r = run_worker(args, trainer, precision)
             rows.append((trainer, precision, r))
 
-    def ratio(b, c):
-        if b is None or c is None or b.get("out_of_memory") or c.get("out_of_memory"):
-            return None
-        return {"speedup_steps_per_s": b["s_per_step"] / c["s_per_step"], "memory_ratio": c["peak_memory_mb"] / b["peak_memory_mb"]}
-
     ratios = {p: ratio(results.get(f"baseline-{p}"), results.get(f"cdiff-{p}")) for p in precisions}
     if "fp32" in precisions and "bf16" in precisions:
         ratios["cdiff-bf16 vs baseline-fp32 (each tool's CPU default)"] = ratio(results.get("baseline-fp32"), results.get("cdiff-bf16"))
@@ -290,16 +314,25 @@ def main():
     mem = "peak GPU MiB" if cuda else "peak RSS MiB"
     print(f"\nSD 1.x architecture, {args.resolution} px, batch {args.batch_size}, {args.steps} steps, device {args.device}"
           + (", --low-memory" if args.low_memory else "") + (", --offload" if args.offload else "") + (f", capped at {args.memory_cap_gb} GiB" if args.memory_cap_gb else ""))
-    print(f"{'trainer':<10}{'precision':<11}{'s/step':>8}{'cache s':>9}{mem:>15}{'reserved MiB':>14}{'wall s':>9}{'250-step wall s':>17}")
+    print(f"{'trainer':<10}{'precision':<11}{'load s':>8}{'s/step':>8}{'cache s':>9}{mem:>15}{'reserved MiB':>14}{'run peak MiB':>14}"
+          f"{'wall s':>9}{'250-step wall s':>17}")
     for trainer, precision, r in rows:
         if r.get("out_of_memory"):
             print(f"{trainer:<10}{precision:<11}  out of memory: {r['error']}")
             continue
         reserved = f"{r['reserved_mb']:.0f}" if r.get("reserved_mb") else "-"
-        print(f"{trainer:<10}{precision:<11}{r['s_per_step']:>8.2f}{r['cache_s']:>9.1f}{r['peak_memory_mb']:>15.0f}{reserved:>14}"
-              f"{r['train_wall_s']:>9.1f}{r['wall_250_steps_s']:>17.0f}")
+        print(f"{trainer:<10}{precision:<11}{loading_s(r):>8.1f}{r['s_per_step']:>8.2f}{r['cache_s']:>9.1f}{r['peak_memory_mb']:>15.0f}"
+              f"{reserved:>14}{r['run']['peak_mb']:>14.0f}{r['train_wall_s']:>9.1f}{r['wall_250_steps_s']:>17.0f}")
+    # The peak of each phase of the whole run (from before the base is loaded): the peak a user and the
+    # OOM killer see is the largest of them.
+    print(f"\npeak {'GPU memory' if cuda else 'RSS'} per phase, MiB (seconds)")
+    for trainer, precision, r in rows:
+        if not r.get("out_of_memory"):
+            cells = "  ".join(f"{k} {v:.0f} ({r['run']['seconds'].get(k, 0):.1f} s)" for k, v in r["run"]["phases"].items())
+            print(f"{trainer:<10}{precision:<11}{cells}")
     for k, v in ratios.items():
-        print(f"{k}: cdiff {v['speedup_steps_per_s']:.2f}x the baseline's steps/s, {v['memory_ratio']:.2f}x its peak memory")
+        print(f"{k}: cdiff {v['speedup_steps_per_s']:.2f}x the baseline's steps/s, {v['load_speedup']:.2f}x its loading speed, "
+              f"{v['memory_ratio']:.2f}x its training peak, {v['run_memory_ratio']:.2f}x its whole-run peak")
     meta = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "device": args.device, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
             "low_memory": args.low_memory, "offload": args.offload, "memory_cap_gb": args.memory_cap_gb}

@@ -169,7 +169,9 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
             extra = {"config": os.environ["CDIFF_BASE_CONFIG"]} if os.environ.get("CDIFF_BASE_CONFIG") else {}
             pipe = cls.from_single_file(base.ref, **common, **extra)
         else:
-            pipe = cls.from_pretrained(base.ref, **common, **({"local_files_only": True} if hub_down else {}))
+            local = {"local_files_only": True} if hub_down else {}
+            folder = base.ref if base.kind == "folder" else cls.download(base.ref, **local)  # what from_pretrained does first
+            pipe = _load_folder(cls, Path(folder), common, torch.device(device))
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
         if hub_down:
             raise CdiffError(f"cannot load base model {base.ref}: the hub is unreachable ({hub_down}) and the model "
@@ -189,6 +191,24 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
     if not any(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()):
         raise CdiffError(f"base model {base.ref} has no cross-attention layers")
     return pipe.to(device)
+
+
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _load_folder(cls, folder: Path, common: dict, device: torch.device):
+    """A diffusers folder loaded without holding its weights twice (see cdiff_cli.loading): each model in
+    the dtype its files hold (mapped, unread), then cast (or moved to a GPU) tensor by tensor from the files."""
+    from cdiff_cli.loading import cast_from_files, stored_dtype
+
+    dtype = common["dtype"]
+    stored = {c: stored_dtype(folder / c) for c in WEIGHTED_COMPONENTS if (folder / c).is_dir()}
+    stored = {c: d for c, d in stored.items() if d is not None}
+    pipe = cls.from_pretrained(str(folder), **{**common, "dtype": {**stored, "default": dtype}})
+    for c, d in stored.items():
+        if d != dtype or device.type != "cpu":
+            cast_from_files(getattr(pipe, c), folder / c, dtype, device)
+    return pipe
 
 
 def cpu_has_fast_bf16() -> bool:
