@@ -50,9 +50,10 @@ def parse_args():
     return ap.parse_args()
 
 
-def _timed(fn):
+def _timed(fn, *args, **kwargs):
+    """(seconds, result) of fn(*args, **kwargs)."""
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
 
 
@@ -79,9 +80,9 @@ def bench_merge(args, pipe, ref: str) -> list[dict]:
         merge_entries(reg, ["c0", "c1"], "warm", force=True)  # builds and caches the Gram matrix once
         for n in args.merge:
             names = [f"c{i}" for i in range(n)]
-            total, _ = _timed(lambda: merge_entries(reg, names, f"m{n}", force=True))
+            total, _ = _timed(merge_entries, reg, names, f"m{n}", force=True)
             deltas = [reg.get(x).load_delta() for x in names]
-            solve, _ = _timed(lambda: merge_deltas(pipe, deltas, [["thing"]] * n, G=G))
+            solve, _ = _timed(merge_deltas, pipe, deltas, [["thing"]] * n, G=G)
             rows.append({"concepts": n, "merge_s": round(total, 2), "solve_s": round(solve, 3)})
             print(f"merge {n:3d} concepts: command {total:6.2f} s, solve {solve:6.3f} s", flush=True)
     return rows
@@ -97,8 +98,8 @@ def bench_gen(args, pipe, ref: str) -> list[dict]:
             prompt = "photo of " + " and ".join(f"a <c{i}> thing" for i in range(n))
             kw = dict(n=1, steps=args.gen_steps, height=args.gen_size, width=args.gen_size, seed=0, registry=reg,
                       precision="fp32", device="cpu")
-            first, _ = _timed(lambda: cdiff.generate(prompt, **kw))
-            cached, _ = _timed(lambda: cdiff.generate(prompt, **kw))
+            first, _ = _timed(cdiff.generate, prompt, **kw)
+            cached, _ = _timed(cdiff.generate, prompt, **kw)
             rows.append({"concepts": n, "first_s": round(first, 2), "cached_s": round(cached, 2)})
             print(f"gen {n} concepts: first {first:6.2f} s, cached {cached:6.2f} s", flush=True)
     return rows
@@ -128,10 +129,10 @@ def bench_registry(args) -> list[dict]:
             reg = _small_registry(n, Path(tmp))
             env = {**os.environ, "CDIFF_HOME": str(reg.home)}
             cmd = [sys.executable, "-m", "cdiff_cli", "list", "--json"]
-            listing, out = _timed(lambda: subprocess.run(cmd, env=env, capture_output=True, text=True, check=True))
+            listing, out = _timed(subprocess.run, cmd, env=env, capture_output=True, text=True, check=True)
             assert len(json.loads(out.stdout)) == n
             prompt = f"photo of a <e{n - 1}> thing next to a <e0> thing"
-            resolve, found = _timed(lambda: resolve_prompt(reg, prompt))
+            resolve, found = _timed(resolve_prompt, reg, prompt)
             assert sorted(e.name for e in found) == ["e0000", f"e{n - 1:04d}"]
             rows.append({"entries": n, "list_s": round(listing, 3), "resolve_s": round(resolve, 4)})
             print(f"registry {n:5d} entries: cdiff list {listing:6.3f} s, token resolution {resolve:7.4f} s", flush=True)

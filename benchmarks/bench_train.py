@@ -189,7 +189,7 @@ def worker_baseline(args) -> dict:
     mem = PeakMemory(device).__enter__()  # everything from here on is the training run
     times = [time.perf_counter()]
     t0 = time.perf_counter()
-    for step in range(args.steps):
+    for _ in range(args.steps):
         imgs, masks, prompts = [], [], []
         for _ in range(n_target):
             a = sample_augmentation(rng, res)

@@ -52,7 +52,7 @@ class Delta:
         rows = self.embeddings.numel() + (self.embeddings_2.numel() if self.embeddings_2 is not None else 0)
         return sum(t.numel() * t.element_size() for t in self.weights.values()) + rows * 4
 
-    def renamed(self, mapping: dict[str, str]) -> "Delta":
+    def renamed(self, mapping: dict[str, str]) -> Delta:
         return Delta(dict(self.weights), [mapping.get(t, t) for t in self.tokens], self.embeddings.clone(), self.mode,
                      embeddings_2=self.embeddings_2)
 
@@ -64,7 +64,7 @@ class Delta:
         share_as_umask(path)  # safetensors writes 0600
 
     @classmethod
-    def load(cls, path: str | Path, base_unet=None) -> "Delta":
+    def load(cls, path: str | Path, base_unet=None) -> Delta:
         """Read a delta file; a compressed one is expanded against `base_unet` (required for those)."""
         try:
             with safe_open(str(path), framework="pt") as f:

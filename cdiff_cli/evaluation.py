@@ -120,7 +120,7 @@ def concept_sources(registry: Registry, entry: Entry) -> tuple[list[ConceptSourc
 # -- generation --------------------------------------------------------------------------------------
 
 
-def _sample(pipe, prompt: str, n: int, s: "EvalSettings", task) -> list:
+def _sample(pipe, prompt: str, n: int, s: EvalSettings, task) -> list:
     from cdiff_cli.generation import sample
 
     return sample(pipe, prompt, n=n, steps=s.steps, guidance=s.guidance, seed=s.seed, height=s.height,
@@ -224,7 +224,7 @@ class _Plan:
     class_prompts: list[tuple[str, str]] = field(default_factory=list)  # (class, "photo of a {class}")
     images: dict = field(default_factory=dict)  # ("concept"|"base", prompt) -> list of PIL images
     seconds: float = 0.0
-    world: "_WorldPlan | None" = None  # the base is a nano-world model: oracle scores too
+    world: _WorldPlan | None = None  # the base is a nano-world model: oracle scores too
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -54,7 +54,7 @@ class Look:
     fill: str
 
     @classmethod
-    def of(cls, concept: W.Concept) -> "Look":
+    def of(cls, concept: W.Concept) -> Look:
         return cls(concept.kind, concept.colour, concept.fill)
 
     def words(self) -> str:
@@ -107,14 +107,14 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[int, int, int]]) -> np.ndar
     return np.argmin(((rgb[:, None, :] - ref[None]) ** 2).sum(-1), axis=1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(kind: str) -> np.ndarray:
     """The kind's outline at radius 200 around (256, 256) on a 512 px canvas (bool): what templates, extents
     and centre offsets are measured on."""
     return np.asarray(W.shape_mask(kind, 256, 256, 200, 512)) > 127
 
 
-@lru_cache(maxsize=None)
+@cache
 def _templates() -> dict[str, np.ndarray]:
     """Each kind's outline, cropped to its bounding box and resized to _TEMPLATE x _TEMPLATE (bool)."""
     out = {}
@@ -123,7 +123,7 @@ def _templates() -> dict[str, np.ndarray]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _extent() -> dict[str, tuple[float, float]]:
     """Each kind's bounding-box width and height in units of its radius."""
     out = {}
@@ -309,7 +309,7 @@ def _read_object(a: np.ndarray, mask: np.ndarray, n_objects: int) -> Seen:
                 int(mask.sum()), score)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _centre_offset(kind: str) -> float:
     """How far (in radii) the shape's centre lies below its bounding box's centre."""
     ys, _ = np.nonzero(_reference(kind))

@@ -19,10 +19,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from cdiff_cli import __version__, locks
 from cdiff_cli.errors import CdiffError, NotFoundError, reason

@@ -17,11 +17,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from cdiff_cli.defaults import GEN
 from cdiff_cli.errors import CdiffError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MIN_CELL = 128  # px: tiny bases (64 px) are enlarged so a person can see them
 _LABEL_H = 16
@@ -76,7 +80,7 @@ def _random_states_kept(device: torch.device):
             torch.cuda.set_rng_state(cuda, device)
 
 
-def grid(rows: list[tuple[str, list]], cell: int) -> "Image.Image":
+def grid(rows: list[tuple[str, list]], cell: int) -> Image.Image:
     """One picture: for each (label, images) a line of text over a row of `cell`-px images."""
     from PIL import Image, ImageDraw
 

@@ -10,7 +10,7 @@ wider hidden size).
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to characters.
@@ -23,7 +23,7 @@ WORDS = (
 ).split()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bytes_to_unicode() -> dict[int, str]:
     # CLIP's reversible byte -> printable unicode mapping.
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))

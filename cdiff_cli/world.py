@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,7 @@ CONCEPT_PAIRS: tuple[tuple[str, str], ...] = (("tealstar", "pinksquare"), ("oran
 _PROMPT_WORDS = ("photo", "far", "away", "very", "zoomed", "close", "up", "and", "with", "next", "to")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _words() -> tuple[str, ...]:
     words: list[str] = []
     for chunk in ([*PREFIXES, "a an on"], SIZES, COLOURS, BACKGROUNDS, KINDS, FILLS[1:], _POSITION_PHRASE.values(),

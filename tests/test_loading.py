@@ -10,7 +10,14 @@ from safetensors.torch import load_file, save_file
 
 from cdiff_cli.base import WEIGHTED_COMPONENTS, load_pipeline
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.loading import UnreadableTensors, _floating_tensors, cast_from_files, read_index, read_tensor, stored_dtype
+from cdiff_cli.loading import (
+    UnreadableTensors,
+    _floating_tensors,
+    cast_from_files,
+    read_index,
+    read_tensor,
+    stored_dtype,
+)
 
 
 def test_read_tensor_returns_what_safetensors_loads(tmp_path):

@@ -91,7 +91,6 @@ def test_nano_text_encoder_is_trained_with_the_unet(nano_pipe, nano_clip):
     """The base's text encoder keeps nano-clip's tokenizer, vocabulary and width (so nano-clip and the oracle
     read the same words) but is its own: trained jointly with the UNet, its token embeddings have moved away
     from the contrastive tower it started from."""
-    import torch
 
     te, tower = nano_pipe.text_encoder, nano_clip.model.text_model
     assert (te.config.hidden_size, te.config.vocab_size) == (nano_clip.model.config.text_config.hidden_size,

@@ -123,7 +123,7 @@ def test_world_eval_counts_presence_following_and_drift():
     look = O.Look.of(W.CONCEPTS[name])
     rng = np.random.default_rng(0)
     prompts, concept_images, base_images = [], {}, {}
-    for i in range(4):
+    for _ in range(4):
         scene = W.sample_scene(rng, n_objects=1, concepts=(name,), caption_variety=False)
         prompt = W.caption(scene, {name: token})
         text = W.caption(scene)
