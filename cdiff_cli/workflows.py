@@ -106,8 +106,7 @@ def train_entry(
 
 def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume, checkpoint_every, samples, progress):
     from cdiff_cli.checkpoint import Checkpointer, StopRequested, recover
-    from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
-    from cdiff_cli.training import Concept, base_waits_in_cpu_memory, config_dict, train
+    from cdiff_cli.training import base_waits_in_cpu_memory, train
 
     cfg = replace(cfg)  # resolved below (precision, resolution) without touching the caller's object
     reg = reg or RegOptions()
@@ -115,27 +114,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     ckpt = Checkpointer(ckpt_dir, {}, checkpoint_every)
     if int(os.environ.get("RANK", "0")) == 0:
         recover(ckpt_dir)  # under the training lock (see train_entry): finish a save that was killed
-    if checkpoint_every is not None and checkpoint_every < 0:
-        raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
-    if resume and not ckpt.exists:
-        raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved {ckpt.describe()} "
-                            "and when training is stopped)")
-    if ckpt.exists and not resume and not force:
-        info = ckpt.info()
-        raise CdiffError(f"{name!r} has an unfinished training (step {info.get('step')}/{info.get('steps')}): "
-                         "add --resume to continue it, or --force to start over")
-    if registry.exists(name) and not force:
-        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
-    if not specs:
-        raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
-    if cfg.steps < 1 or cfg.batch_size < 1 or not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise CdiffError("--steps, --batch-size and --lr must be positive (and --lr a finite number)")
-    if cfg.aug_pool < 0 or (cfg.resolution is not None and cfg.resolution < 8) or reg.count < 0:
-        raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
-    if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
-        raise NotFoundError(f"regularisation folder not found: {reg.folder}")
-    if samples is not None:
-        check_sample_settings(samples)
+    _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every, resume, force, samples)
     images = {s.token: target_images(s) for s in specs}  # fail fast, before loading a model
     digests = {}  # each photo's sha256, for the run id and the manifest
     for items in images.values():
@@ -162,12 +141,74 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
             raise CdiffError(f"concept {s.token}: --class must not be empty")
     registry.check_tokens_free([s.token for s in specs], replacing=name if force else None)
     base_rec = base_record(spec.ref, pipe.unet)
-    fp = base_rec["fingerprint"]
+    if accelerator is not None and not main:
+        accelerator.wait_for_everyone()  # the main process generates (and caches) regularisation images
+    concepts = _concepts(registry, pipe, specs, images, reg, cfg, base_rec["fingerprint"], dev, staged, progress)
+    if accelerator is not None and main:
+        accelerator.wait_for_everyone()
+    ckpt.description = _run_description(cfg, base_rec["fingerprint"], dev, concepts, digests, reg, accelerator)
+    if force and not resume and main:
+        ckpt.clear()
+    sampler = _sampler(registry, name, samples, specs, spec.ref, cfg.resolution, resume, progress) if main else None
+    try:
+        result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
+                       checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler)
+    except StopRequested as e:
+        if not e.saved:
+            raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
+                                  f"{_kept(ckpt)}") from None
+        raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; checkpoint saved: run the same command "
+                              "with --resume to continue") from None
+    if not main:
+        return None, result
+    manifest = _trained_manifest(specs, concepts, base_rec, cfg, result, reg, images, digests)
+    files = {}
+    if sampler is not None and sampler.grids:
+        manifest["samples"] = {"file": SAMPLES_FILE, **sampler.record(), "grids": len(sampler.grids),
+                               "seconds": round(sampler.seconds, 2)}
+        files[SAMPLES_FILE] = sampler.grids[-1]
+    try:
+        entry = registry.create(name, result.delta, manifest, overwrite=force, files=files)
+    except CdiffError as e:  # a full disk, a busy name: say what is left to resume from
+        e.args = (f"{e}{_kept(ckpt)}",)
+        raise
+    ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
+    return entry, result
+
+
+def _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every, resume, force, samples) -> None:
+    """Everything about a training request that can be refused before an image is read or a model loaded."""
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
+    if resume and not ckpt.exists:
+        raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved {ckpt.describe()} "
+                            "and when training is stopped)")
+    if ckpt.exists and not resume and not force:
+        info = ckpt.info()
+        raise CdiffError(f"{name!r} has an unfinished training (step {info.get('step')}/{info.get('steps')}): "
+                         "add --resume to continue it, or --force to start over")
+    if registry.exists(name) and not force:
+        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+    if not specs:
+        raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
+    if cfg.steps < 1 or cfg.batch_size < 1 or not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CdiffError("--steps, --batch-size and --lr must be positive (and --lr a finite number)")
+    if cfg.aug_pool < 0 or (cfg.resolution is not None and cfg.resolution < 8) or reg.count < 0:
+        raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
+    if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
+        raise NotFoundError(f"regularisation folder not found: {reg.folder}")
+    if samples is not None:
+        check_sample_settings(samples)
+
+
+def _concepts(registry, pipe, specs, images, reg, cfg, fp: str, dev, staged: bool, progress) -> list:
+    """The run's concepts with their regularisation images: generated by the base (once per class, cached
+    in the registry) or read from --reg-dir."""
+    from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY, generated_regularisation, real_regularisation
+    from cdiff_cli.training import Concept
 
     concepts = []
     reg_by_class: dict[str, list] = {}
-    if accelerator is not None and not main:
-        accelerator.wait_for_everyone()  # the main process generates (and caches) regularisation images
     for s in specs:
         reg_items = []
         if reg.kind == "generated" and reg.count > 0:
@@ -190,11 +231,14 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         elif reg.kind == "dir":
             reg_items = real_regularisation(reg.folder, s.class_word, reg.count)
         concepts.append(Concept(s.token, s.class_word, images[s.token], reg_items))
+    return concepts
 
-    if accelerator is not None and main:
-        accelerator.wait_for_everyone()
-    # Everything the result depends on: a checkpoint only resumes the very same run.
-    ckpt.description = {
+
+def _run_description(cfg, fp: str, dev, concepts, digests, reg, accelerator) -> dict:
+    """Everything the result depends on: a checkpoint only resumes the very same run."""
+    from cdiff_cli.training import config_dict
+
+    return {
         "train": config_dict(cfg),
         "base": fp,
         "device": dev.type,  # random numbers (and rounding) differ between devices
@@ -203,24 +247,15 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
                       **({"captions": {i.path.name: i.caption for i in c.images}} if own_captions(c) else {}),
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
+        # Each process draws its own data: a run resumes only with as many processes.
+        "processes": accelerator.num_processes if accelerator is not None else 1,
     }
-    # Each process draws its own data: a run resumes only with as many processes.
-    ckpt.description["processes"] = accelerator.num_processes if accelerator is not None else 1
-    if force and not resume and main:
-        ckpt.clear()
-    sampler = _sampler(registry, name, samples, specs, spec.ref, cfg.resolution, resume, progress) if main else None
-    try:
-        result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
-                       checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler)
-    except StopRequested as e:
-        if not e.saved:
-            raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
-                                  f"{_kept(ckpt)}") from None
-        raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; checkpoint saved: run the same command "
-                              "with --resume to continue") from None
-    if not main:
-        return None, result
-    manifest = {
+
+
+def _trained_manifest(specs, concepts, base_rec: dict, cfg, result, reg, images, digests) -> dict:
+    from cdiff_cli.training import config_dict
+
+    return {
         "kind": "trained",
         "classes": [s.class_word for s in specs],
         "captions": [own_captions(c) for c in concepts],
@@ -242,18 +277,6 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         ],
         "parents": [],
     }
-    files = {}
-    if sampler is not None and sampler.grids:
-        manifest["samples"] = {"file": SAMPLES_FILE, **sampler.record(), "grids": len(sampler.grids),
-                               "seconds": round(sampler.seconds, 2)}
-        files[SAMPLES_FILE] = sampler.grids[-1]
-    try:
-        entry = registry.create(name, result.delta, manifest, overwrite=force, files=files)
-    except CdiffError as e:  # a full disk, a busy name: say what is left to resume from
-        e.args = (f"{e}{_kept(ckpt)}",)
-        raise
-    ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
-    return entry, result
 
 
 def target_images(spec: ConceptSpec) -> list[ImageItem]:
