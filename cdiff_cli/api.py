@@ -217,13 +217,14 @@ def add(name: str, path: str | Path, *, base: str | None = None, tokens: list[st
 
 
 def export(name: str, out: str | Path, *, format: str = "diffusers", base: str | None = None,  # noqa: A002
-           rank: int | None = None, energy: float | None = None,
+           rank: int | None = None, energy: float | None = None, force: bool = False,
            registry: Registry | str | Path | None = None) -> list[Path]:
     """Write an entry in another tool's layout (diffusers, reference, cdiff or lora), as `cdiff export`
-    does; returns the files written."""
+    does; returns the files written. Files already in `out` are not overwritten unless `force`."""
     from cdiff_cli.workflows import export_entry
 
-    paths, _ = export_entry(_registry(registry), name, format, Path(out), base=base, rank=rank, energy=energy)
+    paths, _ = export_entry(_registry(registry), name, format, Path(out), base=base, rank=rank, energy=energy,
+                            force=force)
     return paths
 
 

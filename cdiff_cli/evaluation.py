@@ -297,6 +297,7 @@ def evaluate_entries(
     from cdiff_cli.workflows import prepare_pipeline
 
     settings.check()
+    registry.check_outside(out_dir)  # eval replaces the PNGs of its own subfolders there
     if not names:
         raise CdiffError("give at least one concept name to evaluate")
     if len(set(names)) != len(names):

@@ -197,6 +197,17 @@ class Registry:
         with locks.lock(self.lock_path(name), shared=shared, wait=wait, what=f"concept {name!r}"):
             yield
 
+    def tokens_lock(self):
+        """The registry-wide lock under which an entry's tokens are checked and the entry put in place."""
+        return locks.lock(self.locks / "registry" / "tokens.lock", wait=WRITE_WAIT, what="the registry's tokens")
+
+    def check_outside(self, path: str | Path) -> None:
+        """Refuse an output path inside the registry's home: a write there could replace an entry or make a
+        fake one (the registry writes its own folders, and only through its own methods)."""
+        p, home = Path(path).expanduser().resolve(), self.home.expanduser().resolve()
+        if p == home or home in p.parents:
+            raise CdiffError(f"{path} is inside the registry ({home}): write the output somewhere else")
+
     def hold(self, name: str):
         """Exclusive, fail-fast lock on training NAME (its checkpoint and, at the end, its entry): BusyError
         at once if another process is training it. It is a lock of its own, not the entry's: an existing
@@ -272,13 +283,18 @@ class Registry:
                 "cdiff_version": __version__,
             }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-            if final.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=self.concepts))
-                os.replace(final, trash / name)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # Tokens are checked again here, under one lock for the whole registry: two runs of different
+            # names given the same token both passed the check when they started.
+            with self.tokens_lock():
+                if manifest.get("kind") != "merged":  # a merge holds its parents' tokens
+                    self.check_tokens_free(list(delta.tokens), replacing=name)
+                if final.exists():
+                    trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=self.concepts))
+                    os.replace(final, trash / name)
+                    os.replace(tmp, final)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
         except BaseException as e:
             if trash is not None and not final.exists() and (trash / name).exists():
                 os.replace(trash / name, final)  # stopped between the two renames: the old version stays

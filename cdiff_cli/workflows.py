@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +23,7 @@ from cdiff_cli.captions import load_captions
 from cdiff_cli.data import ImageItem, check_images, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.delta import Delta, apply_delta
-from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
+from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped, reason
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.prompts import TOKEN_MARK, instance_prompt, own_caption
@@ -589,23 +590,54 @@ def export_entry(
     base: str | None = None,
     rank: int | None = None,
     energy: float | None = None,
+    force: bool = False,
 ) -> tuple[list[Path], dict]:
     """Write an entry in another tool's layout; returns (files, details). `rank`/`energy` apply to "lora"
     (default: full rank, exact up to fp16); the LoRA holds W - W0, so the entry's base is loaded. Every
-    format gets `cdiff_base.json` beside its files: the base it belongs to, which `cdiff add` reads."""
+    format gets `cdiff_base.json` beside its files: the base it belongs to, which `cdiff add` reads.
+
+    The files are written into a folder of their own first and moved into `out_dir` only when all are
+    there; a file of the same name already in `out_dir` is refused unless `force`, and `out_dir` may not
+    lie inside the registry."""
     from cdiff_cli.formats import write_base_record
 
     entry = registry.get(name)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CdiffError(f"cannot export to {out_dir}: it exists and is not a folder")
+    registry.check_outside(out_dir)
     if fmt != "lora" and (rank is not None or energy is not None):
         raise CdiffError("--rank and --energy apply to --format lora only")
     _check_rank_energy(rank, energy)
-    files, details = _export_files(registry, entry, fmt, out_dir, base, rank, energy)
-    if entry.base.get("ref") and entry.base.get("fingerprint"):
-        files.append(write_base_record(out_dir, entry.base))
-    return files, details
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".cdiff-export-", dir=out_dir.parent))
+    except OSError as e:
+        raise CdiffError(f"cannot export to {out_dir}: {reason(e)}") from e
+    try:
+        files, details = _export_files(registry, entry, fmt, staging, base, rank, energy)
+        if entry.base.get("ref") and entry.base.get("fingerprint"):
+            files.append(write_base_record(staging, entry.base))
+        return _move_in(staging, [f.relative_to(staging) for f in files], out_dir, force), details
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staging: Path, names: list[Path], out_dir: Path, force: bool) -> list[Path]:
+    """Move the staged files into `out_dir`, none of them over an existing file unless `force`."""
+    taken = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
+    if taken and not force:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise CdiffError(f"{out_dir / taken[0]} already exists{more}: add --force to overwrite, or choose another -o")
+    try:
+        for n in names:
+            (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
+            if (out_dir / n).is_dir() and not (out_dir / n).is_symlink():
+                raise CdiffError(f"cannot export to {out_dir}: {out_dir / n} is a folder")
+            os.replace(staging / n, out_dir / n)
+    except OSError as e:
+        raise CdiffError(f"cannot export to {out_dir}: {reason(e)}") from e
+    return [out_dir / n for n in names]
 
 
 def _export_files(registry, entry: Entry, fmt: str, out_dir: Path, base, rank, energy) -> tuple[list[Path], dict]:

@@ -579,3 +579,62 @@ def test_unusual_but_valid_images_train(home, world, tmp_path):
     assert r.exit_code == 0, r.output
     entry = Registry(home).get("phone")
     assert sorted(i["file"] for i in entry.manifest["concepts"][0]["images"]) == sorted(p.name for p in folder.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- misaimed writes
+
+
+@pytest.mark.parametrize("where", ["an entry", "the concepts folder", "the home", "the cache"])
+@pytest.mark.parametrize("fmt", ["cdiff", "diffusers"])
+def test_export_into_the_registry_is_refused(where, fmt, home):
+    """`export -o $CDIFF_HOME/concepts/other` used to overwrite entry `other` and exit 0."""
+    out = {"an entry": home / "concepts" / "sd2cat", "the concepts folder": home / "concepts", "the home": home,
+           "the cache": home / "cache" / "x"}[where]
+    expect_failure(["export", "mycat", "--format", fmt, "-o", out], 1, "inside the registry", home)
+
+
+def test_gen_into_the_registry_is_refused(home):
+    expect_failure(["gen", "photo of a <mycat> cat", *GEN, "-o", home / "concepts" / "fake"], 1, "inside the registry",
+                   home)
+    assert not (home / "concepts" / "fake").exists()
+
+
+def test_eval_into_the_registry_is_refused(home):
+    expect_failure(["eval", "mycat", "-o", home / "concepts" / "mycat", "--device", "cpu"], 1, "inside the registry", home)
+
+
+def test_export_never_overwrites_the_users_files_without_force(home, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "delta.safetensors").write_bytes(b"my own file")
+    (out / "notes.txt").write_text("keep me")
+    expect_failure(["export", "mycat", "--format", "cdiff", "-o", out], 1, "already exists", home)
+    assert (out / "delta.safetensors").read_bytes() == b"my own file"
+    assert sorted(p.name for p in out.iterdir()) == ["delta.safetensors", "notes.txt"]  # nothing else written
+    assert not list(tmp_path.glob(".cdiff-export-*"))  # the staging folder is gone
+    r = runner.invoke(app, ["export", "mycat", "--format", "cdiff", "-o", str(out), "--force"])
+    assert r.exit_code == 0, r.output
+    assert (out / "delta.safetensors").read_bytes() != b"my own file" and (out / "notes.txt").read_text() == "keep me"
+    assert (out / "manifest.json").is_file() and (out / "cdiff_base.json").is_file()
+    # a second export of the same files is refused too
+    expect_failure(["export", "mycat", "--format", "cdiff", "-o", out], 1, "already exists", home)
+
+
+def test_rm_of_a_name_given_twice_removes_it_once(home):
+    r = runner.invoke(app, ["rm", "-y", "mycat", "mycat"])
+    assert r.exit_code == 0, r.output
+    assert not (home / "concepts" / "mycat").exists() and (home / "concepts" / "sd2cat").exists()
+
+
+def test_a_token_taken_while_a_run_trained_is_refused_when_the_entry_is_written(home):
+    """Two runs of different names with one token both pass the check when they start; the second to
+    finish must not make a second owner of the token."""
+    reg = Registry(home)
+    delta = reg.get("mycat").load_delta()
+    before = snapshot(home)
+    with pytest.raises(Exception, match="already used by concept 'mycat'"):
+        reg.create("late", delta, {"kind": "trained", "classes": ["cat"], "parents": []})
+    assert snapshot(home) == before and not list((home / "concepts").glob(".tmp-*"))
+    # a merge shares its parents' tokens, and replacing an entry keeps its own
+    reg.create("m", delta, {"kind": "merged", "classes": ["cat"], "parents": [{"name": "mycat"}]})
+    reg.create("mycat", delta, {**reg.get("mycat").manifest}, overwrite=True)

@@ -18,6 +18,7 @@ from cdiff_cli.registry import Entry, Registry, validate_name
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DELTA = Delta({"x.attn2.to_k.weight": torch.zeros(2, 2)}, ["<f1>"], torch.zeros(1, 2))
+DELTA_2 = Delta({"x.attn2.to_k.weight": torch.zeros(2, 2)}, ["<f2>"], torch.zeros(1, 2))  # a token is one entry's
 
 # Text near the edge of the name rules, besides arbitrary text.
 name_like = st.text(alphabet=st.sampled_from("aZ09._+-/\\\n\r\t\0 é.."), max_size=70)
@@ -67,7 +68,7 @@ def _check_registry(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as home:
         reg = Registry(home)
         reg.create("ok", DELTA, {"base": {}})
-        reg.create("x", DELTA, {"base": {}})
+        reg.create("x", DELTA_2, {"base": {}})
         (reg.concepts / "x" / "manifest.json").write_bytes(data)
         try:
             e = reg.get("x")

@@ -46,6 +46,7 @@ def gen_cmd(
     if n < 1 or steps < 1:
         raise CdiffError("-n and --steps must be at least 1")
     reg = registry()
+    reg.check_outside(out)  # before any model loads
     entries = resolve_prompt(reg, prompt, concept)
     t0 = time.perf_counter()
     spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value,

@@ -143,6 +143,7 @@ def rm_cmd(
 ):
     """Remove concepts from the registry."""
     reg = registry()
+    names = list(dict.fromkeys(names))  # `rm a a` removes a once
     entries = [reg.get(n) for n in names]  # all must exist before anything is removed
     if not yes:
         if not typer.confirm(f"Remove {', '.join(e.name for e in entries)}?", err=True):

@@ -50,12 +50,15 @@ def export_cmd(
     rank: Annotated[Optional[int], typer.Option("--rank", help="lora: keep this many singular values per layer.", show_default=False)] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="lora: keep the fewest singular values holding this share of each layer's update (0-1]. Default: full rank, exact.", show_default=False)] = None,
     base: NewBase = None,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite files of the same names in the output folder (other files there are left alone).")] = False,
     as_json: Json = False,
 ):
-    """Export a concept for other tools."""
+    """Export a concept for other tools.
+
+    The files are written beside the output folder first and moved in when all are there. An existing file of the same name is refused unless --force; the output folder may not lie inside the registry."""
     from cdiff_cli.workflows import export_entry
 
-    paths, details = export_entry(registry(), name, fmt.value, out, base=base, rank=rank, energy=energy)
+    paths, details = export_entry(registry(), name, fmt.value, out, base=base, rank=rank, energy=energy, force=force)
     if as_json:
         term.json({"name": name, "format": fmt.value, "files": [str(p) for p in paths], **details})
     else:
