@@ -59,5 +59,23 @@ class GenDefaults:
     ridge: float = DEFAULT_RIDGE
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds of the size and count options: beyond them a run would be killed by the OOM killer or run
+    for days instead of stopping with a message. Far above any real use."""
+
+    steps: int = 1_000_000  # training steps
+    batch_size: int = 256  # training images per step and process
+    num_reg: int = 10_000
+    resolution: int = 4096  # px, training and generation
+    aug_pool: int = 1_000
+    images: int = 10_000  # images per gen / eval call
+    sample_steps: int = 1_000  # denoising steps
+    gen_batch_size: int = 64
+    guidance: float = 100.0
+    seed: int = 2**32 - 1
+
+
 TRAIN = TrainDefaults()
+LIMITS = Limits()
 GEN = GenDefaults()

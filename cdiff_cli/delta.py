@@ -78,13 +78,57 @@ class Delta:
             raise
         except Exception as e:  # safetensors raises several types for a corrupt file
             raise CdiffError(f"cannot read delta {path}: {e}") from e
-        tokens, mode = json.loads(meta["tokens"]), meta.get("mode", "kv")
+        try:
+            tokens = json.loads(meta.get("tokens", ""))
+        except (ValueError, RecursionError):
+            tokens = None
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            raise CdiffError(f"{path}: its token list (the 'tokens' metadata) is missing or unreadable")
+        mode = meta.get("mode", "kv")
         if meta.get("storage") != LOWRANK:
             return cls(tensors, tokens, emb, mode, embeddings_2=emb_2)
         if base_unet is None:
             raise CdiffError(f"{path} is compressed (low-rank): its base model is needed to expand it")
         return cls(expand_lowrank(tensors, dict(base_unet.named_parameters()), path), tokens, emb, mode,
                    {"storage": LOWRANK}, embeddings_2=emb_2)
+
+
+def content_problem(weights: dict, tokens, mode: str, embeddings: list) -> str | None:
+    """What makes a delta unfit to use, in words, or None. A delta comes from files made elsewhere: each
+    layer must be a cross-attention weight its mode trains (a "concept" may not replace the rest of the
+    UNet), every value a finite floating-point number (NaN turns images black and a merge spreads it),
+    and there must be at least one token. Low-rank factors (name.lora_up / .lora_down) count as their layer."""
+    from cdiff_cli.layers import MODES, mode_suffixes
+
+    if mode not in MODES:
+        return f"its mode {mode!r} is not one of {', '.join(MODES)}"
+    if not tokens or not all(isinstance(t, str) and t for t in tokens):
+        return "it has no token" if not tokens else f"its token list {tokens!r} holds an empty or non-text token"
+    allowed = mode_suffixes(mode)
+    for key, value in weights.items():
+        name = key.removesuffix(_UP).removesuffix(_DOWN)
+        if not name.endswith(allowed):
+            return f"layer {name} is not a cross-attention {'/'.join(s.split('.')[1] for s in allowed)} weight of mode {mode}"
+        if problem := _values_problem(value):
+            return f"layer {name} {problem}"
+    for e in embeddings:
+        if e is not None and (problem := _values_problem(e)):
+            return f"its token embeddings {problem}"
+    return None
+
+
+def _values_problem(t: torch.Tensor) -> str | None:
+    if not t.is_floating_point():
+        return f"holds {str(t.dtype).removeprefix('torch.')} values, not floating point"
+    if not bool(torch.isfinite(t).all()):
+        return "holds NaN or infinite values"
+    return None
+
+
+def check_content(delta: Delta, where) -> None:
+    """CdiffError naming `where` (a file, an entry) when the delta's content is unfit (`content_problem`)."""
+    if problem := content_problem(delta.weights, delta.tokens, delta.mode, [delta.embeddings, delta.embeddings_2]):
+        raise CdiffError(f"{where}: {problem}")
 
 
 def _put_embeddings(tensors: dict, emb: torch.Tensor, emb_2: torch.Tensor | None) -> None:

@@ -88,7 +88,7 @@ def delta_problem(path: Path) -> str | None:
     """Why safetensors cannot read `path` as a cdiff delta (header, metadata and tensor index), or None."""
     from safetensors import safe_open
 
-    from cdiff_cli.delta import EMBED_KEY, FORMAT
+    from cdiff_cli.delta import EMBED_KEY, EMBED_KEY_2, FORMAT, content_problem
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -106,7 +106,13 @@ def delta_problem(path: Path) -> str | None:
         tokens = None
     if not isinstance(tokens, list):
         return "its token list (metadata) is unreadable"
-    return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            weights = {k[5:]: f.get_tensor(k) for k in keys if k.startswith("unet.")}
+            embeddings = [f.get_tensor(k) for k in (EMBED_KEY, EMBED_KEY_2) if k in keys]
+    except Exception as e:
+        return f"safetensors cannot read its tensors: {first_line(e)}"
+    return content_problem(weights, tokens, meta.get("mode", "kv"), embeddings)
 
 
 def entry_problem(folder: Path, name: str) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ stores a summary in each entry's manifest (`metrics`). It never prints.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class EvalSettings:
     def check(self) -> None:
         if self.n < 1 or self.steps < 1 or self.batch_size < 1:
             raise CdiffError("-n, --steps and --batch-size must be at least 1")
+        if not math.isfinite(self.guidance):
+            raise CdiffError(f"--guidance must be a finite number, not {self.guidance}")
         if self.kid_samples == 1 or self.kid_samples < 0:
             raise CdiffError("--kid-samples must be 0 (no forgetting measure) or at least 2")
         if self.max_prompts is not None and self.max_prompts < 1:
@@ -86,11 +89,11 @@ def concept_sources(registry: Registry, entry: Entry) -> tuple[list[ConceptSourc
             found.setdefault(canonical(c.get("token", "")), (c.get("class", ""), Path(c.get("images_dir", "")),
                                                              [i["file"] for i in c.get("images", [])]))
         if e.kind == "merged" and depth < 8:
-            for p in e.manifest.get("parents", []):
+            for parent in e.parents:
                 try:
-                    collect(registry.get(p["name"]), depth + 1)
+                    collect(registry.get(parent), depth + 1)
                 except CdiffError:
-                    notes.append(f"parent {p['name']!r} of {e.name!r} is no longer in the registry")
+                    notes.append(f"parent {parent!r} of {e.name!r} is no longer in the registry")
 
     collect(entry)
     classes = entry.classes + [""] * (len(entry.tokens) - len(entry.classes))

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -150,7 +151,10 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    """Why `path` does not start like a safetensors file (None if it does)."""
+    """Why `path` does not start like a safetensors file (None if it does). Every file an import reads is
+    looked at here first: anything but a regular file (a FIFO would block the read forever) is refused."""
+    if not path.is_file():
+        raise CdiffError(f"{path} is not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(9)
@@ -173,6 +177,7 @@ def _read_tensor_file(path: Path) -> dict:
         except Exception as e:  # safetensors raises several types for a corrupt file
             raise CdiffError(f"cannot read {path}: {first_line(e)}") from e
     _refuse_broken_safetensors(path, problem)
+    _check_expansion(path)
     try:
         with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol: not for our users
             warnings.simplefilter("ignore")
@@ -184,6 +189,27 @@ def _read_tensor_file(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CdiffError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
     return obj
+
+
+# What a pickled (torch.save) file may expand to in memory. A zip member can inflate a thousandfold: an
+# 8 MB file that inflates to 8 GiB used to be killed by the OOM killer without a word. The largest real
+# delta, SDXL's whole cross-attention (q, k, v, out) in fp32, holds about 2 GB.
+MAX_EXPANDED_BYTES = 3 * 2**30
+
+
+def _check_expansion(path: Path) -> None:
+    """Refuse a torch.save file whose members would take more than MAX_EXPANDED_BYTES once read (a legacy,
+    non-zip pickle is not compressed: its size on disk bounds it)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(max(0, i.file_size) for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CdiffError(f"{path} is not a readable torch.save file: {first_line(e)}") from e
+    if total > MAX_EXPANDED_BYTES:
+        raise CdiffError(f"{path} would expand to {total / 2**30:.1f} GiB in memory, more than any delta "
+                         f"({MAX_EXPANDED_BYTES / 2**30:.0f} GiB): refused")
 
 
 def _refuse_broken_safetensors(path: Path, problem: str) -> None:
@@ -327,15 +353,30 @@ def _natural_key(p: Path):
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", p.name)]
 
 
+def _inside(folder: Path, name, manifest: Path) -> Path:
+    """`folder / name` for a file name read from a manifest in `folder`: a plain relative path that stays inside
+    the folder (no `..`, no absolute path, no link leading out) and names a regular file."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CdiffError(f"{manifest} names {name!r}: only files inside its own folder are read")
+    path = folder / name
+    root = folder.resolve()
+    if root not in path.resolve().parents:
+        raise CdiffError(f"{manifest} names {name!r}, which leads out of its folder: only files inside it are read")
+    if not path.is_file():
+        raise CdiffError(f"{manifest} names {name!r}, which is not a regular file in {folder}")
+    return path
+
+
 def _token_files(folder: Path, weights_file: Path) -> list[Path]:
     """Token files beside the weights, in the manifest's order if we exported them."""
     manifest = folder / EXPORT_MANIFEST
     if manifest.is_file():
         try:
             entries = json.loads(manifest.read_text(encoding="utf-8"))["tokens"]
-            return [folder / e["file"] for e in entries]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CdiffError(f"{manifest} is not a valid cdiff export manifest: {e}") from e
+            names = [e["file"] for e in entries]
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise CdiffError(f"{manifest} is not a valid cdiff export manifest: {first_line(e)}") from e
+        return [_inside(folder, n, manifest) for n in names]
     skip = {weights_file.name, WEIGHTS_SAFE, WEIGHTS_BIN, CDIFF_FILE, REFERENCE_FILE}
     files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.name not in skip and p.is_file()]
     return sorted(files, key=_natural_key)
@@ -443,10 +484,12 @@ def _read_lora_export(folder: Path) -> tuple[Path, list[str], torch.Tensor, torc
     try:
         manifest = json.loads((folder / LORA_MANIFEST).read_text(encoding="utf-8"))
         entries = manifest["tokens"]
-        lora_file = folder / manifest["lora"]
-        files = [(str(e["token"]), folder / e["file"]) for e in entries]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        lora_name = manifest["lora"]
+        names = [(str(e["token"]), e["file"]) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CdiffError(f"{folder / LORA_MANIFEST} is not a valid cdiff LoRA export manifest: {first_line(e)}") from e
+    lora_file = _inside(folder, lora_name, folder / LORA_MANIFEST)
+    files = [(t, _inside(folder, f, folder / LORA_MANIFEST)) for t, f in names]
     read = [_read_token_file(f) for _, f in files]
     return lora_file, [t for t, _ in files], *_stack_pairs(folder, [(a, b) for _, a, b in read])
 

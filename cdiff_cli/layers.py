@@ -26,6 +26,11 @@ def trainable_names(unet: torch.nn.Module, mode: str = "kv") -> list[str]:
     return [n for n, _ in unet.named_parameters() if n.endswith(suffixes)]
 
 
+def mode_suffixes(mode: str) -> tuple[str, ...]:
+    """The parameter-name endings a registry delta of `mode` ("kv" or "crossattn") may hold."""
+    return _KV + (_QOUT if mode == "crossattn" else ())
+
+
 def is_kv(name: str) -> bool:
     """A cross-attention key or value weight (what Custom Diffusion trains and the merge constrains)."""
     return name.endswith(_KV)

@@ -17,6 +17,7 @@ and what ComfyUI, the webui and diffusers' `load_lora_weights` map back onto the
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -125,6 +126,16 @@ def export_lora(
 # --------------------------------------------------------------------------- reading LoRA files
 
 
+def _alpha(path: Path, module: str, value: torch.Tensor) -> float:
+    """A LoRA's alpha: one positive, finite number (0 would import nothing, a negative one the opposite)."""
+    if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise CdiffError(f"{path}: {module}.alpha is not a single number")
+    alpha = float(value.reshape(()))
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise CdiffError(f"{path}: {module}.alpha is {alpha}; a LoRA's alpha must be a positive number")
+    return alpha
+
+
 def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full fine-tuned weights W0 + (alpha / r) up @ down for a LoRA whose targets are all cross-attention
     k/v layers of the base; anything else is refused (cdiff's deltas and merges are defined on k/v)."""
@@ -147,12 +158,12 @@ def read_lora(path, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if "lora_up.weight" not in parts or "lora_down.weight" not in parts:
             raise CdiffError(f"{path}: {module} lacks lora_up or lora_down (not a plain LoRA: {', '.join(sorted(parts))})")
         up, down = parts["lora_up.weight"].float(), parts["lora_down.weight"].float()
-        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0] or up.shape[1] == 0:
             raise CdiffError(f"{path}: {module} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}")
         w0 = base_weights[param].detach().to("cpu", torch.float32)
         if (up.shape[0], down.shape[1]) != tuple(w0.shape):
             raise CdiffError(f"{path}: {module} is {up.shape[0]}x{down.shape[1]}, the base layer is {tuple(w0.shape)}")
-        scale = float(parts["alpha"]) / up.shape[1] if "alpha" in parts else 1.0
+        scale = _alpha(path, module, parts["alpha"]) / up.shape[1] if "alpha" in parts else 1.0
         weights[param] = w0 + scale * (up @ down)
     if not weights:
         raise CdiffError(f"{path}: no LoRA layers found")

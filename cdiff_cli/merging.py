@@ -130,8 +130,11 @@ def regulariser_gram(pipe, captions: list[str], cache_dir: Path | None, fingerpr
     G = gram(prompt_features(pipe, captions))
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        save_tensors({"gram": G.contiguous()}, tmp)
-        tmp.replace(path)
+        try:
+            save_tensors({"gram": G.contiguous()}, tmp)
+            tmp.replace(path)
+        except OSError:  # a cache that cannot be written costs only the time
+            tmp.unlink(missing_ok=True)
     return G
 
 

@@ -70,6 +70,21 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def check_delta_file(entry: Entry) -> None:
+    """The delta file is a regular file of the entry's own (never a link followed out of the registry) and the
+    one the manifest was written for (a swapped or damaged file is refused)."""
+    if entry.delta_path.is_symlink() or not entry.delta_path.is_file():
+        raise CdiffError(f"concept {entry.name!r}: {DELTA_FILE} is not a regular file (a link?); see `cdiff doctor`")
+    want = entry.manifest.get("content_hash")
+    if isinstance(want, str) and want.startswith("sha256:") and "sha256:" + file_sha256(entry.delta_path) != want:
+        raise CdiffError(f"concept {entry.name!r}: {DELTA_FILE} does not match the manifest's content_hash (changed "
+                         "or damaged since it was written; see `cdiff doctor`)")
+
+
+def _str(x) -> str:
+    return x if isinstance(x, str) else ""
+
+
 def _str_list(x) -> list[str]:
     return [t for t in x if isinstance(t, str)] if isinstance(x, list) else []
 
@@ -101,13 +116,35 @@ class Entry:
         b = self.manifest.get("base")
         return b if isinstance(b, dict) else {}
 
+    # Every field below is read as its type or a neutral value: a hand-edited manifest must not make
+    # `list` fail for the whole registry (`doctor` names what is wrong with it).
     @property
     def id(self) -> str:
-        return self.manifest.get("id", "")
+        return _str(self.manifest.get("id"))
 
     @property
     def kind(self) -> str:
-        return self.manifest.get("kind", "trained")
+        k = self.manifest.get("kind", "trained")
+        return k if isinstance(k, str) else "trained"
+
+    @property
+    def size_bytes(self) -> int:
+        n = self.manifest.get("size_bytes")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+
+    @property
+    def created(self) -> str:
+        return _str(self.manifest.get("created"))
+
+    @property
+    def parents(self) -> list[str]:
+        """The names of the entries a merge was made from."""
+        raw = self.manifest.get("parents")
+        return [p["name"] for p in raw if isinstance(p, dict) and isinstance(p.get("name"), str)] if isinstance(raw, list) else []
+
+    @property
+    def mode(self) -> str:
+        return _str(self.manifest.get("mode"))
 
     @property
     def delta_path(self) -> Path:
@@ -133,17 +170,25 @@ class Entry:
 
         if self.compressed and base_unet is None:
             raise CdiffError(f"concept {self.name!r} is compressed: load its base model to use it")
+        from cdiff_cli.delta import check_content
+
         if self.registry is None:
-            return Delta.load(self.delta_path, base_unet)
-        with self.registry.reading(self.name) as now:
-            if now.manifest.get("content_hash") != self.manifest.get("content_hash"):
-                raise CdiffError(f"concept {self.name!r} was replaced while this command ran; run it again")
-            return Delta.load(now.delta_path, base_unet)
+            delta = Delta.load(self.delta_path, base_unet)
+        else:
+            with self.registry.reading(self.name) as now:
+                if now.manifest.get("content_hash") != self.manifest.get("content_hash"):
+                    raise CdiffError(f"concept {self.name!r} was replaced while this command ran; run it again")
+                delta = Delta.load(now.delta_path, base_unet)  # (a file safetensors cannot read says so first)
+                check_delta_file(now)
+        check_content(delta, f"concept {self.name!r} is damaged (see `cdiff doctor`)")
+        return delta
 
 
 class Registry:
     def __init__(self, home: str | Path | None = None):
         self.home = Path(home) if home is not None else default_home()
+        if self.home.exists() and not self.home.is_dir():
+            raise CdiffError(f"the registry home {self.home} is not a folder (set CDIFF_HOME to a folder)")
         self.concepts = self.home / "concepts"
         self.cache = self.home / "cache"
         self.locks = self.home / "locks"
@@ -328,6 +373,15 @@ class Registry:
         d = self.cache.joinpath(*parts)
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def writable_cache_dir(self, *parts: str) -> Path | None:
+        """A cache folder to write into, or None where the registry is read-only (a shared mount): what the
+        cache would have kept is then recomputed in memory."""
+        try:
+            d = self.cache_dir(*parts)
+        except OSError:
+            return None
+        return d if os.access(d, os.W_OK) else None
 
 
 def base_record(spec_ref: str, unet) -> dict:

@@ -1,9 +1,15 @@
-"""Modifier tokens: validation, adding them to a tokenizer, and finding them in prompts.
+"""Modifier tokens: the grammar, adding them to a tokenizer, and finding them in prompts.
 
-Tokens are added with `tokenizer.add_tokens(str)`, exactly as diffusers' `load_textual_inversion`
-does, so a prompt tokenizes the same in cdiff and in a plain diffusers pipeline. CLIP tokenizers
-lower-case the text and match added tokens after that normalisation, so `V1` and `v1` are the same
-token; tokens are compared case-insensitively everywhere.
+The grammar (`validate_token`, wherever a token enters: train, add, imported metadata and embedding
+files): 1-40 printable ASCII characters, no spaces, commas, semicolons or quotes, at least one letter or
+digit (punctuation alone would match every prompt that uses it), not a tokenizer's special token
+(`<|endoftext|>` is the padding: loading it would change prompts without the token), and an all-letter
+token must be neither short nor an ordinary word.
+
+Tokens are added as single words (`AddedToken(single_word=True)`): `v1` matches in "a v1 cat" but not
+inside "v10" or "cv1", and `find_tokens` matches prompts the same way, so the concepts a prompt loads are
+the tokens the text encoder sees. CLIP tokenizers lower-case the text and match added tokens after that
+normalisation, so `V1` and `v1` are the same token; tokens are compared case-insensitively everywhere.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from cdiff_cli.errors import CdiffError
 if TYPE_CHECKING:
     import torch
 
-_TOKEN_RE = re.compile(r"^[^\s,;\"']{1,40}$")
+_TOKEN_RE = re.compile(r"[!-~]{1,40}")  # printable ASCII: no spaces, no invisible or look-alike characters
+_FORBIDDEN = set(",;\"'")
 
 
 def canonical(token: str) -> str:
@@ -31,8 +38,15 @@ def validate_token(token: str, tokenizer=None, ordinary_words: set[str] | None =
     token would split other words (`at` inside `cat`), so those are refused. Tokens with a digit or
     punctuation (`<mycat>`, `V1`) are safe.
     """
-    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):  # fullmatch: `$` also matches before a final newline
-        raise CdiffError(f"invalid token {token!r}: use 1-40 characters without spaces, commas or quotes")
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token) or _FORBIDDEN & set(token):
+        raise CdiffError(f"invalid token {token!r}: use 1-40 printable ASCII characters without spaces, commas, "
+                         "semicolons or quotes")
+    if not any(c.isalnum() for c in token):
+        raise CdiffError(f"invalid token {token!r}: it needs a letter or a digit (punctuation alone would match "
+                         "every prompt that uses it)")
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    if "<|" in token or "|>" in token or token in specials or canonical(token) in {canonical(t) for t in specials}:
+        raise CdiffError(f"invalid token {token!r}: it is (or looks like) one of the tokenizer's special tokens")
     low = canonical(token)
     if low.isalpha():
         if len(low) < 4:
@@ -79,10 +93,12 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], embeddings: torch.Ten
     width = text_encoder.get_input_embeddings().weight.shape[1]
     if embeddings is not None and embeddings.shape[1] != width:  # checked first: a refusal changes nothing
         raise CdiffError(f"token embeddings are {embeddings.shape[1]}-wide but this base's text encoder is {width}-wide")
+    from tokenizers import AddedToken
+
     vocab = tokenizer.get_vocab()
     for tok in tokens:
         if tok not in vocab and tok.lower() not in vocab:
-            tokenizer.add_tokens(tok)
+            tokenizer.add_tokens(AddedToken(tok, single_word=True))  # never inside another word (module doc)
     emb = text_encoder.get_input_embeddings()
     if len(tokenizer) > emb.weight.shape[0]:
         text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -95,9 +111,21 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], embeddings: torch.Ten
 
 
 def find_tokens(prompt: str, known: list[str]) -> list[str]:
-    """Known tokens that occur in `prompt` (case-insensitive, as the tokenizer matches them)."""
+    """Known tokens that occur in `prompt` as words of their own (case-insensitive), as the tokenizer matches
+    tokens added as single words: `v1` is in "a v1 cat" and "(v1)" but not in "v10" or "cv1"."""
     low = prompt.lower()
-    return [t for t in known if canonical(t) in low]
+    return [t for t in known if re.search(rf"(?<!\w){re.escape(canonical(t))}(?!\w)", low)]
+
+
+def tokens_past_limit(tokenizer, prompt: str, tokens: list[str]) -> list[str]:
+    """Tokens of `prompt` that fall past the text encoder's window (77 tokens for CLIP): the encoder never
+    sees them, and diffusers drops them with a warning cdiff's output would hide."""
+    limit = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
+    if len(ids) <= limit:
+        return []
+    kept = set(ids[: limit - 1])  # the last place is the end-of-text token
+    return [t for t, i in zip(tokens, token_ids(tokenizer, tokens)) if i in ids and i not in kept]
 
 
 _ANGLE_RE = re.compile(r"<[^<>\s]+>")

@@ -22,12 +22,21 @@ from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_devic
 from cdiff_cli.captions import load_captions
 from cdiff_cli.data import ImageItem, check_images, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
-from cdiff_cli.delta import Delta, apply_delta
+from cdiff_cli.delta import Delta, apply_delta, check_content
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped, reason
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.prompts import TOKEN_MARK, instance_prompt, own_caption
-from cdiff_cli.registry import SAMPLES_FILE, Entry, Registry, base_record, check_same_base, same_base, validate_name
+from cdiff_cli.registry import (
+    SAMPLES_FILE,
+    Entry,
+    Registry,
+    base_record,
+    check_delta_file,
+    check_same_base,
+    same_base,
+    validate_name,
+)
 from cdiff_cli.samples import check_settings as check_sample_settings
 from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
@@ -355,7 +364,7 @@ def _launched_accelerator():
 def _gram(registry: Registry, pipe, fp: str):
     from cdiff_cli.merging import regulariser_gram
 
-    return regulariser_gram(pipe, list(load_captions()), registry.cache_dir("gram"), fp)
+    return regulariser_gram(pipe, list(load_captions()), registry.writable_cache_dir("gram"), fp)
 
 
 def _merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress):
@@ -385,6 +394,8 @@ def merge_entries(
         raise CdiffError("give at least two concepts to merge")
     if len(set(names)) != len(names):
         raise CdiffError("each concept may be named only once")
+    if ridge is not None and not (math.isfinite(ridge) and ridge > 0):
+        raise CdiffError(f"--ridge must be a positive number, not {ridge}")
     out_name = "+".join(names) if out_name is None else out_name  # --name "" is refused, not the default
     validate_name(out_name)
     if registry.exists(out_name) and not force:
@@ -438,7 +449,7 @@ def resolve_prompt(registry: Registry, prompt: str, concepts: list[str] | None =
     if len(entries) > 1:
         wanted = {e.name for e in entries}
         for e in registry.entries():
-            if e.kind == "merged" and {p["name"] for p in e.manifest.get("parents", [])} == wanted:
+            if e.kind == "merged" and set(e.parents) == wanted:
                 return [e]
     return entries
 
@@ -489,17 +500,27 @@ def _write_delta(registry, pipe, spec, entries: list[Entry], ridge: float | None
         delta = entries[0].load_delta(pipe.unet)
     else:
         ridge = DEFAULT_RIDGE if ridge is None else ridge
-        key = hashlib.sha256(json.dumps([sorted(e.manifest.get("content_hash", e.id) for e in entries), ridge]).encode())
-        cached = registry.cache_dir("merges") / f"{key.hexdigest()[:20]}.safetensors"
-        if cached.is_file():
+        key = hashlib.sha256(json.dumps([sorted(str(e.manifest.get("content_hash", e.id)) for e in entries), ridge]).encode())
+        folder = registry.writable_cache_dir("merges")  # None on a read-only registry: merged in memory
+        cached = folder / f"{key.hexdigest()[:20]}.safetensors" if folder is not None else None
+        if cached is not None and cached.is_file():
             delta = Delta.load(cached)
         else:
             delta, _ = _merge_loaded(registry, pipe, fp, entries, ridge, progress)
-            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")  # concurrent `gen`s never share one
-            delta.save(tmp)
-            tmp.replace(cached)
+            if cached is not None:
+                _cache_merge(delta, cached)
     apply_delta(pipe, delta)
     return delta
+
+
+def _cache_merge(delta: Delta, cached: Path) -> None:
+    """Keep a merge for the next `gen`; a cache that cannot be written (a full disk) costs only the time."""
+    tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")  # concurrent `gen`s never share one
+    try:
+        delta.save(tmp)
+        tmp.replace(cached)
+    except Exception:  # OSError, or safetensors' own error type on a full disk
+        tmp.unlink(missing_ok=True)
 
 
 # -- add / export ----------------------------------------------------------------------------------
@@ -526,6 +547,7 @@ def import_entry(
     fmt = detect_format(path)
     spec, pipe = _load_export_base(path, base)
     delta = load_delta_file(path, base_unet=pipe.unet, token_rename=tokens or None, embeddings=embeddings)
+    check_content(delta, path)
     check_against_base(delta, pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
     for t in delta.tokens:
         validate_token(t, pipe.tokenizer)
@@ -647,6 +669,7 @@ def _export_files(registry, entry: Entry, fmt: str, out_dir: Path, base, rank, e
     if fmt == "cdiff":  # the entry as stored (compressed or not), with its manifest
         out_dir.mkdir(parents=True, exist_ok=True)
         with registry.reading(name) as now:  # delta and manifest of one version, never a partial copy
+            check_delta_file(now)
             shutil.copyfile(now.delta_path, out_dir / "delta.safetensors")
             (out_dir / "manifest.json").write_text(json.dumps(now.manifest, indent=2) + "\n", encoding="utf-8")
         return [out_dir / "delta.safetensors", out_dir / "manifest.json"], {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -181,6 +182,14 @@ def test_existing_name_is_not_replaced_without_force(home, world):
         ("chair", "ordinary word"),
         ("<MyCat>", "already used by concept 'mycat'"),  # tokens are case-insensitive
         ("my token", "invalid token"),
+        # the token grammar: no special tokens, no punctuation alone, printable ASCII only
+        ("<|endoftext|>", "special tokens"),
+        ("<|startoftext|>", "special tokens"),
+        (".", "needs a letter or a digit"),
+        ("<>", "needs a letter or a digit"),
+        ("a\u200bb1", "printable ASCII"),  # a zero-width space inside
+        ("caf\u00e9x1", "printable ASCII"),
+        ("v1;", "semicolons"),
     ],
 )
 def test_train_token_collision(token, match, home, world):
@@ -198,6 +207,33 @@ def test_add_token_of_another_concept(home, world):
     # The cdiff export of `mycat` carries the token <mycat>, which `mycat` owns.
     expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--base", world["sd1"]], 1,
                    "already used by concept 'mycat'", home)
+
+
+@pytest.mark.parametrize("token, match", [("<|endoftext|>", "special tokens"), (".", "needs a letter or a digit")])
+def test_add_rename_to_a_token_outside_the_grammar(token, match, home, world):
+    expect_failure(["add", "copy", world["exports"] / "mycat-cdiff", "--token", token, "--base", world["sd1"]], 1,
+                   match, home)
+
+
+def test_add_embedding_file_naming_a_special_token(home, world, tmp_path):
+    """A token name carried inside an imported file is held to the same grammar."""
+    folder = tmp_path / "exp"
+    shutil.copytree(world["exports"] / "sd2cat-diffusers", folder)
+    token_file = next(p for p in folder.glob("*.safetensors") if p.name != "pytorch_custom_diffusion_weights.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    (value,) = load_file(str(token_file)).values()
+    save_file({"<|endoftext|>": value}, str(token_file))
+    expect_failure(["add", "evil", folder, "--base", world["sd2"]], 1, "special tokens", home)
+
+
+def test_gen_warns_when_the_token_falls_past_the_77_token_limit(home, tmp_path):
+    long = "a " * 80 + "photo of a <mycat> cat"
+    r = runner.invoke(app, ["gen", long, *GEN, "-o", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    assert "<mycat> falls past the limit" in r.stderr
+    r = runner.invoke(app, ["gen", "photo of a <mycat> cat", *GEN, "-o", str(tmp_path / "g")])
+    assert r.exit_code == 0 and "past the limit" not in r.stderr
 
 
 def test_add_rename_to_a_vocabulary_word(home, world):
@@ -427,6 +463,20 @@ BAD_OPTIONS = {
     "compress-energy-1.5": (["compress", "mycat", "--energy", "1.5"], 1, "--energy"),
     "compress-rank-and-energy": (["compress", "mycat", "--rank", "2", "--energy", "0.9"], 1, "not both"),
     "merge-ridge-not-a-number": (["merge", "mycat", "sd2cat", "--ridge", "lots"], 2, "'--ridge'"),
+    "merge-ridge-negative": (["merge", "mycat", "sd2cat", "--ridge", "-1"], 1, "--ridge must be a positive number"),
+    "merge-ridge-nan": (["merge", "mycat", "sd2cat", "--ridge", "nan"], 1, "--ridge must be a positive number"),
+    # Sizes and counts past any real use stop at once instead of being OOM-killed or running for days.
+    "gen-steps-1e9": (["gen", "a photo", "--steps", "1000000000"], 2, "'--steps'"),
+    "gen-height-100000": (["gen", "a photo", "--height", "100000"], 2, "'--height'"),
+    "gen-num-1e9": (["gen", "a photo", "-n", "1000000000"], 2, "'-n'"),
+    "gen-guidance-nan": (["gen", "a photo", "--guidance", "nan"], 2, "'--guidance'"),
+    "gen-guidance-inf": (["gen", "a photo", "--guidance", "inf"], 2, "'--guidance'"),
+    "gen-seed-2-64": (["gen", "a photo", "--seed", str(2**64)], 2, "'--seed'"),
+    "train-batch-size-100000": (["train", "x", "IMGS", "--class", "cat", "--batch-size", "100000"], 2, "'--batch-size'"),
+    "train-resolution-100000": (["train", "x", "IMGS", "--class", "cat", "--resolution", "100000"], 2, "'--resolution'"),
+    "train-seed-negative": (["train", "x", "IMGS", "--class", "cat", "--seed", "-1"], 2, "'--seed'"),
+    "eval-steps-1e9": (["eval", "mycat", "--steps", "1000000000"], 2, "'--steps'"),
+    "eval-guidance-nan": (["eval", "mycat", "--guidance", "nan"], 2, "'--guidance'"),
     "unknown-command": (["bogus"], 2, "no such command"),
     "unknown-option": (["list", "--bogus"], 2, "no such option"),
 }
@@ -638,3 +688,250 @@ def test_a_token_taken_while_a_run_trained_is_refused_when_the_entry_is_written(
     # a merge shares its parents' tokens, and replacing an entry keeps its own
     reg.create("m", delta, {"kind": "merged", "classes": ["cat"], "parents": [{"name": "mycat"}]})
     reg.create("mycat", delta, {**reg.get("mycat").manifest}, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------- what deltas contain
+
+
+def _rewrite_delta(src: Path, dst: Path, change) -> Path:
+    """A copy of the cdiff delta `src` at `dst`, its tensors and metadata passed through `change(tensors, meta)`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(tensors, meta)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _first_layer(tensors: dict) -> str:
+    return next(k for k in tensors if k.startswith("unet."))
+
+
+def _nan(t, m):
+    t[_first_layer(t)][0, 0] = float("nan")
+
+
+def _inf_embedding(t, m):
+    t["text.token_embeddings"][0, 0] = float("inf")
+
+
+def _ints(t, m):
+    k = _first_layer(t)
+    t[k] = t[k].to(torch.int32)
+
+
+def _bools(t, m):
+    k = _first_layer(t)
+    t[k] = t[k] > 0
+
+
+def _whole_unet_layer(t, m):
+    k = _first_layer(t)
+    t[k.replace("attn2.to_k", "attn1.to_q")] = t[k].clone()
+
+
+def _qout_in_kv_mode(t, m):
+    k = _first_layer(t)
+    t[k.replace("attn2.to_k", "attn2.to_q").replace("attn2.to_v", "attn2.to_q")] = t[k].clone()
+
+
+def _unknown_mode(t, m):
+    m["mode"] = "everything"
+
+
+def _no_token(t, m):
+    m["tokens"] = "[]"
+    t["text.token_embeddings"] = t["text.token_embeddings"][:0].contiguous()
+
+
+def _no_tokens_metadata(t, m):
+    del m["tokens"]  # was `KeyError: 'tokens'`
+
+
+def _tokens_not_a_list(t, m):
+    m["tokens"] = '{"a": 1}'
+
+
+BAD_CONTENT = {
+    "tokens-metadata-missing": (_no_tokens_metadata, "token list"),
+    "tokens-metadata-not-a-list": (_tokens_not_a_list, "token list"),
+    "nan-weight": (_nan, "NaN or infinite"),
+    "inf-embedding": (_inf_embedding, "NaN or infinite"),
+    "int-weights": (_ints, "int32 values"),
+    "bool-weights": (_bools, "bool values"),
+    "a-self-attention-layer": (_whole_unet_layer, "not a cross-attention"),
+    "q-in-kv-mode": (_qout_in_kv_mode, "not a cross-attention"),
+    "unknown-mode": (_unknown_mode, "mode 'everything'"),
+    "no-token": (_no_token, "no token"),
+}
+
+
+@pytest.mark.parametrize("change, match", BAD_CONTENT.values(), ids=BAD_CONTENT.keys())
+def test_add_refuses_what_a_delta_must_not_contain(change, match, home, world, tmp_path):
+    src = world["exports"] / "mycat-cdiff"
+    folder = tmp_path / "bad"
+    shutil.copytree(src, folder)
+    _rewrite_delta(src / "delta.safetensors", folder / "delta.safetensors", change)
+    expect_failure(["add", "evil", folder, "--base", world["sd1"]], 1, match, home)
+
+
+@pytest.mark.parametrize("alpha, match", [(0.0, "alpha is 0.0"), (float("nan"), "alpha is nan"), (-4.0, "alpha is -4.0"),
+                                          ([1.0, 2.0], "not a single number")])
+def test_add_refuses_a_lora_with_a_bad_alpha(alpha, match, home, world, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lora = out / "mycat.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k in tensors if k.endswith(".alpha"))
+    tensors[key] = torch.tensor(alpha, dtype=torch.float32)
+    save_file(tensors, str(lora), metadata=meta)
+    expect_failure(["add", "evil", out, "--base", world["sd1"], "--token", "<evil>"], 1, match, home)
+
+
+def test_an_entry_whose_delta_was_poisoned_is_refused_on_read_and_found_by_doctor(home, tmp_path):
+    """A registry entry rewritten by hand (content hash updated too) with NaN weights: `gen` refuses it in one
+    line instead of drawing black images, and `doctor` names it."""
+    entry = home / "concepts" / "mycat"
+    _rewrite_delta(entry / "delta.safetensors", entry / "delta.safetensors", _nan)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest["content_hash"] = "sha256:" + hashlib.sha256((entry / "delta.safetensors").read_bytes()).hexdigest()
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    expect_failure(["gen", "photo of a <mycat> cat", *GEN, "-o", tmp_path / "g"], 1, "NaN or infinite", home)
+    assert not (tmp_path / "g").exists()
+    r = runner.invoke(app, ["doctor", "--json"])
+    found = json.loads(r.stdout)
+    assert any(f["name"] == "mycat" and "NaN" in f["detail"] for f in found), found
+
+
+def test_a_pickle_that_would_inflate_past_the_limit_is_refused_before_it_is_read(home, world, tmp_path, monkeypatch):
+    """A zip member can inflate a thousandfold (an 8 MB delta.bin to 8 GiB); the declared sizes are checked
+    first. The limit is lowered here so that the test file stays small."""
+    import zipfile
+
+    from cdiff_cli import formats
+
+    monkeypatch.setattr(formats, "MAX_EXPANDED_BYTES", 1_000_000)
+    bomb = tmp_path / "bomb" / "delta.bin"
+    bomb.parent.mkdir()
+    torch.save({"unet": {"x": torch.zeros(300_000)}, "modifier_token": {"<b>": torch.zeros(4)}}, bomb)
+    with zipfile.ZipFile(bomb) as z:
+        assert sum(i.file_size for i in z.infolist()) > 1_000_000
+    assert bomb.stat().st_size > 1_000_000  # (torch.save stores; a real bomb deflates: same declared size)
+    expect_failure(["add", "bomb", bomb.parent, "--base", world["sd1"]], 1, "would expand to", home)
+
+
+def test_add_of_a_fifo_does_not_wait_forever(home, world, tmp_path):
+    fifo = tmp_path / "delta.bin"
+    os.mkfifo(fifo)
+    expect_failure_process(["add", "pipe", fifo, "--base", world["sd1"]], 1, "not a regular file", home, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------- a damaged registry
+
+
+@pytest.mark.parametrize("field, value", [("size_bytes", "big"), ("created", 5), ("parents", [1, {"x": 2}]),
+                                          ("id", ["a"]), ("kind", 3), ("mode", None), ("train", "lots"),
+                                          ("compression", {"min_rank": 1}), ("source", [1]), ("metrics", {"baseline": 4})])
+def test_a_hand_edited_manifest_field_never_breaks_list_or_show(field, value, home):
+    path = home / "concepts" / "mycat" / "manifest.json"
+    m = json.loads(path.read_text())
+    m[field] = value
+    path.write_text(json.dumps(m))
+    for args in (["list"], ["list", "--json"], ["show", "mycat"], ["show", "sd2cat"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, (args, r.output)
+        assert "Traceback" not in r.output
+        assert "sd2cat" in r.stdout if args[0] == "list" else args[1] in r.stdout
+
+
+def test_a_swapped_delta_is_refused_by_its_content_hash(home, tmp_path):
+    shutil.copyfile(home / "concepts" / "sd2cat" / "delta.safetensors", home / "concepts" / "mycat" / "delta.safetensors")
+    expect_failure(["gen", "photo of a <mycat> cat", *GEN, "-o", tmp_path / "g"], 1, "content_hash", home)
+
+
+def test_a_home_that_is_a_file_is_refused(tmp_path, monkeypatch):
+    f = tmp_path / "home"
+    f.write_text("not a folder")
+    monkeypatch.setenv("CDIFF_HOME", str(f))
+    r = runner.invoke(app, ["list"])
+    assert r.exit_code == 1 and r.stderr.strip() == f"error: the registry home {f} is not a folder (set CDIFF_HOME to a folder)"
+
+
+def test_gen_with_two_concepts_on_a_read_only_registry(home, world, tmp_path, monkeypatch):
+    """The merge cache cannot be written (a read-only mount): the merge is made in memory, and `gen` works."""
+    r = runner.invoke(app, ["add", "twin", str(world["exports"] / "mycat-cdiff"), "--token", "<twin>",
+                            "--base", str(world["sd1"])])
+    assert r.exit_code == 0, r.output
+
+    def read_only(self, *parts):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(Registry, "cache_dir", read_only)
+    r = runner.invoke(app, ["gen", "a <mycat> cat and a <twin> cat", *GEN, "-o", str(tmp_path / "g"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(json.loads(r.stdout)["concepts"]) == ["mycat", "twin"]
+    assert not list((home / "cache").glob("merges/*"))
+
+
+# ------------------------------------------------------------------------------------------- paths from files
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/hostname", "sub/../../outside.safetensors", 5])
+def test_an_export_manifest_naming_a_file_outside_its_folder_is_refused(name, home, world, tmp_path):
+    folder = tmp_path / "exp"
+    shutil.copytree(world["exports"] / "sd2cat-diffusers", folder)
+    shutil.copyfile(next(folder.glob("<*.safetensors")), tmp_path / "outside.safetensors")
+    manifest = json.loads((folder / "cdiff_export.json").read_text())
+    manifest["tokens"][0]["file"] = name
+    (folder / "cdiff_export.json").write_text(json.dumps(manifest))
+    expect_failure(["add", "evil", folder, "--base", world["sd2"]], 1, "only files inside", home)
+
+
+def test_a_lora_manifest_leading_out_through_a_link_is_refused(home, world, tmp_path):
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    shutil.move(str(out / "mycat.safetensors"), secret / "mycat.safetensors")
+    (out / "mycat.safetensors").symlink_to(secret / "mycat.safetensors")
+    expect_failure(["add", "evil", out, "--base", world["sd1"], "--token", "<evil>"], 1, "leads out of its folder", home)
+
+
+def test_a_symlinked_delta_in_the_registry_is_not_followed(home, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    delta = home / "concepts" / "mycat" / "delta.safetensors"
+    delta.unlink()
+    delta.symlink_to(secret)
+    expect_failure(["export", "mycat", "--format", "cdiff", "-o", tmp_path / "out"], 1, "not a regular file", home)
+    assert not (tmp_path / "out" / "delta.safetensors").exists()
+
+
+def test_add_refuses_a_lora_of_rank_zero(home, world, tmp_path):
+    """Factors of rank 0 used to divide alpha by zero (`ZeroDivisionError`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lora = out / "mycat.safetensors"
+    with safe_open(str(lora), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    for k in list(tensors):
+        if k.endswith("lora_up.weight"):
+            tensors[k] = tensors[k][:, :0].contiguous()
+        elif k.endswith("lora_down.weight"):
+            tensors[k] = tensors[k][:0].contiguous()
+    save_file(tensors, str(lora), metadata=meta)
+    expect_failure(["add", "evil", out, "--base", world["sd1"], "--token", "<evil>"], 1, "factors of shapes", home)

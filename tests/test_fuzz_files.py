@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from cdiff_cli.delta import Delta
@@ -33,6 +33,28 @@ def test_prompt_parsing_never_fails(prompt, known):
     assert all(t in known and t.lower() in prompt.lower() for t in found)
 
 
+KNOWN = ["<mycat>", "v1", "sksx1", "<a.b>"]
+
+
+@FUZZ
+@given(st.text(max_size=60))
+def test_a_prompt_without_a_registry_token_resolves_no_concept(prompt):
+    assume(not any(k in prompt.lower() for k in KNOWN))
+    assert find_tokens(prompt, KNOWN) == []
+
+
+@FUZZ
+@given(st.text(max_size=8), st.sampled_from(KNOWN), st.text(max_size=8))
+def test_a_token_counts_only_as_a_word_of_its_own(before, token, after):
+    """As the tokenizer splits tokens added as single words: "v1" is not in "v10" or "cv1"."""
+    prompt = before + token.upper() + after
+    alone = not (before[-1:].isalnum() or before[-1:] == "_") and not (after[:1].isalnum() or after[:1] == "_")
+    if alone:
+        assert token in find_tokens(prompt, KNOWN)
+    elif not any(k in (before + after).lower() for k in KNOWN):
+        assert token not in find_tokens(prompt, KNOWN)
+
+
 @FUZZ
 @given(st.one_of(st.text(max_size=50), st.from_regex(r"<[a-z0-9_-]{1,12}>", fullmatch=True)))
 def test_a_token_is_refused_clearly_or_is_one_prompt_word(token):
@@ -42,6 +64,7 @@ def test_a_token_is_refused_clearly_or_is_one_prompt_word(token):
         assert "\n" not in str(e)
         return
     assert out == token and token and not any(c.isspace() for c in token) and "," not in token
+    assert token.isascii() and token.isprintable() and any(c.isalnum() for c in token) and "<|" not in token
 
 
 @FUZZ

@@ -10,18 +10,18 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.defaults import DEFAULT_CLIP, PAPER_DINO, SCHEDULERS
+from cdiff_cli.defaults import DEFAULT_CLIP, LIMITS, PAPER_DINO, SCHEDULERS
 
 
 @command("eval", loads_models=True)
 def eval_cmd(
     names: Annotated[list[str], typer.Argument(help="Concept name(s) to evaluate.", show_default=False)],
-    n: Annotated[int, typer.Option("-n", "--num", help="Images per prompt.")] = 2,
-    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 6.0,
-    seed: Annotated[int, typer.Option(help="Seed of the first image of every prompt; image i uses seed + i (same for the base).")] = 0,
-    height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Image width (default: the base's native size).", show_default=False)] = None,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, max=LIMITS.images, help="Images per prompt.")] = 2,
+    steps: Annotated[int, typer.Option(min=1, max=LIMITS.sample_steps, help="Sampling steps.")] = 25,
+    guidance: Annotated[float, typer.Option(min=0.0, max=LIMITS.guidance, help="Classifier-free guidance scale.")] = 6.0,
+    seed: Annotated[int, typer.Option(min=0, max=LIMITS.seed, help="Seed of the first image of every prompt; image i uses seed + i (same for the base).")] = 0,
+    height: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image height (default: the base's native size).", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image width (default: the base's native size).", show_default=False)] = None,
     scheduler: Annotated[str, typer.Option(help=f"Sampler: {', '.join(SCHEDULERS)}.")] = "dpm",
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file, one per line: '{}' is 'TOKEN CLASS', "
                                                     "'{0}', '{1}' one concept each; lines without a placeholder are used as is. "
@@ -31,7 +31,7 @@ def eval_cmd(
     clip: Annotated[str, typer.Option("--clip", help="CLIP model (hub id or local folder) for text and image alignment.")] = DEFAULT_CLIP,
     dino: Annotated[Optional[str], typer.Option("--dino", help=f"Also score image alignment with this DINO/ViT model (the paper: {PAPER_DINO}).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder for images and the report. Default: cdiff-eval/NAME[+NAME...].", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=LIMITS.gen_batch_size, help="Images per pipeline call.")] = 4,
     save: Annotated[bool, typer.Option("--save/--no-save", help="Store the scores in each concept's manifest (shown by `cdiff show`/`list`).")] = True,
     base: Base = None,
     precision: Annotated[Precision, typer.Option(help="Weights precision on a GPU.")] = Precision.fp16,

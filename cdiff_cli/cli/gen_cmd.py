@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from enum import Enum
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Base, Device, Json, Precision, registry
 from cdiff_cli.cli._term import term
-from cdiff_cli.defaults import GEN, SCHEDULERS
+from cdiff_cli.defaults import GEN, LIMITS, SCHEDULERS
 
 Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULERS}, type=str)
 
@@ -20,17 +21,17 @@ Scheduler = Enum("Scheduler", {name.replace("-", "_"): name for name in SCHEDULE
 @command("gen", loads_models=True)
 def gen_cmd(
     prompt: Annotated[str, typer.Argument(help='Prompt, e.g. "<mycat> cat on <mychair> chair".')],
-    n: Annotated[int, typer.Option("-n", "--num", min=1, help="Number of images.")] = GEN.n,
-    steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = GEN.steps,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = GEN.guidance,
-    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = GEN.seed,
-    height: Annotated[Optional[int], typer.Option(help="Image height (default: the base's native size).", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Image width (default: the base's native size).", show_default=False)] = None,
+    n: Annotated[int, typer.Option("-n", "--num", min=1, max=LIMITS.images, help="Number of images.")] = GEN.n,
+    steps: Annotated[int, typer.Option(min=1, max=LIMITS.sample_steps, help="Sampling steps.")] = GEN.steps,
+    guidance: Annotated[float, typer.Option(min=0.0, max=LIMITS.guidance, help="Classifier-free guidance scale.")] = GEN.guidance,
+    seed: Annotated[int, typer.Option(min=0, max=LIMITS.seed, help="Seed of the first image; image i uses seed + i.")] = GEN.seed,
+    height: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image height (default: the base's native size).", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image width (default: the base's native size).", show_default=False)] = None,
     negative: Annotated[Optional[str], typer.Option(help="Negative prompt.", show_default=False)] = None,
     scheduler: Annotated[Scheduler, typer.Option(help="Sampler (default: DPM-Solver++ multistep).")] = Scheduler(GEN.scheduler),
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("cdiff-out"),
     concept: Annotated[Optional[list[str]], typer.Option("--concept", "-c", help="Use these entries (e.g. a merged one) instead of resolving tokens.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = GEN.batch_size,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=LIMITS.gen_batch_size, help="Images per pipeline call.")] = GEN.batch_size,
     base: Base = None,
     precision: Annotated[Precision, typer.Option(help="Weights precision. fp16 on a GPU by default; a CPU uses fp32 (bf16 if asked).")] = Precision(GEN.precision),
     low_memory: Annotated[bool, typer.Option("--low-memory", help="Small GPU: the base waits in CPU memory and diffusers' model CPU offload brings one model at a time (text encoder, UNet, VAE) to the GPU; images are decoded one at a time. A little slower.")] = False,
@@ -41,10 +42,13 @@ def gen_cmd(
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
     from cdiff_cli.errors import CdiffError
     from cdiff_cli.generation import sample, save_pngs, set_scheduler
+    from cdiff_cli.tokens import tokens_past_limit
     from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1:
         raise CdiffError("-n and --steps must be at least 1")
+    if not math.isfinite(guidance):
+        raise CdiffError(f"--guidance must be a finite number, not {guidance}")
     reg = registry()
     reg.check_outside(out)  # before any model loads
     entries = resolve_prompt(reg, prompt, concept)
@@ -52,6 +56,9 @@ def gen_cmd(
     spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision.value,
                                      offload="sequential" if offload else "model" if low_memory else None,
                                      progress=term.progress())
+    if lost := tokens_past_limit(pipe.tokenizer, prompt, [t for e in entries for t in e.tokens]):
+        term.warn(f"the prompt is longer than the text encoder's {pipe.tokenizer.model_max_length} tokens: "
+                  f"{', '.join(lost)} falls past the limit and is ignored; shorten the prompt or move it forward")
     scheduler = scheduler.value
     set_scheduler(pipe, scheduler)
     params = {"steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,

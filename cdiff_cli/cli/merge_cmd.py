@@ -16,7 +16,7 @@ from cdiff_cli.defaults import DEFAULT_RIDGE
 def merge_cmd(
     names: Annotated[list[str], typer.Argument(help="Two or more concept names.")],
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the merged entry. Default: A+B.", show_default=False)] = None,
-    ridge: Annotated[float, typer.Option(help="Relative ridge added to the caption Gram matrix (trace/d units) for a stable solve.")] = DEFAULT_RIDGE,
+    ridge: Annotated[float, typer.Option(help="Relative ridge added to the caption Gram matrix (trace/d units) for a stable solve; a positive number.")] = DEFAULT_RIDGE,
     base: Base = None,
     force: Force = False,
     as_json: Json = False,

@@ -30,12 +30,12 @@ def summary(e: Entry) -> dict:
         "classes": e.classes,
         "base": e.base.get("ref"),
         "base_fingerprint": e.base.get("fingerprint"),
-        "mode": m.get("mode"),
-        "size_bytes": m.get("size_bytes"),
-        "storage": m.get("storage", "full"),
-        "created": m.get("created"),
-        "parents": [p["name"] for p in m.get("parents", [])],
-        "metrics": m.get("metrics"),
+        "mode": e.mode,
+        "size_bytes": e.size_bytes,
+        "storage": "lowrank" if e.compressed else "full",
+        "created": e.created,
+        "parents": e.parents,
+        "metrics": m.get("metrics") if isinstance(m.get("metrics"), dict) else None,
     }
 
 
@@ -50,8 +50,8 @@ def list_cmd(as_json: Json = False):
         term.info("no concepts yet: train one with `cdiff train NAME IMAGES_DIR --class WORD`")
         return
     rows = [
-        [e.name, e.id, str(e.base.get("ref", "")), " ".join(e.tokens), human_size(e.manifest.get("size_bytes", 0)),
-         str(e.manifest.get("created", ""))[:19].replace("T", " ")]
+        [e.name, e.id, str(e.base.get("ref", "")), " ".join(e.tokens), human_size(e.size_bytes),
+         e.created[:19].replace("T", " ")]
         for e in entries
     ]
     columns = ["NAME", "ID", "BASE", "TOKENS", "SIZE", "CREATED"]
@@ -109,31 +109,44 @@ def show_cmd(name: Annotated[str, typer.Argument(help="Concept name.")], as_json
     m = e.manifest
     lines = [
         ("name", e.name), ("id", e.id), ("kind", e.kind), ("tokens", " ".join(e.tokens)),
-        ("classes", " ".join(e.classes)), ("mode", m.get("mode", "")),
+        ("classes", " ".join(e.classes)), ("mode", e.mode),
         ("base", f"{e.base.get('ref')} (fingerprint {e.base.get('fingerprint')})"),
-        ("size", human_size(m.get("size_bytes", 0))), ("created", m.get("created", "")),
+        ("size", human_size(e.size_bytes)), ("created", e.created),
         ("path", str(e.path)),
     ]
-    if m.get("parents"):
-        lines.append(("parents", ", ".join(p["name"] for p in m["parents"])))
-    if m.get("train"):
-        t = m["train"]
-        lines.append(("training", f"{t.get('steps')} steps, batch {t.get('batch_size')}, lr {t.get('effective_lr')}, "
-                                  f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}"))
-    if e.samples_path:
-        smp = m["samples"]
-        lines.append(("samples", f"{e.samples_path} (end of training; {len(smp.get('prompts') or [])} prompt(s) x "
-                                 f"{len(smp.get('seeds') or [])} seeds)"))
-    if m.get("compression"):
-        c = m["compression"]
-        lines.append(("compressed", f"low-rank, rank {c['min_rank']}-{c['max_rank']} "
-                                    f"({human_size(c['bytes_before'])} before); largest k/v output change on captions "
-                                    f"{100 * c['max_relative_output_diff']:.2f} %"))
-    if m.get("source"):
-        lines.append(("imported from", f"{m['source']['path']} ({m['source']['format']})"))
-    if isinstance(m.get("metrics"), dict):
-        lines += metrics_lines(m["metrics"])
+    if e.parents:
+        lines.append(("parents", ", ".join(e.parents)))
+    # The optional sections read nested fields: a hand-edited one is named, not a traceback.
+    for field, section in (("train", _training_lines), ("samples", _samples_lines), ("compression", _compression_lines),
+                           ("source", _source_lines), ("metrics", metrics_lines)):
+        if m.get(field):
+            try:
+                lines += section(m[field]) if field != "samples" else section(e)
+            except (KeyError, TypeError, AttributeError, ValueError):
+                lines.append((field, "unreadable (the manifest was changed by hand? see `cdiff doctor`)"))
     term.table(["FIELD", "VALUE"], [[k, str(v)] for k, v in lines])
+
+
+def _training_lines(t: dict) -> list[tuple[str, str]]:
+    return [("training", f"{t.get('steps')} steps, batch {t.get('batch_size')}, lr {t.get('effective_lr')}, "
+                         f"{t.get('resolution')} px, regularisation {t.get('regularisation', {}).get('kind')}")]
+
+
+def _samples_lines(e: Entry) -> list[tuple[str, str]]:
+    if not e.samples_path:
+        return []
+    smp = e.manifest["samples"]
+    return [("samples", f"{e.samples_path} (end of training; {len(smp.get('prompts') or [])} prompt(s) x "
+                        f"{len(smp.get('seeds') or [])} seeds)")]
+
+
+def _compression_lines(c: dict) -> list[tuple[str, str]]:
+    return [("compressed", f"low-rank, rank {c['min_rank']}-{c['max_rank']} ({human_size(c['bytes_before'])} before); "
+                           f"largest k/v output change on captions {100 * c['max_relative_output_diff']:.2f} %")]
+
+
+def _source_lines(src: dict) -> list[tuple[str, str]]:
+    return [("imported from", f"{src['path']} ({src['format']})")]
 
 
 @command("rm")
