@@ -34,3 +34,25 @@ def test_second_train_of_the_same_name_fails_clearly_and_the_lock_dies_with_the_
     assert third.returncode == 0, third.stderr
     assert (home / "concepts" / "x" / "manifest.json").is_file()
     assert not (home / "checkpoints" / "x").exists()
+
+
+def test_two_runs_of_different_names_with_one_token_leave_one_owner(home, sd1_base, cat_images):
+    """Started together, both runs pass the token check at their start; the check made again under the
+    registry's lock when an entry is written lets only one of them keep the token."""
+    env = {**os.environ, "CDIFF_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def start(name):
+        args = ["train", name, str(cat_images), "--class", "cat", "--token", "<same1>", "--base", str(sd1_base),
+                "--batch-size", "2", "--resolution", str(RES), "--reg", "none", "--aug-pool", "2", "--device", "cpu",
+                "--steps", "30", "--no-samples"]
+        return subprocess.Popen([sys.executable, "-m", "cdiff_cli", "-q", *args], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    runs = [start("first"), start("second")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in runs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for rc, err in results if rc == 1)
+    assert loser.startswith("error: ") and "already used by concept" in loser and "Traceback" not in loser
+    owners = [d.name for d in (home / "concepts").iterdir() if (d / "manifest.json").is_file()]
+    assert len(owners) == 1 and not list((home / "concepts").glob(".tmp-*"))
