@@ -193,3 +193,15 @@ def test_cli_starts_without_torch():
 
     code = "import sys, cdiff_cli.cli; bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; print(bad)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_an_unforeseen_failure_is_said_in_words():
+    from cdiff_cli.cli._app import in_words
+
+    assert in_words(RecursionError("maximum recursion depth exceeded")).startswith("the input is nested too deeply")
+    assert in_words(ZeroDivisionError("division by zero")).startswith("a value in the input led to a division by zero")
+    assert in_words(OSError(28, "No space left on device", "/x")) == "No space left on device: /x"
+    import shutil
+
+    assert in_words(shutil.SameFileError("a and b are the same file")).startswith("the source and the destination")
+    assert in_words(RuntimeError("boom")) == "unexpected error: RuntimeError: boom (set CDIFF_DEBUG=1 for details)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from contextlib import contextmanager
 
 import typer
@@ -82,6 +83,30 @@ def _one_line(message: str) -> str:
     return " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
+# Failures no check foresaw, said in words rather than as a bare exception name.
+_WORDS = {
+    "RecursionError": "the input is nested too deeply to read",
+    "ZeroDivisionError": "a value in the input led to a division by zero",
+    "MemoryError": "out of memory",
+    "SameFileError": "the source and the destination are the same file",
+    "KeyError": "a required field is missing",
+    "OverflowError": "a number is too large",
+}
+
+
+def in_words(e: Exception) -> str:
+    """One line for an unexpected exception: the system's words for an OSError (disk full, permission
+    denied...), else what went wrong in words, with the exception's own text for reference."""
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, shutil.SameFileError):
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    name, text = type(e).__name__, first_line(e)
+    detail = "" if text == name else text
+    words = _WORDS.get(name)
+    if words:
+        return f"{words}{f' ({detail})' if detail else ''} (set CDIFF_DEBUG=1 for details)"
+    return f"unexpected error: {name}{': ' + detail if detail else ''} (set CDIFF_DEBUG=1 for details)"
+
+
 def command(*args, loads_models: bool = False, **kwargs):
     """`@app.command` plus the error boundary: one clear line on stderr and an exit code, never a
     traceback (unless CDIFF_DEBUG=1). `loads_models`: the command loads diffusers/transformers models, so
@@ -111,11 +136,7 @@ def command(*args, loads_models: bool = False, **kwargs):
             except Exception as e:  # an unexpected failure still gets one line (set CDIFF_DEBUG=1 for the traceback)
                 if debug():
                     raise
-                if isinstance(e, OSError) and e.strerror:  # disk full, permission denied...: the system's words
-                    term.error(e.strerror + (f": {e.filename}" if e.filename else ""))
-                else:
-                    name, text = type(e).__name__, first_line(e)
-                    term.error(f"{name}{'' if text == name else ': ' + text} (set CDIFF_DEBUG=1 for details)")
+                term.error(in_words(e))
                 raise typer.Exit(1) from None
 
         return app.command(*args, **kwargs)(wrapper)
