@@ -63,9 +63,12 @@ def main() -> int:
                                     base=a.base, reg=RegOptions("generated", None, 2), device="cpu",
                                     checkpoint_every=0, resume=a.resume, progress=progress)
     except CdiffError as e:
-        print(f"rank {rank}: {e}", file=sys.stderr)
+        sys.stderr.write(f"rank {rank}: {e}\n")
         return e.exit_code
-    print(f"rank {rank}: trained, {result.processes} processes, losses {result.losses}")
+    # One write with its newline: print() writes the text and the newline apart when stdout is unbuffered
+    # (PYTHONUNBUFFERED=1), and the two processes' lines then run into each other on the shared pipe.
+    sys.stdout.write(f"rank {rank}: trained, {result.processes} processes, losses {result.losses}\n")
+    sys.stdout.flush()
     return 0
 
 

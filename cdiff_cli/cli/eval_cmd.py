@@ -26,8 +26,8 @@ def eval_cmd(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file, one per line: '{}' is 'TOKEN CLASS', "
                                                     "'{0}', '{1}' one concept each; lines without a placeholder are used as is. "
                                                     "Default: the built-in set for the concept's class.", show_default=False)] = None,
-    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", help="Use only the first K prompts (default: all).", show_default=False)] = None,
-    kid_samples: Annotated[int, typer.Option("--kid-samples", help="Images of 'photo of a CLASS' per model for the forgetting KID (0: skip).")] = 8,
+    max_prompts: Annotated[Optional[int], typer.Option("--max-prompts", min=1, max=LIMITS.images, help="Use only the first K prompts (default: all).", show_default=False)] = None,
+    kid_samples: Annotated[int, typer.Option("--kid-samples", min=0, max=LIMITS.images, help="Images of 'photo of a CLASS' per model for the forgetting KID (0: skip).")] = 8,
     clip: Annotated[str, typer.Option("--clip", help="CLIP model (hub id or local folder) for text and image alignment.")] = DEFAULT_CLIP,
     dino: Annotated[Optional[str], typer.Option("--dino", help=f"Also score image alignment with this DINO/ViT model (the paper: {PAPER_DINO}).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("-o", "--out", help="Output folder for images and the report. Default: cdiff-eval/NAME[+NAME...].", show_default=False)] = None,
