@@ -158,7 +158,7 @@ def generate(
     *,
     n: int = GEN.n,
     steps: int = GEN.steps,
-    guidance: float = GEN.guidance,
+    guidance: float | None = GEN.guidance,
     seed: int = GEN.seed,
     height: int | None = None,
     width: int | None = None,
@@ -173,15 +173,17 @@ def generate(
     progress: Progress = SILENT,
 ) -> list[Image]:
     """Images of `prompt`, as `cdiff gen` makes them (image i uses seed + i): the prompt's tokens load their
-    concepts (several are merged on the fly), or name the entries with `concepts`. Returns PIL images."""
-    from cdiff_cli.generation import sample, set_scheduler
+    concepts (several are merged on the fly), or name the entries with `concepts`. `guidance` None: the
+    base's own (3 on nano, else 6). Returns PIL images."""
+    from cdiff_cli.generation import base_guidance, sample, set_scheduler
     from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1 or batch_size < 1:
         raise CdiffError("n, steps and batch_size must be at least 1")
     reg = _registry(registry)
     entries = resolve_prompt(reg, prompt, concepts)
-    _, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision, progress=progress)
+    spec, pipe, _ = prepare_pipeline(reg, entries, base=base, device=device, precision=precision, progress=progress)
+    guidance = base_guidance(spec.ref) if guidance is None else guidance
     set_scheduler(pipe, scheduler)
     with progress.task("generating", n) as bar:
         return sample(pipe, prompt, n=n, steps=steps, guidance=guidance, seed=seed, height=height, width=width,

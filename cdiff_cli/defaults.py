@@ -44,13 +44,17 @@ class TrainDefaults:
     sample_every: int = 0  # samples only at the end of training
 
 
+DEFAULT_GUIDANCE = 6.0  # classifier-free guidance for Stable Diffusion bases
+WORLD_GUIDANCE = 3.0  # for a nano-world base, which follows its prompts best there (docs/nano-world.md)
+
+
 @dataclass(frozen=True)
 class GenDefaults:
     """`cdiff gen`'s (and `merge`'s ridge) defaults; the Python API's `generate` and `merge` read the same."""
 
     n: int = 1
     steps: int = 25
-    guidance: float = 6.0
+    guidance: float | None = None  # None: the base's own (generation.base_guidance: 3 on nano, else 6)
     seed: int = 0
     scheduler: str = "dpm"
     batch_size: int = 4

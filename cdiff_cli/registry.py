@@ -368,6 +368,7 @@ class Registry:
             trash = Path(tempfile.mkdtemp(prefix=f".rm-{name}-", dir=self.concepts))
             os.replace(entry.path, trash / name)
             shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(self.samples / name, ignore_errors=True)  # its training's sample grids
 
     def cache_dir(self, *parts: str) -> Path:
         d = self.cache.joinpath(*parts)

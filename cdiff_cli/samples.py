@@ -60,11 +60,9 @@ def check_settings(s: SampleSettings) -> None:
 
 
 def default_guidance(base_ref: str | None) -> float:
-    """The guidance scale a base draws best at: 3 for a nano-world base (measured in docs/nano-world.md),
-    else the usual 6."""
-    from cdiff_cli.world_eval import is_world_base
+    from cdiff_cli.generation import base_guidance
 
-    return 3.0 if is_world_base(base_ref) else GEN.guidance
+    return base_guidance(base_ref)
 
 
 @contextmanager

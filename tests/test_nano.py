@@ -154,3 +154,23 @@ def test_zero_snr_base_refuses_a_scheduler_that_would_drop_its_schedule(nano_pip
         assert pipe.scheduler.config.rescale_betas_zero_snr
         pipe.scheduler.set_timesteps(10)
         assert int(pipe.scheduler.timesteps[0]) == 999  # trailing spacing starts at the noisiest step
+
+
+def test_gen_uses_the_bases_own_guidance_unless_asked(tmp_path, monkeypatch, sd1_base):
+    """Without --guidance, `cdiff gen` samples nano at 3 (where it follows its prompts best) and other bases
+    at 6; an explicit value wins. The PNGs record what was used."""
+    import json as _json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cdiff_cli.cli import app
+
+    monkeypatch.setenv("CDIFF_HOME", str(tmp_path / "home"))
+    runner = CliRunner()
+    for base, extra, want in (("nano", [], 3.0), ("nano", ["--guidance", "5"], 5.0), (str(sd1_base), [], 6.0)):
+        r = runner.invoke(app, ["gen", "a red circle", "--base", base, "--steps", "2", "--device", "cpu",
+                                "-o", str(tmp_path / "out"), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        png = _json.loads(r.stdout)["images"][0]
+        assert _json.loads(Image.open(png).text["parameters"])["guidance"] == want, base

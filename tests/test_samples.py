@@ -96,6 +96,8 @@ def test_cli_samples_every_n_steps_and_keeps_the_last_in_the_entry(home, sd1_bas
     cdiff("train", "mycat", cat_images, "--class", "cat", "--base", sd1_base, *TRAIN, "--force")
     assert [p.name for p in (home / "samples" / "mycat").iterdir()] == ["step-000004.png"]
     assert json.loads(Image.open(kept).text["parameters"])["prompts"] == ["photo of a <mycat> cat"]
+    cdiff("rm", "-y", "mycat")  # the grids go with the entry
+    assert not (home / "samples" / "mycat").exists()
 
 
 def test_cli_no_samples(home, sd1_base, cat_images):

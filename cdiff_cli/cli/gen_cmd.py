@@ -23,7 +23,7 @@ def gen_cmd(
     prompt: Annotated[str, typer.Argument(help='Prompt, e.g. "<mycat> cat on <mychair> chair".')],
     n: Annotated[int, typer.Option("-n", "--num", min=1, max=LIMITS.images, help="Number of images.")] = GEN.n,
     steps: Annotated[int, typer.Option(min=1, max=LIMITS.sample_steps, help="Sampling steps.")] = GEN.steps,
-    guidance: Annotated[float, typer.Option(min=0.0, max=LIMITS.guidance, help="Classifier-free guidance scale.")] = GEN.guidance,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, max=LIMITS.guidance, help="Classifier-free guidance scale. Default: the base's own, 3 for the nano model (it follows its prompts best there), else 6.", show_default=False)] = GEN.guidance,
     seed: Annotated[int, typer.Option(min=0, max=LIMITS.seed, help="Seed of the first image; image i uses seed + i.")] = GEN.seed,
     height: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image height (default: the base's native size).", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Image width (default: the base's native size).", show_default=False)] = None,
@@ -41,13 +41,13 @@ def gen_cmd(
 ):
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
     from cdiff_cli.errors import CdiffError
-    from cdiff_cli.generation import sample, save_pngs, set_scheduler
+    from cdiff_cli.generation import base_guidance, sample, save_pngs, set_scheduler
     from cdiff_cli.tokens import tokens_past_limit
     from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1:
         raise CdiffError("-n and --steps must be at least 1")
-    if not math.isfinite(guidance):
+    if guidance is not None and not math.isfinite(guidance):
         raise CdiffError(f"--guidance must be a finite number, not {guidance}")
     reg = registry()
     reg.check_outside(out)  # before any model loads
@@ -59,6 +59,7 @@ def gen_cmd(
     if lost := tokens_past_limit(pipe.tokenizer, prompt, [t for e in entries for t in e.tokens]):
         term.warn(f"the prompt is longer than the text encoder's {pipe.tokenizer.model_max_length} tokens: "
                   f"{', '.join(lost)} falls past the limit and is ignored; shorten the prompt or move it forward")
+    guidance = base_guidance(spec.ref) if guidance is None else guidance
     scheduler = scheduler.value
     set_scheduler(pipe, scheduler)
     params = {"steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,
