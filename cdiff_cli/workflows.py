@@ -682,7 +682,7 @@ def _export_files(registry, entry: Entry, fmt: str, out_dir: Path, base, rank, e
     if fmt == "reference":
         return export_reference(delta, out_dir), {}
     if fmt == "lora":
-        from cdiff_cli.lora import export_lora
+        from cdiff_cli.formats.lora import export_lora
 
         base_weights = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
         meta = {"cdiff_entry": entry.name, "cdiff_base": str(spec.ref),

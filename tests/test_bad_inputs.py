@@ -817,9 +817,9 @@ def test_a_pickle_that_would_inflate_past_the_limit_is_refused_before_it_is_read
     first. The limit is lowered here so that the test file stays small."""
     import zipfile
 
-    from cdiff_cli import formats
+    from cdiff_cli.formats import sniff
 
-    monkeypatch.setattr(formats, "MAX_EXPANDED_BYTES", 1_000_000)
+    monkeypatch.setattr(sniff, "MAX_EXPANDED_BYTES", 1_000_000)
     bomb = tmp_path / "bomb" / "delta.bin"
     bomb.parent.mkdir()
     torch.save({"unet": {"x": torch.zeros(300_000)}, "modifier_token": {"<b>": torch.zeros(4)}}, bomb)
