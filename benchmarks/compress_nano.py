@@ -81,7 +81,7 @@ def main():
     X = torch.cat(prompt_features(base, list(load_captions())[:256]))
     pipe = load_pipeline("nano")
     cfg = TrainConfig(steps=args.steps, batch_size=4, lr=args.lr, scale_lr=False, resolution=64, seed=0, precision="fp32",
-                      aug=False)  # the demo's settings (cdiff_cli/demo.py)
+                      aug=False)  # the demo's settings (cdiff_cli/world/demo.py)
     delta = train(pipe, [Concept(token, cls, images, reg)], cfg).delta
     prompts = [t.format(f"{token} {cls}") for t in PROMPTS]
 

@@ -87,14 +87,14 @@ class Bench:
         import torch
         from PIL import Image
 
-        from cdiff_cli import oracle as O
         from cdiff_cli import world
-        from cdiff_cli import world_eval as WE
         from cdiff_cli.base import resolve_precision
         from cdiff_cli.data import list_images
         from cdiff_cli.features import load_clip
         from cdiff_cli.layers import fingerprint
         from cdiff_cli.regset import generated_regularisation
+        from cdiff_cli.world import oracle as O
+        from cdiff_cli.world import scores as WE
 
         self.args = args
         args.precision = resolve_precision(args.precision, torch.device("cpu"))
@@ -130,16 +130,16 @@ class Bench:
         return pipe
 
     def prompts(self, name: str) -> list[tuple[str, str]]:
-        from cdiff_cli import world_eval as WE
         from cdiff_cli.eval_prompts import strip_tokens
+        from cdiff_cli.world import scores as WE
 
         c = self.concepts[name]
         texts = WE.concept_prompts([f"{c['token']} {c['class']}"], [c["look"]])
         return [(p, strip_tokens(p, [c["token"]])) for p in texts]
 
     def pair_prompts(self, a: str, b: str) -> list[tuple[str, str]]:
-        from cdiff_cli import world_eval as WE
         from cdiff_cli.eval_prompts import strip_tokens
+        from cdiff_cli.world import scores as WE
 
         ca, cb = self.concepts[a], self.concepts[b]
         texts = WE.concept_prompts([f"{ca['token']} {ca['class']}", f"{cb['token']} {cb['class']}"], [ca["look"], cb["look"]])
@@ -169,7 +169,7 @@ class Bench:
 
 def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
     from cdiff_cli import metrics as M
-    from cdiff_cli import world_eval as WE
+    from cdiff_cli.world import scores as WE
 
     c = b.concepts[name]
     base = b.base_images[seed]
@@ -183,7 +183,7 @@ def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
     flat = [im for p, _ in prompts for im in imgs[p]]
     feats = b.clip.images(flat)
     texts = [t for _, t in prompts for _ in imgs[prompts[0][0]]]
-    from cdiff_cli import oracle as O
+    from cdiff_cli.world import oracle as O
 
     def tinted(images):
         return sum(WE._has_colour(O.read(im), c["look"]) for im in images) / len(images)
@@ -227,7 +227,7 @@ def run_single(b: Bench, results: dict) -> dict:
 
 
 def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: bool = True) -> dict:
-    from cdiff_cli import oracle as O
+    from cdiff_cli.world import oracle as O
 
     both, each, tints = [], {a: [], c2: []}, []
     for i, (p, text) in enumerate(b.pair_prompts(a, c2)):

@@ -238,12 +238,12 @@ class _WorldPlan:
 
 def _plan(e: Entry, registry: Registry, settings: EvalSettings, base: str | None) -> _Plan:
     """What to generate for one entry (everything that can fail cheaply, before any model is loaded)."""
-    from cdiff_cli import world_eval
+    from cdiff_cli.world import scores as world_eval
 
     sources, notes = concept_sources(registry, e)
     world = None
     if world_eval.is_world_base(_base_ref(base or e.base.get("ref"))):
-        from cdiff_cli import oracle
+        from cdiff_cli.world import oracle
 
         looks = [oracle.learn_look([open_rgb(f) for f in src.files]) if src.files else None for src in sources]
         world = _WorldPlan(looks, world_eval.ordinary_prompts())
@@ -415,8 +415,8 @@ def manifest_metrics(run: dict, r: dict) -> dict:
 
 
 def _world_scores(plan: _Plan) -> dict:
-    """The oracle's scores of an entry on a nano-world base (see cdiff_cli.world_eval)."""
-    from cdiff_cli import world_eval
+    """The oracle's scores of an entry on a nano-world base (see cdiff_cli.world.scores)."""
+    from cdiff_cli.world import scores as world_eval
 
     imgs = plan.images
     ordinary = plan.world.ordinary

@@ -35,7 +35,7 @@ def base_guidance(base_ref: str | None) -> float:
     """The guidance scale a base draws best at when none is asked for: 3 for a nano-world base (measured:
     one object right in 93 % of held-out captions at 3, 89 % at 6; docs/nano-world.md), else the usual 6."""
     from cdiff_cli.defaults import DEFAULT_GUIDANCE, WORLD_GUIDANCE
-    from cdiff_cli.world_eval import is_world_base
+    from cdiff_cli.world.scores import is_world_base
 
     return WORLD_GUIDANCE if is_world_base(base_ref) else DEFAULT_GUIDANCE
 

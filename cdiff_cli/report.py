@@ -242,7 +242,7 @@ def world_section(w: dict | None) -> str:
         cells = "".join(f'<td class="num">{"–" if k not in d else f"{100 * d[k]:.0f} %"}</td>' for k in keys)
         out.append(f"<tr><td>{esc(label)}</td>{cells}</tr>")
     out.append("</tbody></table><p class=\"small\">The oracle reads each image's objects (kind, colour, fill, size, "
-               "position) and background by colour segmentation and shape templates (cdiff_cli/oracle.py); a concept's "
+               "position) and background by colour segmentation and shape templates (cdiff_cli/world/oracle.py); a concept's "
                "look is what it reads in the concept's training images. \"plain object\": the prompt's other objects.</p>")
     return "".join(out)
 

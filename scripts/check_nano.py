@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How well a nano model draws what its captions say, read by the world's oracle (cdiff_cli/oracle.py).
+"""How well a nano model draws what its captions say, read by the world's oracle (cdiff_cli/world/oracle.py).
 
 Held-out world captions that state every attribute (seeds the training data never used), one and two
 objects; each caption sampled --n times at the demo's settings (DPM-Solver, 20 steps, guidance 6). Prints the
@@ -38,8 +38,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def check(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: int):
     """(Tally over all samples, the images) of `captions`, n images each."""
-    from cdiff_cli import oracle as O
     from cdiff_cli.generation import sample
+    from cdiff_cli.world import oracle as O
 
     t = O.Tally()
     images = []

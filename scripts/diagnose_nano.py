@@ -64,8 +64,8 @@ def noise_leak(pipe, captions: int, steps: int, guidance: float) -> dict[str, di
     import numpy as np
     import torch
 
-    from cdiff_cli import oracle as O
     from cdiff_cli import world as W
+    from cdiff_cli.world import oracle as O
 
     sched = pipe.scheduler
     sched.set_timesteps(steps)

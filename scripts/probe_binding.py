@@ -34,9 +34,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
-    from cdiff_cli import oracle as O
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.generation import sample, set_scheduler
+    from cdiff_cli.world import oracle as O
 
     pipe = load_pipeline("nano")
     set_scheduler(pipe, "dpm")

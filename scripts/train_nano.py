@@ -425,7 +425,7 @@ def decoder_data(args) -> tuple[torch.Tensor, torch.Tensor]:
 def concept_reconstruction(vae, n: int = 16) -> dict[str, int]:
     """Per concept: of `n` fresh photos, how many the oracle still reads as the concept after encoding and
     decoding (the most the UNet's pictures of it can reach)."""
-    from cdiff_cli import oracle as O
+    from cdiff_cli.world import oracle as O
 
     out = {}
     with torch.no_grad():
@@ -775,7 +775,7 @@ def stage_export(args, out: Path, tok, te, vae, unet) -> Path:
 def write_metadata(args, out: Path, folder: Path) -> None:
     """cdiff_world.json (tells cdiff eval that the oracle can read this model's pictures), training.json
     (every run that shaped the weights) and README.md."""
-    from cdiff_cli.world_eval import write_world_marker
+    from cdiff_cli.world.scores import write_world_marker
 
     write_world_marker(folder)
     history = training_history(args, out)

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdiff_cli.demo import DEMO_CONCEPTS, THUMB, DemoSettings, run_demo
+from cdiff_cli.world.demo import DEMO_CONCEPTS, THUMB, DemoSettings, run_demo
 
 
 def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
@@ -35,8 +35,8 @@ def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
 
 
 def test_demo_cli_prints_the_overview_and_the_report(tmp_path, monkeypatch):
-    from cdiff_cli import demo
     from cdiff_cli.cli import app
+    from cdiff_cli.world import demo
 
     def small(steps):
         return DemoSettings(steps=steps, num_reg=2, images=4, n=1, sample_steps=4)

@@ -44,7 +44,7 @@ def test_the_models_are_shipped_and_small():
 
 
 def test_nano_says_it_draws_the_world_and_how_it_was_trained():
-    from cdiff_cli.world_eval import WORLD_MARKER, is_world_base, world_marker
+    from cdiff_cli.world.scores import WORLD_MARKER, is_world_base, world_marker
 
     nano = packaged_model("nano")
     assert is_world_base(str(nano)) and not is_world_base(str(packaged_model("nano-clip")))

@@ -9,17 +9,17 @@ seeds and methods, is benchmarks/quality_nano.py."""
 
 import torch
 
-from cdiff_cli import oracle as O
 from cdiff_cli import world
-from cdiff_cli import world_eval as WE
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.data import list_images
-from cdiff_cli.demo import DemoSettings
 from cdiff_cli.eval_prompts import strip_tokens
 from cdiff_cli.generation import sample, set_scheduler
 from cdiff_cli.layers import fingerprint
 from cdiff_cli.regset import generated_regularisation
 from cdiff_cli.training import Concept, TrainConfig, train
+from cdiff_cli.world import oracle as O
+from cdiff_cli.world import scores as WE
+from cdiff_cli.world.demo import DemoSettings
 
 NAME, TOKEN = "pinksquare", "<pinksquare>"
 # Measured on the shipped model (decoder retrained 2026-12-05, seed 0, 20 images of 10 new-context prompts,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from cdiff_cli import oracle as O
-from cdiff_cli import world as W
-from cdiff_cli import world_eval as WE
+from cdiff_cli.world import oracle as O
+from cdiff_cli.world import scenes as W
+from cdiff_cli.world import scores as WE
 
 MIN_ACCURACY = 0.95  # issue target: at least 95 % per attribute on rendered scenes
 

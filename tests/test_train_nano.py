@@ -38,7 +38,7 @@ def _unet(folder: Path) -> dict:
 
 
 def test_train_nano_exports_and_trains_on_from_its_export(tmp_path, first):
-    from cdiff_cli.world_eval import is_world_base
+    from cdiff_cli.world.scores import is_world_base
 
     T = _script()
     second = tmp_path / "second"

@@ -25,7 +25,7 @@ def demo_cmd(
 
     Two particular objects of classes the nano model already draws (a pink square with black stripes and a brown circle: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
     """
-    from cdiff_cli.demo import DemoSettings, run_demo, try_prompt
+    from cdiff_cli.world.demo import DemoSettings, run_demo, try_prompt
 
     t0 = time.perf_counter()
     result = run_demo(out, DemoSettings(steps=steps), device=device, progress=term.progress()).to_dict()

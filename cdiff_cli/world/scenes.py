@@ -17,7 +17,7 @@ colouring of one kind (a teal star; a pink square with black stripes) that `cdif
     imgs = concept_images("tealstar", 6)        # one concept's training photos, in varied scenes
 
 Everything random lives in the `SceneSpec` (exact positions, colour jitter, what the caption mentions),
-so `render` and `caption` are pure functions of it. `cdiff_cli.oracle` reads a scene back from pixels.
+so `render` and `caption` are pure functions of it. `cdiff_cli.world.oracle` reads a scene back from pixels.
 Pure PIL and numpy.
 """
 

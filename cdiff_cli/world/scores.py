@@ -1,7 +1,7 @@
 """Oracle scores for entries on a nano-world base: what the generated pictures show, in counts a person reads.
 
 `cdiff eval` adds these next to the CLIP metrics whenever an entry's base was trained on the world (its
-folder holds `cdiff_world.json`, as the shipped `nano` does). The oracle (`cdiff_cli.oracle`) reads each
+folder holds `cdiff_world.json`, as the shipped `nano` does). The oracle (`cdiff_cli.world.oracle`) reads each
 image; a concept's look (kind, colour, fill) is read from its own training images, so any concept drawn in
 the world's style is scored, not only the built-in ones.
 
@@ -19,8 +19,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdiff_cli import oracle as O
-from cdiff_cli import world as W
+from cdiff_cli.world import oracle as O
+from cdiff_cli.world import scenes as W
 
 WORLD_MARKER = "cdiff_world.json"  # written by scripts/train_nano.py into the model folder
 

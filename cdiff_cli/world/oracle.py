@@ -16,7 +16,7 @@ by a learned scorer:
     want = parse_prompt("a big <tealstar> star on the left", {"<tealstar>": look})
     score_sample(reading, want)               # {'kind': True, 'size': True, 'position': True, 'concept': True, ...}
 
-`validate` measures the oracle on rendered scenes, optionally blurred (`python -m cdiff_cli.oracle [BLUR]` prints it). Pure numpy and
+`validate` measures the oracle on rendered scenes, optionally blurred (`python -m cdiff_cli.world.oracle [BLUR]` prints it). Pure numpy and
 PIL: the images are 64 px, so a plain flood fill labels regions in a millisecond.
 """
 
@@ -29,7 +29,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cdiff_cli import world as W
+from cdiff_cli.world import scenes as W
 
 SIDE = 64  # images are read at the world's size
 _BG_DISTANCE = 45.0  # RGB distance from the background above which a pixel belongs to an object
@@ -526,7 +526,7 @@ def _order(got: Reading, want: Reading) -> tuple[int, int]:
 if __name__ == "__main__":
     import sys
 
-    blur = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # python -m cdiff_cli.oracle [BLUR]
+    blur = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0  # python -m cdiff_cli.world.oracle [BLUR]
     for group, shares in validate(blur=blur).items():
         print(group)
         for k, v in shares.items():
