@@ -90,9 +90,15 @@ def read_tensor(f, t: StoredTensor) -> torch.Tensor:
     return out
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A component folder's safetensors files as `from_pretrained` reads them without a variant: the plain
+    file or its shards (`model-00001-of-00002.safetensors`), never a variant (`model.fp16.safetensors`)."""
+    return sorted(p for p in folder.glob("*.safetensors") if p.name.count(".") == 1)
+
+
 def stored_dtype(folder: Path) -> torch.dtype | None:
     """The floating dtype of a component folder's weights (None: no safetensors file, or mixed dtypes)."""
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     try:
         kinds = {t.dtype for f in files for t in read_index(f).values() if t.dtype.is_floating_point}
     except (OSError, UnreadableTensors):
@@ -111,7 +117,7 @@ def cast_from_files(module: torch.nn.Module, folder: Path, dtype: torch.dtype, d
     folder's safetensors files from the file; the others (none in a folder saved by diffusers or
     transformers) are converted from memory. Returns how many tensors were read from the files."""
     index: dict[str, tuple[Path, StoredTensor]] = {}
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in weight_files(folder):
         index.update({k: (path, t) for k, t in read_index(path).items()})
     done: dict[int, torch.Tensor] = {}  # tied tensors stay tied
     files, read = {}, 0

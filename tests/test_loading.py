@@ -107,3 +107,13 @@ def test_a_damaged_weight_file_is_one_clear_error(tmp_path, sd1_base):
     f.write_bytes(f.read_bytes()[:-100])  # truncated
     with pytest.raises(CdiffError, match="cannot load base model"):
         load_pipeline(str(folder), dtype=torch.bfloat16)
+
+
+def test_variant_files_beside_the_weights_are_not_read(tmp_path):
+    from cdiff_cli.loading import weight_files
+
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model-00001-of-00002.safetensors", "model.fp16-00001-of-00002.safetensors", "config.json"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in weight_files(tmp_path)] == ["diffusion_pytorch_model.safetensors",
+                                                        "model-00001-of-00002.safetensors"]

@@ -109,3 +109,27 @@ def test_cli_no_samples(home, sd1_base, cat_images):
               "--sample", "x", ok=False)
     assert r.exit_code != 0 and "--no-samples cannot go with --sample" in r.output
     assert not (home / "concepts" / "other").exists()
+
+
+def test_a_failed_grid_costs_the_samples_not_the_run(tmp_path):
+    """Making the samples fails (say the disk is full): a warning, and the run trains on to its end."""
+    imgs = list_images(make_images(tmp_path / "a"))
+    sampler = _sampler(tmp_path / "grids", every=1)
+    warnings = []
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    sampler._save = broken
+
+    from cdiff_cli.progress import Progress
+
+    class Warnings(Progress):
+        def warn(self, message):
+            warnings.append(message)
+
+    result = train(build_tiny_pipeline("sd1"), [Concept("<a1>", "cat", imgs)],
+                   TrainConfig(steps=2, batch_size=2, lr=1e-3, resolution=RES, aug_pool=2), sampler=sampler,
+                   progress=Warnings())
+    assert len(result.losses) == 2 and len(warnings) == 2
+    assert "No space left on device; training goes on" in warnings[0]

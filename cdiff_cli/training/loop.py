@@ -15,7 +15,7 @@ from cdiff_cli import frozen_ops, offload, textcond
 from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.data import masked_mse_per_sample
 from cdiff_cli.delta import Delta
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.layers import read_weights, trainable_names
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.tokens import add_tokens, initial_embedding
@@ -351,9 +351,17 @@ class Trainer:
             if due:
                 self._save(done)
             if self.sampler is not None and self.rank == 0 and self.sampler.due(done, cfg.steps):
-                bar.status(f"sampling at step {done}")
-                path = self.sampler(self.pipe, done, self.device, self.autocast)
-                self.progress.note(f"samples at step {done}: {path}")
+                self._sample(done, bar)
+
+    def _sample(self, done: int, bar) -> None:
+        """A grid of samples; if making it fails (out of memory, a full disk), the training goes on."""
+        bar.status(f"sampling at step {done}")
+        try:
+            path = self.sampler(self.pipe, done, self.device, self.autocast)
+        except Exception as e:
+            self.progress.warn(f"could not make the samples at step {done}: {reason(e)}; training goes on")
+            return
+        self.progress.note(f"samples at step {done}: {path}")
 
     def _give_back(self) -> None:
         """The pipeline as it was: eval mode, no checkpointing, nothing trainable, each model at home."""
