@@ -50,14 +50,14 @@ def main():
     import torch
     from PIL import Image
 
-    from cdiff_cli import metrics as M
     from cdiff_cli import world
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.captions import load_captions
     from cdiff_cli.compression import compress_delta, output_fidelity, ranks, stored_bytes
     from cdiff_cli.data import list_images
     from cdiff_cli.delta import apply_delta
-    from cdiff_cli.features import load_clip
+    from cdiff_cli.evaluation import metrics as M
+    from cdiff_cli.evaluation.features import load_clip
     from cdiff_cli.generation import sample, set_scheduler
     from cdiff_cli.layers import fingerprint
     from cdiff_cli.merging import prompt_features

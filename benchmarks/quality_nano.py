@@ -90,7 +90,7 @@ class Bench:
         from cdiff_cli import world
         from cdiff_cli.base import resolve_precision
         from cdiff_cli.data import list_images
-        from cdiff_cli.features import load_clip
+        from cdiff_cli.evaluation.features import load_clip
         from cdiff_cli.layers import fingerprint
         from cdiff_cli.regset import generated_regularisation
         from cdiff_cli.world import oracle as O
@@ -130,7 +130,7 @@ class Bench:
         return pipe
 
     def prompts(self, name: str) -> list[tuple[str, str]]:
-        from cdiff_cli.eval_prompts import strip_tokens
+        from cdiff_cli.evaluation.prompts import strip_tokens
         from cdiff_cli.world import scores as WE
 
         c = self.concepts[name]
@@ -138,7 +138,7 @@ class Bench:
         return [(p, strip_tokens(p, [c["token"]])) for p in texts]
 
     def pair_prompts(self, a: str, b: str) -> list[tuple[str, str]]:
-        from cdiff_cli.eval_prompts import strip_tokens
+        from cdiff_cli.evaluation.prompts import strip_tokens
         from cdiff_cli.world import scores as WE
 
         ca, cb = self.concepts[a], self.concepts[b]
@@ -168,7 +168,7 @@ class Bench:
 
 
 def score_single(b: Bench, name: str, seed: int, imgs: dict) -> dict:
-    from cdiff_cli import metrics as M
+    from cdiff_cli.evaluation import metrics as M
     from cdiff_cli.world import scores as WE
 
     c = b.concepts[name]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdiff_cli import metrics as M
 from cdiff_cli.cli import app
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.eval_prompts import (
+from cdiff_cli.evaluation import metrics as M
+from cdiff_cli.evaluation.prompts import (
     builtin_prompts,
     category_of,
     load_prompt_set,
@@ -234,7 +234,7 @@ def test_prompt_file(tmp_path):
 def test_tiny_clip_and_dino_load_with_pil_processors(tiny_clip, tiny_dino):
     from PIL import Image
 
-    from cdiff_cli.features import load_clip, load_dino
+    from cdiff_cli.evaluation.features import load_clip, load_dino
 
     clip = load_clip(str(tiny_clip))
     if importlib.util.find_spec("torchvision") is None:  # transformers 5 falls back to the PIL processors
@@ -253,7 +253,7 @@ def test_tiny_clip_and_dino_load_with_pil_processors(tiny_clip, tiny_dino):
 
 
 def test_model_loading_failures_are_one_clear_error(tmp_path, monkeypatch):
-    from cdiff_cli.features import load_clip, load_dino
+    from cdiff_cli.evaluation.features import load_clip, load_dino
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CdiffError, match="hub is unreachable: pass --clip with a local folder"):

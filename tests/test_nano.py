@@ -28,7 +28,7 @@ def nano_pipe():
 
 @pytest.fixture(scope="module")
 def nano_clip():
-    from cdiff_cli.features import load_clip
+    from cdiff_cli.evaluation.features import load_clip
 
     return load_clip("nano")
 
@@ -120,7 +120,7 @@ def _swap_kind(spec):
 def test_nano_clip_knows_the_world(nano_clip):
     """On world scenes it never trained on, the true caption beats the same caption with the colour, or the
     kind, of the first object changed, far more often than chance."""
-    from cdiff_cli.metrics import normalize
+    from cdiff_cli.evaluation.metrics import normalize
 
     specs = [s for s in W.dataset_specs(60, seed=4242, n_objects=1, caption_variety=False)
              if s.objects[0].colour in W.COLOURS][:48]  # captions name the colour

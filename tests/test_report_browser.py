@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from cdiff_cli.report import nice_ticks, plot_points, render_html, tradeoff_svg, write_report
+from cdiff_cli.evaluation.report import nice_ticks, plot_points, render_html, tradeoff_svg, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from cdiff_cli import __version__
-from cdiff_cli import metrics as M
 from cdiff_cli.data import open_rgb
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.eval_prompts import EvalPrompt, select_prompts, strip_tokens, to_dict
-from cdiff_cli.features import DEFAULT_CLIP
+from cdiff_cli.evaluation import metrics as M
+from cdiff_cli.evaluation.features import DEFAULT_CLIP
+from cdiff_cli.evaluation.prompts import EvalPrompt, select_prompts, strip_tokens, to_dict
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.prompts import class_prompt
 from cdiff_cli.registry import Entry, Registry
@@ -294,10 +294,9 @@ def evaluate_entries(
     Each entry's images come from `prepare_pipeline` (the base with the entry's delta written in, base
     checked); the baseline images from the plain base, loaded once per base for all its entries."""
     from cdiff_cli.base import pick_device
-    from cdiff_cli.features import load_clip, load_dino
-    from cdiff_cli.generation import SCHEDULERS, set_scheduler
-    from cdiff_cli.report import write_report
-    from cdiff_cli.workflows import prepare_pipeline
+    from cdiff_cli.evaluation.features import load_clip, load_dino
+    from cdiff_cli.evaluation.report import write_report
+    from cdiff_cli.generation import SCHEDULERS
 
     settings.check()
     registry.check_outside(out_dir)  # eval replaces the PNGs of its own subfolders there
@@ -316,7 +315,7 @@ def evaluate_entries(
     dino = load_dino(settings.dino, dev) if settings.dino else None
     feats = _Features(clip, dino)
     t_run = time.perf_counter()
-    s, k = settings, settings.kid_samples
+    s = settings
 
     groups: dict[str | None, list[_Plan]] = {}
     for plan in plans:
@@ -325,45 +324,8 @@ def evaluate_entries(
     for ref, group in groups.items():
         # The concept models first: a base that does not match an entry fails before anything else runs.
         for plan in group:
-            t0 = time.perf_counter()
-            spec, pipe, _ = prepare_pipeline(registry, [plan.entry], base=ref, device=device,
-                                             precision=s.precision, progress=progress)
-            set_scheduler(pipe, s.scheduler)
-            base_refs[plan.entry.name] = spec.ref
-            ordinary = plan.world.ordinary if plan.world else []
-            total = (len(plan.prompts) + len(ordinary)) * s.n + len(plan.class_prompts) * k
-            with progress.task(f"{plan.entry.name}: generating", total) as task:
-                for p in plan.prompts:
-                    plan.images[("concept", p.prompt)] = _sample(pipe, p.prompt, s.n, s, task)
-                for _, cp in plan.class_prompts:
-                    plan.images[("concept", cp)] = _sample(pipe, cp, k, s, task)
-                for op in ordinary:
-                    plan.images[("ordinary-concept", op)] = _sample(pipe, op, s.n, s, task)
-            del pipe
-            _release_memory()
-            plan.seconds += time.perf_counter() - t0
-        # Then the base model once, for every prompt of the group (without the tokens) and the class prompts.
-        t0 = time.perf_counter()
-        todo = list(dict.fromkeys([(p.text, s.n) for plan in group for p in plan.prompts]
-                                  + [(cp, k) for plan in group for _, cp in plan.class_prompts]
-                                  + [(op, s.n) for plan in group if plan.world for op in plan.world.ordinary]))
-        spec, pipe, _ = prepare_pipeline(registry, [], base=ref or group[0].entry.base.get("ref"), device=device,
-                                         precision=s.precision, progress=progress)
-        set_scheduler(pipe, s.scheduler)
-        done = {}
-        with progress.task("base model: generating", sum(n for _, n in todo)) as task:
-            for prompt, n in todo:
-                done[(prompt, n)] = _sample(pipe, prompt, n, s, task)
-        del pipe
-        _release_memory()
-        for plan in group:
-            for p in plan.prompts:
-                plan.images[("base", p.text)] = done[(p.text, s.n)]
-            for _, cp in plan.class_prompts:
-                plan.images[("base", cp)] = done[(cp, k)]
-            for op in plan.world.ordinary if plan.world else []:
-                plan.images[("ordinary-base", op)] = done[(op, s.n)]
-            plan.seconds += (time.perf_counter() - t0) / len(group)
+            base_refs[plan.entry.name] = _generate_with_concept(registry, plan, ref, device, s, progress)
+        _generate_with_base(registry, group, ref, device, s, progress)
 
     results = [_score_one(plan, base_refs[plan.entry.name], feats, s, out_dir, progress) for plan in plans]
     run = {
@@ -383,6 +345,62 @@ def evaluate_entries(
         for r in run["entries"]:
             registry.update_manifest(r["name"], metrics=manifest_metrics(run, r))
     return run
+
+
+def _generate_with_concept(registry: Registry, plan: _Plan, ref: str | None, device, s: EvalSettings,
+                           progress: Progress) -> str:
+    """The entry's pictures: its prompts, its class prompts and (nano world) the ordinary captions, with the
+    entry's delta written into the base. Returns the base's resolved ref."""
+    from cdiff_cli.generation import set_scheduler
+    from cdiff_cli.workflows import prepare_pipeline
+
+    t0, k = time.perf_counter(), s.kid_samples
+    spec, pipe, _ = prepare_pipeline(registry, [plan.entry], base=ref, device=device, precision=s.precision,
+                                     progress=progress)
+    set_scheduler(pipe, s.scheduler)
+    ordinary = plan.world.ordinary if plan.world else []
+    total = (len(plan.prompts) + len(ordinary)) * s.n + len(plan.class_prompts) * k
+    with progress.task(f"{plan.entry.name}: generating", total) as task:
+        for p in plan.prompts:
+            plan.images[("concept", p.prompt)] = _sample(pipe, p.prompt, s.n, s, task)
+        for _, cp in plan.class_prompts:
+            plan.images[("concept", cp)] = _sample(pipe, cp, k, s, task)
+        for op in ordinary:
+            plan.images[("ordinary-concept", op)] = _sample(pipe, op, s.n, s, task)
+    del pipe
+    _release_memory()
+    plan.seconds += time.perf_counter() - t0
+    return spec.ref
+
+
+def _generate_with_base(registry: Registry, group: list[_Plan], ref: str | None, device, s: EvalSettings,
+                        progress: Progress) -> None:
+    """The base model's pictures, once for every prompt of the group (without the tokens), the class prompts
+    and the ordinary captions; shared by the entries that use them."""
+    from cdiff_cli.generation import set_scheduler
+    from cdiff_cli.workflows import prepare_pipeline
+
+    t0, k = time.perf_counter(), s.kid_samples
+    todo = list(dict.fromkeys([(p.text, s.n) for plan in group for p in plan.prompts]
+                              + [(cp, k) for plan in group for _, cp in plan.class_prompts]
+                              + [(op, s.n) for plan in group if plan.world for op in plan.world.ordinary]))
+    _, pipe, _ = prepare_pipeline(registry, [], base=ref or group[0].entry.base.get("ref"), device=device,
+                                  precision=s.precision, progress=progress)
+    set_scheduler(pipe, s.scheduler)
+    done = {}
+    with progress.task("base model: generating", sum(n for _, n in todo)) as task:
+        for prompt, n in todo:
+            done[(prompt, n)] = _sample(pipe, prompt, n, s, task)
+    del pipe
+    _release_memory()
+    for plan in group:
+        for p in plan.prompts:
+            plan.images[("base", p.text)] = done[(p.text, s.n)]
+        for _, cp in plan.class_prompts:
+            plan.images[("base", cp)] = done[(cp, k)]
+        for op in plan.world.ordinary if plan.world else []:
+            plan.images[("ordinary-base", op)] = done[(op, s.n)]
+        plan.seconds += (time.perf_counter() - t0) / len(group)
 
 
 def _settings_dict(s: EvalSettings) -> dict:
@@ -433,13 +451,10 @@ def _world_scores(plan: _Plan) -> dict:
     return scores.to_dict()
 
 
-def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, out_dir: Path, progress: Progress) -> dict:
-    t0 = time.perf_counter()
-    entry, prompts, sources, k = plan.entry, plan.prompts, plan.sources, s.kid_samples
-    name, imgs = entry.name, plan.images
-    class_prompts = [cp for _, cp in plan.class_prompts]
-
-    # The PNGs (each carries its generation parameters); a re-run into the same folder replaces them.
+def _saved_rows(plan: _Plan, s: EvalSettings, base_ref: str, out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """The PNGs (each carries its generation parameters; a re-run into the same folder replaces them), as the
+    report's rows: one per prompt, one per class prompt."""
+    entry, prompts, imgs, name = plan.entry, plan.prompts, plan.images, plan.entry.name
     folder = out_dir / name
     for d in IMAGE_DIRS:
         _clean(folder / d)
@@ -455,6 +470,33 @@ def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, ou
                    "images": _save(imgs[("concept", cp)], folder / "class-concept", cp, cparams),
                    "baseline_images": _save(imgs[("base", cp)], folder / "class-base", cp, bparams)}
                   for c, cp in plan.class_prompts]
+    return prompt_rows, class_rows
+
+
+def _image_alignment(sources, clip_g, clip_b, clip_tr: dict, dino) -> list[dict]:
+    """Image alignment per concept, each against its own training images (CLIP, and DINO when loaded)."""
+    per_concept = []
+    for src in sources:
+        c = {"token": src.token, "class": src.class_word, "training_images": [str(f) for f in src.files],
+             "image_alignment": None, "image_alignment_dino": None,
+             "baseline_image_alignment": None, "baseline_image_alignment_dino": None}
+        if clip_tr.get(src.token) is not None:
+            c["image_alignment"] = M.mean_cosine(clip_g, clip_tr[src.token])
+            c["baseline_image_alignment"] = M.mean_cosine(clip_b, clip_tr[src.token])
+            if dino is not None:
+                c["image_alignment_dino"] = M.mean_cosine(dino[0], dino[2][src.token])
+                c["baseline_image_alignment_dino"] = M.mean_cosine(dino[1], dino[2][src.token])
+        per_concept.append(c)
+    return per_concept
+
+
+def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, out_dir: Path, progress: Progress) -> dict:
+    t0 = time.perf_counter()
+    entry, prompts, sources, k = plan.entry, plan.prompts, plan.sources, s.kid_samples
+    name, imgs = entry.name, plan.images
+    class_prompts = [cp for _, cp in plan.class_prompts]
+
+    prompt_rows, class_rows = _saved_rows(plan, s, base_ref, out_dir)
 
     # Features: every image through CLIP (and DINO) in batches; shared images are encoded once.
     train_imgs = {src.token: [open_rgb(f) for f in src.files] for src in sources}
@@ -489,19 +531,7 @@ def _score_one(plan: _Plan, base_ref: str, feats: _Features, s: EvalSettings, ou
         row["text_alignment"] = _r(per_img[i * s.n : (i + 1) * s.n].mean())
         row["baseline_text_alignment"] = _r(per_img_base[i * s.n : (i + 1) * s.n].mean())
 
-    # Image alignment, per concept (each against its own training images).
-    per_concept = []
-    for src in sources:
-        c = {"token": src.token, "class": src.class_word, "training_images": [str(f) for f in src.files],
-             "image_alignment": None, "image_alignment_dino": None,
-             "baseline_image_alignment": None, "baseline_image_alignment_dino": None}
-        if clip_tr.get(src.token) is not None:
-            c["image_alignment"] = M.mean_cosine(clip_g, clip_tr[src.token])
-            c["baseline_image_alignment"] = M.mean_cosine(clip_b, clip_tr[src.token])
-            if dino is not None:
-                c["image_alignment_dino"] = M.mean_cosine(dino[0], dino[2][src.token])
-                c["baseline_image_alignment_dino"] = M.mean_cosine(dino[1], dino[2][src.token])
-        per_concept.append(c)
+    per_concept = _image_alignment(sources, clip_g, clip_b, clip_tr, dino)
 
     # Forgetting: base vs concept images of the class prompts, same seeds.
     kids = []

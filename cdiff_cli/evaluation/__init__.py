@@ -1,0 +1,15 @@
+"""`cdiff eval`: what a concept does to the base's pictures, in the paper's metrics.
+
+- `run`: the evaluation itself (`EvalSettings`, `evaluate_entries`): plan the prompts, generate with the
+  concept and with the base, score, store a summary in each entry's manifest;
+- `prompts`: the shipped prompt set (CustomConcept101-style), a user's prompt file, token stripping;
+- `metrics`: the pure score functions (CLIPScore text alignment, image alignment, KID);
+- `features`: loading CLIP and DINO (hub ids, local folders, or the shipped nano CLIP);
+- `report`: the HTML and JSON report.
+"""
+
+from __future__ import annotations
+
+from cdiff_cli.evaluation.run import EvalSettings, concept_sources, evaluate_entries, manifest_metrics
+
+__all__ = ["EvalSettings", "concept_sources", "evaluate_entries", "manifest_metrics"]
