@@ -31,8 +31,8 @@ sys.path.insert(0, str(HERE))
 def synthetic_delta(pipe, token: str, seed: int):
     import torch
 
-    from cdiff_cli.delta import Delta
-    from cdiff_cli.layers import read_weights, trainable_names
+    from cdiff_cli.core.delta import Delta
+    from cdiff_cli.core.layers import read_weights, trainable_names
 
     g = torch.Generator().manual_seed(seed)
     base = read_weights(pipe.unet, trainable_names(pipe.unet, "kv"))
@@ -58,7 +58,7 @@ def main():
 
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.captions import load_captions
-    from cdiff_cli.delta import apply_delta
+    from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.generation import sample, set_scheduler
     from cdiff_cli.merging import gram, merge_deltas, prompt_features
 

@@ -109,7 +109,7 @@ def _small_registry(n: int, home: Path):
     """n entries with a one-layer delta each: `list` and token resolution read manifests, not weights."""
     import torch
 
-    from cdiff_cli.delta import Delta
+    from cdiff_cli.core.delta import Delta
     from cdiff_cli.registry import Registry
 
     reg = Registry(home)

@@ -54,12 +54,12 @@ def main():
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.captions import load_captions
     from cdiff_cli.compression import compress_delta, output_fidelity, ranks, stored_bytes
+    from cdiff_cli.core.delta import apply_delta
+    from cdiff_cli.core.layers import fingerprint
     from cdiff_cli.data import list_images
-    from cdiff_cli.delta import apply_delta
     from cdiff_cli.evaluation import metrics as M
     from cdiff_cli.evaluation.features import load_clip
     from cdiff_cli.generation import sample, set_scheduler
-    from cdiff_cli.layers import fingerprint
     from cdiff_cli.merging import prompt_features
     from cdiff_cli.regset import generated_regularisation
     from cdiff_cli.training import Concept, TrainConfig, train

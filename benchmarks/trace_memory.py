@@ -92,7 +92,7 @@ def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, 
 
     from cdiff_cli import frozen_ops
     from cdiff_cli import offload as cdiff_offload
-    from cdiff_cli.layers import trainable_names
+    from cdiff_cli.core.layers import trainable_names
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     with FakeTensorMode() if fake else contextlib.nullcontext():

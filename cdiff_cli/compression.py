@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from cdiff_cli.delta import Delta, LowRankDelta
-from cdiff_cli.layers import is_kv
-from cdiff_cli.lowrank import factorize
+from cdiff_cli.core.delta import Delta, LowRankDelta
+from cdiff_cli.core.layers import is_kv
+from cdiff_cli.core.lowrank import factorize
 
 
 def compress_delta(

@@ -115,9 +115,9 @@ def estimate_for_pipe(pipe, cfg, device: torch.device | None = None) -> Estimate
     """The estimate for training `pipe` with `cfg` on `device` (by default where its UNet is). Under
     `cfg.offload` only the UNet and text-encoder weights that stay on the device count
     (`offload.resident_params`), and checkpointing is on."""
-    from cdiff_cli.layers import trainable_names
+    from cdiff_cli.core.layers import trainable_names
+    from cdiff_cli.core.textcond import encoders
     from cdiff_cli.offload import resident_params
-    from cdiff_cli.textcond import encoders
 
     unet = pipe.unet
     names = set(trainable_names(unet, cfg.mode))

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cdiff_cli import textcond
+from cdiff_cli.core import textcond
+from cdiff_cli.core.delta import Delta, add_delta_tokens
+from cdiff_cli.core.layers import kv_names
+from cdiff_cli.core.prompts import merge_constraint_prompts
+from cdiff_cli.core.tokens import canonical
 from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
-from cdiff_cli.delta import Delta, add_delta_tokens
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.files import save_tensors
-from cdiff_cli.layers import kv_names
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.prompts import merge_constraint_prompts
-from cdiff_cli.tokens import canonical
 
 _JITTER = 1e-9
 _DUP_TOL = 1e-6
@@ -103,7 +103,7 @@ def constrained_merge(
 @torch.no_grad()
 def prompt_features(pipe, prompts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
     """For each prompt, the text features its k/v layers read (the final text-encoder states; for SDXL
-    both encoders' penultimate states, concatenated: see cdiff_cli.textcond), from after the start token
+    both encoders' penultimate states, concatenated: see cdiff_cli.core.textcond), from after the start token
     up to and including the first end token (no padding rows). Returns float32 CPU tensors [n_i, dim]."""
     out = []
     eos = pipe.tokenizer.eos_token_id

@@ -20,13 +20,14 @@ import torch
 
 from cdiff_cli.base import DTYPES, default_resolution, load_pipeline, pick_device, resolve_base, resolve_precision
 from cdiff_cli.captions import load_captions
+from cdiff_cli.core.delta import Delta, apply_delta, check_content
+from cdiff_cli.core.prompts import TOKEN_MARK, instance_prompt, own_caption
+from cdiff_cli.core.tokens import angle_tokens, canonical, find_tokens, validate_token
 from cdiff_cli.data import ImageItem, check_images, list_images
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
-from cdiff_cli.delta import Delta, apply_delta, check_content
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped, reason
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.prompts import TOKEN_MARK, instance_prompt, own_caption
 from cdiff_cli.registry import (
     SAMPLES_FILE,
     Entry,
@@ -38,7 +39,6 @@ from cdiff_cli.registry import (
     validate_name,
 )
 from cdiff_cli.samples import check_settings as check_sample_settings
-from cdiff_cli.tokens import angle_tokens, canonical, find_tokens, validate_token
 
 if TYPE_CHECKING:
     from cdiff_cli.training import TrainResult

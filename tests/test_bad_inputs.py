@@ -504,7 +504,7 @@ def test_usage_error_in_a_real_process_is_one_line(home, world):
 
 def test_disk_full_while_saving(home, world, monkeypatch):
     """The write of the delta fails half-way: one line, nothing in the registry, no temporary folder."""
-    import cdiff_cli.delta as delta_mod
+    import cdiff_cli.core.delta as delta_mod
 
     def full_disk(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cdiff_cli.cli import app
 from cdiff_cli.compression import compress_delta, output_fidelity, stored_bytes
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.registry import Registry
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import torch
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.registry import Registry
 
 reg = Registry()

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from cdiff_cli import doctor
 from cdiff_cli.cli import app
-from cdiff_cli.delta import Delta
-from cdiff_cli.registry import Registry
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.registry import Registry, doctor
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"ref": "tiny", "fingerprint": "f00d"}

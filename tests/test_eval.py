@@ -266,7 +266,7 @@ def test_model_loading_failures_are_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_training_images_are_found_for_merged_entries_and_missing_for_imported(home, tmp_path):
-    from cdiff_cli.delta import Delta
+    from cdiff_cli.core.delta import Delta
     from cdiff_cli.evaluation import concept_sources
 
     from .conftest import make_images
@@ -353,7 +353,7 @@ def test_eval_bad_input_is_one_line_and_stores_nothing(home, sd1_base, tmp_path)
         (["eval", "mycat", "--prompts", str(tmp_path / "nope.txt")], "prompt file not found"),
         (["eval", "mycat", "mycat"], "only once"),
     ]
-    from cdiff_cli.delta import Delta
+    from cdiff_cli.core.delta import Delta
 
     # Every case fails before a base is loaded, so a stand-in entry (no training) is enough.
     Registry().create("mycat", Delta({}, ["<mycat>"], torch.zeros(1, 32)),

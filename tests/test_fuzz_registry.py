@@ -11,10 +11,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cdiff_cli import doctor
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.registry import Entry, Registry, validate_name
+from cdiff_cli.registry import Entry, Registry, doctor, validate_name
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DELTA = Delta({"x.attn2.to_k.weight": torch.zeros(2, 2)}, ["<f1>"], torch.zeros(1, 2))

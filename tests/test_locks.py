@@ -16,19 +16,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cdiff_cli import locks
-from cdiff_cli import registry as registry_mod
 from cdiff_cli.cli import app
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.errors import BusyError, CdiffError, NotFoundError
-from cdiff_cli.registry import Registry
+from cdiff_cli.registry import Registry, locks
+from cdiff_cli.registry import store as registry_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A deterministic delta of ~1.5 MB: big enough that an unprotected read could catch a file half gone.
 STRESS_DELTA = """
 import torch
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 
 def stress_delta():
     g = torch.Generator().manual_seed(0)
@@ -55,7 +54,7 @@ def _wait_ready(p: subprocess.Popen) -> None:
 
 HOLDER = """
 import sys, time
-from cdiff_cli import locks
+from cdiff_cli.registry import locks
 from cdiff_cli.registry import Registry
 if len(sys.argv) > 1 and sys.argv[1] == "filelock":
     locks.fcntl = None  # the fallback backend (platforms without fcntl)

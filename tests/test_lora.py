@@ -12,10 +12,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cdiff_cli.cli import app
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.lowrank import choose_rank, factorize, relative_error
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.formats.lora import export_lora, kv_updates, lora_module, read_lora
-from cdiff_cli.lowrank import choose_rank, factorize, relative_error
 
 from .conftest import RES
 

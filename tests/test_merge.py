@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from cdiff_cli.captions import load_captions
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.layers import kv_names, read_weights, trainable_names
+from cdiff_cli.core.tokens import add_tokens
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.layers import kv_names, read_weights, trainable_names
 from cdiff_cli.merging import (
     concept_prompts,
     constrained_merge,
@@ -17,7 +18,6 @@ from cdiff_cli.merging import (
     prompt_features,
 )
 from cdiff_cli.tiny import build_tiny_pipeline
-from cdiff_cli.tokens import add_tokens
 
 
 def test_pure_merge_satisfies_constraints_and_minimises_drift():
@@ -127,9 +127,9 @@ def test_factorised_solve_matches_the_closed_form_written_out():
 
 def test_merge_constrains_the_prompt_the_concept_was_trained_on():
     """The merge is only right when its constraint rows are the training caption's features: both come from
-    cdiff_cli.prompts, and the caption a concept trains on is one of the merge's constraint prompts."""
+    cdiff_cli.core.prompts, and the caption a concept trains on is one of the merge's constraint prompts."""
+    from cdiff_cli.core.prompts import class_prompt
     from cdiff_cli.merging import concept_prompts
-    from cdiff_cli.prompts import class_prompt
     from cdiff_cli.training import Concept
 
     c = Concept(token="<mycat>", class_word="cat", images=[])

@@ -11,10 +11,10 @@ import torch
 
 from cdiff_cli import world
 from cdiff_cli.base import load_pipeline
+from cdiff_cli.core.layers import fingerprint
 from cdiff_cli.data import list_images
 from cdiff_cli.evaluation.prompts import strip_tokens
 from cdiff_cli.generation import sample, set_scheduler
-from cdiff_cli.layers import fingerprint
 from cdiff_cli.regset import generated_regularisation
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.world import oracle as O

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from cdiff_cli import offload
+from cdiff_cli.core.layers import trainable_names
 from cdiff_cli.data import list_images
-from cdiff_cli.layers import trainable_names
 from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.tokens import add_tokens, validate_token
 from cdiff_cli.errors import CdiffError, NotFoundError
 from cdiff_cli.registry import Registry, validate_name
-from cdiff_cli.tokens import add_tokens, validate_token
 
 
 def _delta(tokens=("<a1>",)):
@@ -54,7 +54,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 def test_ctrl_c_between_the_renames_of_a_replacement_keeps_the_old_version(tmp_path, monkeypatch):
     import os
 
-    import cdiff_cli.registry as registry_mod
+    import cdiff_cli.registry.store as registry_mod
 
     reg = Registry(tmp_path)
     old = reg.create("mycat", _delta(), {"note": "old"})
@@ -109,7 +109,7 @@ def test_adding_a_token_of_the_wrong_width_changes_nothing():
 
 def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
     from cdiff_cli.base import load_pipeline
-    from cdiff_cli.layers import base_probe, same_base_probe
+    from cdiff_cli.core.layers import base_probe, same_base_probe
     from cdiff_cli.tiny import build_tiny_pipeline
 
     probes = [base_probe(load_pipeline(str(sd1_base), dtype=d).unet) for d in (torch.float32, torch.bfloat16, torch.float16)]

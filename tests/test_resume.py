@@ -116,7 +116,7 @@ def test_a_full_disk_costs_the_checkpoint_not_the_run(tmp_path, sd1_base, cat_im
     from safetensors import SafetensorError
 
     import cdiff_cli.checkpoint as ckpt_mod
-    import cdiff_cli.delta as delta_mod
+    import cdiff_cli.core.delta as delta_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -51,7 +51,7 @@ def test_the_same_weights_give_the_same_grid_and_learning_shows(tmp_path):
     """Same seeds at every point: sampled twice without training in between, the grids are pixel-equal;
     after training the token's images differ."""
     pipe = build_tiny_pipeline("sd1")
-    from cdiff_cli.tokens import add_tokens
+    from cdiff_cli.core.tokens import add_tokens
 
     add_tokens(pipe.tokenizer, pipe.text_encoder, ["<a1>"], torch.zeros(1, pipe.text_encoder.config.hidden_size))
     s = _sampler(tmp_path / "g")

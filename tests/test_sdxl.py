@@ -115,7 +115,7 @@ def test_sdxl_command_line_loop(home, sdxl_base, tmp_path):
 def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from cdiff_cli.delta import apply_delta
+    from cdiff_cli.core.delta import apply_delta
 
     args = ["--base", str(sdxl_base), "--steps", "4", "--batch-size", "2", "--resolution", str(RES), "--lr", "5e-3",
             "--device", "cpu", "--reg", "none"]
@@ -152,7 +152,7 @@ def test_sdxl_lora_export_loads_in_diffusers(home, sdxl_base, tmp_path):
 def test_sdxl_diffusers_export_loads_in_a_plain_pipeline(home, sdxl_base, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from cdiff_cli.delta import apply_delta
+    from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.formats import load_diffusers_export_into
 
     args = ["--base", str(sdxl_base), "--steps", "4", "--batch-size", "2", "--resolution", str(RES), "--lr", "5e-3",

@@ -4,10 +4,10 @@ encodes, what the entry records, and that the merge holds the concept in those c
 import pytest
 import torch
 
-from cdiff_cli import textcond
-from cdiff_cli.layers import kv_names
+from cdiff_cli.core import textcond
+from cdiff_cli.core.layers import kv_names
+from cdiff_cli.core.prompts import own_caption
 from cdiff_cli.merging import concept_prompts, merge_deltas, prompt_features
-from cdiff_cli.prompts import own_caption
 from cdiff_cli.registry import Registry
 from cdiff_cli.tiny import build_tiny_pipeline
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from cdiff_cli import textcond
+from cdiff_cli.core import textcond
+from cdiff_cli.core.layers import trainable_names
 from cdiff_cli.data import ImageItem, list_images
-from cdiff_cli.layers import trainable_names
 from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, balanced_slots, split_batch, train
 

@@ -28,7 +28,7 @@ def doctor_cmd(
 
     Exit code: 0 healthy (or everything found was fixed), 1 problems remain, 3 some concepts were busy and could not be checked.
     """
-    from cdiff_cli.doctor import check, exit_code
+    from cdiff_cli.registry.doctor import check, exit_code
 
     reg = registry()
     findings = check(reg, fix=fix, discard_checkpoints=discard_checkpoints)

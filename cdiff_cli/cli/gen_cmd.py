@@ -40,9 +40,9 @@ def gen_cmd(
     as_json: Json = False,
 ):
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
+    from cdiff_cli.core.tokens import tokens_past_limit
     from cdiff_cli.errors import CdiffError
     from cdiff_cli.generation import base_guidance, sample, save_pngs, set_scheduler
-    from cdiff_cli.tokens import tokens_past_limit
     from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
 
     if n < 1 or steps < 1:

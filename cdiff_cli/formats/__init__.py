@@ -2,7 +2,7 @@
 
 Formats (names as `detect_format` returns them):
 
-- "cdiff": cdiff's own `delta.safetensors` (see `cdiff_cli.delta`).
+- "cdiff": cdiff's own `delta.safetensors` (see `cdiff_cli.core.delta`).
 - "diffusers": the output folder of diffusers' `train_custom_diffusion.py` (and of
   `export_diffusers`): `pytorch_custom_diffusion_weights.safetensors` (or `.bin`) holding the
   Custom Diffusion attention-processor weights, plus one `<token>.safetensors` / `<token>.bin` per

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.layers import is_kv
+from cdiff_cli.core.lowrank import factorize, relative_error
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.files import save_tensors
 from cdiff_cli.formats.names import LORA_MANIFEST, WEBUI_EMBED_KEY
 from cdiff_cli.formats.writing import token_tensors
-from cdiff_cli.layers import is_kv
-from cdiff_cli.lowrank import factorize, relative_error
 
 PREFIX = "lora_unet_"
 EMBED_DIR = "embeddings"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.errors import CdiffError, first_line
 from cdiff_cli.formats.names import (
     _KV_SUFFIXES,

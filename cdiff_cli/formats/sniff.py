@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cdiff_cli.delta import FORMAT as CDIFF_FORMAT
+from cdiff_cli.core.delta import FORMAT as CDIFF_FORMAT
 from cdiff_cli.errors import CdiffError, first_line
 from cdiff_cli.formats.names import CDIFF_FILE, LORA_MANIFEST, REFERENCE_FILE, WEIGHTS_BIN, WEIGHTS_SAFE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cdiff_cli.delta import Delta
+from cdiff_cli.core.delta import Delta
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.files import save_tensors
 from cdiff_cli.formats.names import (

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.prompts import class_prompt, instance_prompt
 from cdiff_cli.data import FAR_PREFIXES, NEAR_PREFIXES, ImageItem
-from cdiff_cli.delta import Delta
-from cdiff_cli.prompts import class_prompt, instance_prompt
 
 
 @dataclass

@@ -11,14 +11,15 @@ from contextlib import nullcontext
 
 import torch
 
-from cdiff_cli import frozen_ops, offload, textcond
+from cdiff_cli import frozen_ops, offload
 from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
+from cdiff_cli.core import textcond
+from cdiff_cli.core.delta import Delta
+from cdiff_cli.core.layers import read_weights, trainable_names
+from cdiff_cli.core.tokens import add_tokens, initial_embedding
 from cdiff_cli.data import masked_mse_per_sample
-from cdiff_cli.delta import Delta
 from cdiff_cli.errors import CdiffError, reason
-from cdiff_cli.layers import read_weights, trainable_names
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.tokens import add_tokens, initial_embedding
 from cdiff_cli.training.config import (
     Concept,
     TrainConfig,

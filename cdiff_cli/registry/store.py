@@ -4,7 +4,7 @@ Layout: `HOME/concepts/NAME/{delta.safetensors, manifest.json}` and `HOME/cache/
 work (generated regularisation images, merge Gram matrices, on-the-fly merges). Entries are written
 into a temporary folder and renamed into place, so a crash or Ctrl-C never leaves half an entry.
 
-Concurrency: every name has an inter-process lock in `HOME/locks/` (see `cdiff_cli.locks`). Writes
+Concurrency: every name has an inter-process lock in `HOME/locks/` (see `cdiff_cli.registry.locks`). Writes
 (`create`, `update_manifest`, `remove`) take it exclusively, waiting up to WRITE_WAIT seconds; reading a
 delta for use (`Entry.load_delta`, `Registry.reading`) takes it shared, so a reader sees a whole entry or
 none, never one being replaced or removed. `Registry.hold(name)` takes it exclusively without waiting,
@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cdiff_cli import __version__, locks
+from cdiff_cli import __version__
+from cdiff_cli.core.tokens import canonical
 from cdiff_cli.errors import CdiffError, NotFoundError, reason
 from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
-from cdiff_cli.tokens import canonical
+from cdiff_cli.registry import locks
 
 if TYPE_CHECKING:
-    from cdiff_cli.delta import Delta
+    from cdiff_cli.core.delta import Delta
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 DELTA_FILE = "delta.safetensors"
@@ -166,11 +167,11 @@ class Entry:
 
         Read under the entry's shared lock: NotFoundError if it was removed since it was listed,
         CdiffError if it was replaced by different content (the manifest in hand would not match)."""
-        from cdiff_cli.delta import Delta
+        from cdiff_cli.core.delta import Delta
 
         if self.compressed and base_unet is None:
             raise CdiffError(f"concept {self.name!r} is compressed: load its base model to use it")
-        from cdiff_cli.delta import check_content
+        from cdiff_cli.core.delta import check_content
 
         if self.registry is None:
             delta = Delta.load(self.delta_path, base_unet)
@@ -236,7 +237,7 @@ class Registry:
         """Hold NAME's inter-process lock (exclusive, or shared for readers) for the `with` block;
         BusyError after `wait` seconds (0: at once; default WRITE_WAIT, or READ_WAIT when shared).
         Reentrant within a process, except that an exclusive request inside a shared one raises
-        RuntimeError (see `cdiff_cli.locks`)."""
+        RuntimeError (see `cdiff_cli.registry.locks`)."""
         if wait is None:
             wait = READ_WAIT if shared else WRITE_WAIT
         with locks.lock(self.lock_path(name), shared=shared, wait=wait, what=f"concept {name!r}"):
@@ -387,7 +388,7 @@ class Registry:
 
 def base_record(spec_ref: str, unet) -> dict:
     """What an entry remembers of its base: where it came from, an id, and the probe used to compare."""
-    from cdiff_cli.layers import base_probe, fingerprint
+    from cdiff_cli.core.layers import base_probe, fingerprint
 
     probe = base_probe(unet)
     return {"ref": spec_ref, "fingerprint": fingerprint(unet, probe), "probe": probe}
@@ -395,7 +396,7 @@ def base_record(spec_ref: str, unet) -> dict:
 
 def same_base(a: dict, b: dict) -> bool:
     """Are two base records (see `base_record`) the same model?"""
-    from cdiff_cli.layers import same_base_probe
+    from cdiff_cli.core.layers import same_base_probe
 
     if a.get("probe") and b.get("probe"):
         return same_base_probe(a["probe"], b["probe"])

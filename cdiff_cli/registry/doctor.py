@@ -88,7 +88,7 @@ def delta_problem(path: Path) -> str | None:
     """Why safetensors cannot read `path` as a cdiff delta (header, metadata and tensor index), or None."""
     from safetensors import safe_open
 
-    from cdiff_cli.delta import EMBED_KEY, EMBED_KEY_2, FORMAT, content_problem
+    from cdiff_cli.core.delta import EMBED_KEY, EMBED_KEY_2, FORMAT, content_problem
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cdiff_cli.core.layers import write_weights
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.files import share_as_umask
-from cdiff_cli.layers import write_weights
 
 FORMAT = "cdiff-delta"
 EMBED_KEY = "text.token_embeddings"
@@ -98,7 +98,7 @@ def content_problem(weights: dict, tokens, mode: str, embeddings: list) -> str |
     layer must be a cross-attention weight its mode trains (a "concept" may not replace the rest of the
     UNet), every value a finite floating-point number (NaN turns images black and a merge spreads it),
     and there must be at least one token. Low-rank factors (name.lora_up / .lora_down) count as their layer."""
-    from cdiff_cli.layers import MODES, mode_suffixes
+    from cdiff_cli.core.layers import MODES, mode_suffixes
 
     if mode not in MODES:
         return f"its mode {mode!r} is not one of {', '.join(MODES)}"
@@ -207,7 +207,7 @@ def apply_delta(pipe, delta: Delta) -> list[int]:
 def add_delta_tokens(pipe, tokens: list[str], embeddings: torch.Tensor, embeddings_2: torch.Tensor | None = None) -> list[int]:
     """Add concept tokens with their rows to the pipeline's tokenizer and text encoder, and for SDXL to
     the second pair too. Returns the ids in the first tokenizer."""
-    from cdiff_cli.tokens import add_tokens
+    from cdiff_cli.core.tokens import add_tokens
 
     _check_text_encoders(pipe, embeddings_2)
     ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens, embeddings)
