@@ -69,8 +69,8 @@ def _registry_of(base_pipe, ref: str, n: int, home: Path):
 
 
 def bench_merge(args, pipe, ref: str) -> list[dict]:
-    from cdiff_cli.captions import load_captions
     from cdiff_cli.merging import gram, merge_deltas, prompt_features
+    from cdiff_cli.merging.captions import load_captions
     from cdiff_cli.workflows import merge_entries
 
     rows = []

@@ -80,9 +80,9 @@ def worker_cdiff(args) -> dict:
     torch, device, dtype, pipe, targets, regs, setup_s, phases = _setup(args, "cdiff")
     from _sd15 import PeakMemory
 
-    from cdiff_cli.data import ImageItem
     from cdiff_cli.progress import Progress, Task
     from cdiff_cli.training import Concept, TrainConfig, base_waits_in_cpu_memory, low_memory_config, train
+    from cdiff_cli.training.images import ImageItem
 
     marks: dict[str, list[float]] = {}
 
@@ -132,7 +132,7 @@ def worker_baseline(args) -> dict:
     from diffusers.loaders import AttnProcsLayers
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
-    from cdiff_cli.data import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
+    from cdiff_cli.training.images import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
 
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     # The example: add the modifier token, initialise it from a word, train the whole embedding table.

@@ -52,17 +52,17 @@ def main():
 
     from cdiff_cli import world
     from cdiff_cli.base import load_pipeline
-    from cdiff_cli.captions import load_captions
     from cdiff_cli.compression import compress_delta, output_fidelity, ranks, stored_bytes
     from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.core.layers import fingerprint
-    from cdiff_cli.data import list_images
     from cdiff_cli.evaluation import metrics as M
     from cdiff_cli.evaluation.features import load_clip
     from cdiff_cli.generation import sample, set_scheduler
     from cdiff_cli.merging import prompt_features
-    from cdiff_cli.regset import generated_regularisation
+    from cdiff_cli.merging.captions import load_captions
     from cdiff_cli.training import Concept, TrainConfig, train
+    from cdiff_cli.training.images import list_images
+    from cdiff_cli.training.regularisation import generated_regularisation
 
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="cdiff-compress-"))

@@ -90,9 +90,9 @@ class Bench:
         from cdiff_cli import world
         from cdiff_cli.base import resolve_precision
         from cdiff_cli.core.layers import fingerprint
-        from cdiff_cli.data import list_images
         from cdiff_cli.evaluation.features import load_clip
-        from cdiff_cli.regset import generated_regularisation
+        from cdiff_cli.training.images import list_images
+        from cdiff_cli.training.regularisation import generated_regularisation
         from cdiff_cli.world import oracle as O
         from cdiff_cli.world import scores as WE
 
@@ -243,9 +243,9 @@ def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: 
 
 
 def run_pairs(b: Bench, kv: dict, results: dict) -> None:
-    from cdiff_cli.captions import load_captions
     from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.merging import gram, merge_deltas, prompt_features
+    from cdiff_cli.merging.captions import load_captions
     from cdiff_cli.training import Concept, TrainConfig, train
 
     names = list(b.concepts)

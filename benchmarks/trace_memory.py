@@ -167,8 +167,8 @@ def trace_phases(resolution: int, precision: str, low_memory: bool, offload: boo
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import CLIPTextModel
 
-    from cdiff_cli.regset import BATCH, BATCH_LOW_MEMORY
     from cdiff_cli.training import ENCODE_BATCH, ENCODE_BATCH_LOW_MEMORY
+    from cdiff_cli.training.regularisation import BATCH, BATCH_LOW_MEMORY
 
     staged = low_memory or offload
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

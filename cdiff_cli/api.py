@@ -106,8 +106,8 @@ def train(
     (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
     samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
     steps; `Trained.samples` is the last one's path in the entry."""
-    from cdiff_cli.samples import SampleSettings
     from cdiff_cli.training import TrainConfig, low_memory_config
+    from cdiff_cli.training.samples import SampleSettings
     from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
     if concepts:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff_cli.data import (
+from cdiff_cli.training.images import (
     FAR_PREFIXES,
     NEAR_PREFIXES,
     Augmentation,

@@ -153,8 +153,8 @@ def test_bit_identical_under_gradient_checkpointing_too():
 
 
 def test_training_uses_the_lean_layers(tmp_path, monkeypatch):
-    from cdiff_cli.data import list_images
     from cdiff_cli.training import Concept, TrainConfig, train
+    from cdiff_cli.training.images import list_images
 
     from .conftest import RES, make_images
 

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cdiff_cli.data import MIN_SIDE, open_rgb
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.training.images import MIN_SIDE, open_rgb
 
 FUZZ = settings(
     max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

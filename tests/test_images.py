@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdiff_cli.data import IMAGE_EXTS, MIN_SIDE, ImageItem, check_images, list_images, open_rgb, to_tensor
 from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.training.images import IMAGE_EXTS, MIN_SIDE, ImageItem, check_images, list_images, open_rgb, to_tensor
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from cdiff_cli.captions import load_captions
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.layers import kv_names, read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens
@@ -17,6 +16,7 @@ from cdiff_cli.merging import (
     merge_deltas,
     prompt_features,
 )
+from cdiff_cli.merging.captions import load_captions
 from cdiff_cli.tiny import build_tiny_pipeline
 
 

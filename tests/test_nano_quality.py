@@ -12,11 +12,11 @@ import torch
 from cdiff_cli import world
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.core.layers import fingerprint
-from cdiff_cli.data import list_images
 from cdiff_cli.evaluation.prompts import strip_tokens
 from cdiff_cli.generation import sample, set_scheduler
-from cdiff_cli.regset import generated_regularisation
 from cdiff_cli.training import Concept, TrainConfig, train
+from cdiff_cli.training.images import list_images
+from cdiff_cli.training.regularisation import generated_regularisation
 from cdiff_cli.world import oracle as O
 from cdiff_cli.world import scores as WE
 from cdiff_cli.world.demo import DemoSettings

@@ -9,9 +9,9 @@ from PIL import Image
 
 from cdiff_cli import offload
 from cdiff_cli.core.layers import trainable_names
-from cdiff_cli.data import list_images
 from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
+from cdiff_cli.training.images import list_images
 
 from .conftest import RES, make_images
 
@@ -209,7 +209,7 @@ def test_regularisation_images_generated_with_cpu_offload_are_the_same_and_decod
     import numpy as np
     from PIL import Image
 
-    from cdiff_cli.regset import generated_regularisation
+    from cdiff_cli.training.regularisation import generated_regularisation
 
     pipe = build_tiny_pipeline("sd1")
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
@@ -244,9 +244,10 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
     """The wiring of `cdiff train` on a GPU, which CI has not: the GPU is a stand-in (what is loaded
     "onto" it stays on the CPU), and generation and training are spies (each is tested for what it does
     above and in test_train)."""
-    from cdiff_cli import regset, workflows
     from cdiff_cli import training as train_mod
+    from cdiff_cli import workflows
     from cdiff_cli.registry import Registry
+    from cdiff_cli.training import regularisation as regset
 
     gpu = torch.device("cuda")
     seen = {}

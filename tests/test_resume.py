@@ -115,8 +115,8 @@ def test_a_full_disk_costs_the_checkpoint_not_the_run(tmp_path, sd1_base, cat_im
 
     from safetensors import SafetensorError
 
-    import cdiff_cli.checkpoint as ckpt_mod
     import cdiff_cli.core.delta as delta_mod
+    import cdiff_cli.training.checkpoint as ckpt_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -146,7 +146,7 @@ def test_a_full_disk_costs_the_checkpoint_not_the_run(tmp_path, sd1_base, cat_im
 
 def test_checkpoint_leftovers_belong_to_one_name_only(tmp_path):
     """A killed save of `cat-1` leaves `.old-cat-1-<pid>`: it must never be taken for `cat`'s."""
-    from cdiff_cli.checkpoint import RUN_FILE, STATE_FILE, Checkpointer, leftovers, recover
+    from cdiff_cli.training.checkpoint import RUN_FILE, STATE_FILE, Checkpointer, leftovers, recover
 
     root = tmp_path / "checkpoints"
     old = root / ".old-cat-1-4242"
@@ -162,7 +162,7 @@ def test_checkpoint_leftovers_belong_to_one_name_only(tmp_path):
 
 def test_default_schedule_is_every_five_minutes_of_training(tmp_path):
     """Whatever a step costs (6 s on a CPU, 0.15 s on an H100), at most 5 minutes of work are lost."""
-    from cdiff_cli.checkpoint import Checkpointer
+    from cdiff_cli.training.checkpoint import Checkpointer
 
     now = [1000.0]
     ck = Checkpointer(tmp_path / "c", {}, clock=lambda: now[0])

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.cli import app
-from cdiff_cli.data import list_images
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.merging import concept_prompts, constraint_residual, gram, merge_deltas, prompt_features
 from cdiff_cli.registry import Registry
 from cdiff_cli.training import Concept, TrainConfig, train
+from cdiff_cli.training.images import list_images
 
 from .conftest import RES, make_images
 

@@ -72,8 +72,8 @@ def train_cmd(
 
     Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (exit code 130); a second Ctrl-C stops at once. Run the same command with --resume to continue; a killed run resumes from its last periodic checkpoint.
     """
-    from cdiff_cli.samples import SampleSettings
     from cdiff_cli.training import TrainConfig, low_memory_config
+    from cdiff_cli.training.samples import SampleSettings
     from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
 
     if concept:

@@ -59,7 +59,7 @@ def validate_token(token: str, tokenizer=None, ordinary_words: set[str] | None =
 
 
 def _caption_words() -> set[str]:
-    from cdiff_cli.captions import load_captions
+    from cdiff_cli.merging.captions import load_captions
 
     return {w for c in load_captions() for w in re.findall(r"[a-z]+", c.lower())}
 

@@ -26,13 +26,13 @@ import numpy as np
 from cdiff_cli import __version__
 from cdiff_cli.core.prompts import class_prompt
 from cdiff_cli.core.tokens import canonical
-from cdiff_cli.data import open_rgb
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.evaluation import metrics as M
 from cdiff_cli.evaluation.features import DEFAULT_CLIP
 from cdiff_cli.evaluation.prompts import EvalPrompt, select_prompts, strip_tokens, to_dict
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry
+from cdiff_cli.training.images import open_rgb
 
 KID_FEATURES_NOTE = (
     "KID is computed on CLIP image embeddings (the projected, unnormalised image features of the --clip model, "

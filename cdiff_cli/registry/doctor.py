@@ -171,7 +171,7 @@ class _Doctor:
         self.findings: list[Finding] = []
 
     def run(self) -> list[Finding]:
-        from cdiff_cli.checkpoint import LEFTOVER_RE
+        from cdiff_cli.training.checkpoint import LEFTOVER_RE
 
         reg = self.reg
         names: dict[str, dict] = {}  # name -> {"entry": Path | None, "temps": [Path], "checkpoint": Path | None}
@@ -243,7 +243,7 @@ class _Doctor:
 
     def _checkpoint(self, name: str) -> None:
         """A training checkpoint, under the training lock (a run in progress is busy, not a finding)."""
-        from cdiff_cli import checkpoint as ckpt
+        from cdiff_cli.training import checkpoint as ckpt
 
         folder = self.reg.checkpoints / name
         if not folder.exists() and not ckpt.leftovers(folder):

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from cdiff_cli.checkpoint import Checkpointer
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.training.checkpoint import Checkpointer
 from cdiff_cli.training.config import (
     Concept,
     TrainConfig,

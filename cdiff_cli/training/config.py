@@ -9,7 +9,7 @@ import torch
 
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.prompts import class_prompt, instance_prompt
-from cdiff_cli.data import FAR_PREFIXES, NEAR_PREFIXES, ImageItem
+from cdiff_cli.training.images import FAR_PREFIXES, NEAR_PREFIXES, ImageItem
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from cdiff_cli.checkpoint import Checkpointer
 from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.progress import Progress
+from cdiff_cli.training.checkpoint import Checkpointer
 
 
 def distributed(accelerator) -> bool:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.data import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
 from cdiff_cli.progress import Progress
+from cdiff_cli.training.images import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
 
 # Images per VAE encoding while caching latents. Batching the VAE buys little speed, and its
 # activations grow with the batch: at 512 px 0.3 GiB per image in half precision (traced), so at batch 8

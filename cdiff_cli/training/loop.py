@@ -12,14 +12,13 @@ from contextlib import nullcontext
 import torch
 
 from cdiff_cli import frozen_ops, offload
-from cdiff_cli.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.core import textcond
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.layers import read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
-from cdiff_cli.data import masked_mse_per_sample
 from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.training.checkpoint import Checkpointer, StopRequested, StopSignals
 from cdiff_cli.training.config import (
     Concept,
     TrainConfig,
@@ -29,6 +28,7 @@ from cdiff_cli.training.config import (
     split_batch,
 )
 from cdiff_cli.training.distributed import all_reduce_mean, distributed, gather_objects, load_everywhere, save_on_main
+from cdiff_cli.training.images import masked_mse_per_sample
 from cdiff_cli.training.latents import (
     ENCODE_BATCH,
     ENCODE_BATCH_LOW_MEMORY,

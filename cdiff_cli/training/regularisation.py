@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from cdiff_cli.core.prompts import class_prompt
-from cdiff_cli.data import ImageItem, list_images
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.training.images import ImageItem, list_images
 
 # Sampler for generated regularisation images: the reference uses 50 DDIM steps (eta 1, guidance 6);
 # a multistep solver reaches similar images in half the steps.
