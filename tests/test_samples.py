@@ -26,6 +26,9 @@ def test_sampling_points_are_every_n_steps_and_the_last():
     assert SampleSettings(every=100).points(250) == [100, 200, 250]
     assert SampleSettings(every=50).points(100) == [50, 100]
     assert SampleSettings(every=300).points(250) == [250]
+    for every, total in ((0, 7), (1, 5), (3, 10), (4, 8), (300, 250)):
+        sampler = TrainingSampler(SampleSettings(every=every), None, RES, 6.0)
+        assert [d for d in range(1, total + 1) if sampler.due(d, total)] == SampleSettings(every=every).points(total)
 
 
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])

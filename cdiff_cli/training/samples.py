@@ -114,7 +114,9 @@ class TrainingSampler:
         return list(self.settings.prompts)
 
     def due(self, done: int, total: int) -> bool:
-        return done in self.settings.points(total)
+        """Is `done` one of `settings.points(total)` (without building the list at every step)?"""
+        every = self.settings.every
+        return done == total or (every > 0 and done % every == 0 and done < total)
 
     def __call__(self, pipe, step: int, device: torch.device, autocast) -> Path:
         from cdiff_cli.generation import sample, set_scheduler
