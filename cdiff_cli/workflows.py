@@ -305,7 +305,8 @@ def target_images(spec: ConceptSpec) -> list[ImageItem]:
 def _sampler(registry, name, samples, specs, base_ref, resolution, resume, progress):
     """The run's TrainingSampler (None without `samples`): default prompts, the base's guidance, its folder
     emptied unless the run resumes."""
-    from cdiff_cli.training.samples import TrainingSampler, clear, default_guidance
+    from cdiff_cli.generation import base_guidance
+    from cdiff_cli.training.samples import TrainingSampler, clear
 
     if samples is None:
         return None
@@ -316,7 +317,7 @@ def _sampler(registry, name, samples, specs, base_ref, resolution, resume, progr
     folder = registry.samples / name
     if not resume:
         clear(folder)
-    guidance = samples.guidance if samples.guidance is not None else default_guidance(base_ref)
+    guidance = samples.guidance if samples.guidance is not None else base_guidance(base_ref)
     return TrainingSampler(replace(samples, prompts=prompts), folder, resolution, guidance)
 
 

@@ -693,8 +693,9 @@ def test_a_token_taken_while_a_run_trained_is_refused_when_the_entry_is_written(
 # ------------------------------------------------------------------------------------------- what deltas contain
 
 
-def _rewrite_delta(src: Path, dst: Path, change) -> Path:
-    """A copy of the cdiff delta `src` at `dst`, its tensors and metadata passed through `change(tensors, meta)`."""
+def _rewrite_tensors(src: Path, dst: Path, change) -> Path:
+    """A copy of the safetensors file `src` at `dst` (a cdiff delta, a LoRA), its tensors and metadata passed
+    through `change(tensors, meta)`."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -709,6 +710,15 @@ def _rewrite_delta(src: Path, dst: Path, change) -> Path:
 
 def _first_layer(tensors: dict) -> str:
     return next(k for k in tensors if k.startswith("unet."))
+
+
+def _exported_lora(tmp_path: Path, change) -> Path:
+    """`mycat` exported as a LoRA folder, its LoRA file's tensors passed through `change(tensors, meta)`."""
+    out = tmp_path / "lora"
+    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    _rewrite_tensors(out / "mycat.safetensors", out / "mycat.safetensors", change)
+    return out
 
 
 def _nan(t, m):
@@ -775,25 +785,18 @@ def test_add_refuses_what_a_delta_must_not_contain(change, match, home, world, t
     src = world["exports"] / "mycat-cdiff"
     folder = tmp_path / "bad"
     shutil.copytree(src, folder)
-    _rewrite_delta(src / "delta.safetensors", folder / "delta.safetensors", change)
+    _rewrite_tensors(src / "delta.safetensors", folder / "delta.safetensors", change)
     expect_failure(["add", "evil", folder, "--base", world["sd1"]], 1, match, home)
 
 
 @pytest.mark.parametrize("alpha, match", [(0.0, "alpha is 0.0"), (float("nan"), "alpha is nan"), (-4.0, "alpha is -4.0"),
                                           ([1.0, 2.0], "not a single number")])
 def test_add_refuses_a_lora_with_a_bad_alpha(alpha, match, home, world, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    def bad_alpha(tensors, meta):
+        key = next(k for k in tensors if k.endswith(".alpha"))
+        tensors[key] = torch.tensor(alpha, dtype=torch.float32)
 
-    out = tmp_path / "lora"
-    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    lora = out / "mycat.safetensors"
-    with safe_open(str(lora), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    key = next(k for k in tensors if k.endswith(".alpha"))
-    tensors[key] = torch.tensor(alpha, dtype=torch.float32)
-    save_file(tensors, str(lora), metadata=meta)
+    out = _exported_lora(tmp_path, bad_alpha)
     expect_failure(["add", "evil", out, "--base", world["sd1"], "--token", "<evil>"], 1, match, home)
 
 
@@ -801,7 +804,7 @@ def test_an_entry_whose_delta_was_poisoned_is_refused_on_read_and_found_by_docto
     """A registry entry rewritten by hand (content hash updated too) with NaN weights: `gen` refuses it in one
     line instead of drawing black images, and `doctor` names it."""
     entry = home / "concepts" / "mycat"
-    _rewrite_delta(entry / "delta.safetensors", entry / "delta.safetensors", _nan)
+    _rewrite_tensors(entry / "delta.safetensors", entry / "delta.safetensors", _nan)
     manifest = json.loads((entry / "manifest.json").read_text())
     manifest["content_hash"] = "sha256:" + hashlib.sha256((entry / "delta.safetensors").read_bytes()).hexdigest()
     (entry / "manifest.json").write_text(json.dumps(manifest))
@@ -919,19 +922,12 @@ def test_a_symlinked_delta_in_the_registry_is_not_followed(home, tmp_path):
 
 def test_add_refuses_a_lora_of_rank_zero(home, world, tmp_path):
     """Factors of rank 0 used to divide alpha by zero (`ZeroDivisionError`)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    def rank_zero(tensors, meta):
+        for k in list(tensors):
+            if k.endswith("lora_up.weight"):
+                tensors[k] = tensors[k][:, :0].contiguous()
+            elif k.endswith("lora_down.weight"):
+                tensors[k] = tensors[k][:0].contiguous()
 
-    out = tmp_path / "lora"
-    r = runner.invoke(app, ["export", "mycat", "--format", "lora", "-o", str(out)])
-    assert r.exit_code == 0, r.output
-    lora = out / "mycat.safetensors"
-    with safe_open(str(lora), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    for k in list(tensors):
-        if k.endswith("lora_up.weight"):
-            tensors[k] = tensors[k][:, :0].contiguous()
-        elif k.endswith("lora_down.weight"):
-            tensors[k] = tensors[k][:0].contiguous()
-    save_file(tensors, str(lora), metadata=meta)
+    out = _exported_lora(tmp_path, rank_zero)
     expect_failure(["add", "evil", out, "--base", world["sd1"], "--token", "<evil>"], 1, "factors of shapes", home)

@@ -59,12 +59,6 @@ def check_settings(s: SampleSettings) -> None:
         raise CdiffError("--sample must not be empty")
 
 
-def default_guidance(base_ref: str | None) -> float:
-    from cdiff_cli.generation import base_guidance
-
-    return base_guidance(base_ref)
-
-
 @contextmanager
 def _random_states_kept(device: torch.device):
     """Whatever sampling draws, the training's random streams go on as if it had not run."""
