@@ -71,7 +71,7 @@ def _registry_of(base_pipe, ref: str, n: int, home: Path):
 def bench_merge(args, pipe, ref: str) -> list[dict]:
     from cdiff_cli.merging import gram, merge_deltas, prompt_features
     from cdiff_cli.merging.captions import load_captions
-    from cdiff_cli.workflows import merge_entries
+    from cdiff_cli.merging.entries import merge_entries
 
     rows = []
     G = gram(prompt_features(pipe, list(load_captions())))
@@ -121,7 +121,7 @@ def _small_registry(n: int, home: Path):
 
 
 def bench_registry(args) -> list[dict]:
-    from cdiff_cli.workflows import resolve_prompt
+    from cdiff_cli.generation import resolve_prompt
 
     rows = []
     for n in args.entries:

@@ -13,7 +13,8 @@ The Python API (the same operations and defaults as the `cdiff` commands; see do
 - train, merge, generate, evaluate, add, export, compress: one function per command;
 - Registry and Entry: the store of concepts and one concept in it;
 - Concept (joint training), Trained (what train returns);
-- errors: CdiffError and its subclasses NotFoundError, BusyError (in cdiff_cli.errors).
+- errors: CdiffError and its subclasses NotFoundError, BusyError, TrainingStopped (in cdiff_cli.errors);
+- StopSignals: `with StopSignals() as stop: train(..., stop=stop)` lets Ctrl-C/SIGTERM stop a run cleanly.
 
 Importing cdiff_cli is light: torch and diffusers load when a function runs.
 """
@@ -33,7 +34,8 @@ from cdiff_cli.api import (  # noqa: E402
     merge,
     train,
 )
-from cdiff_cli.errors import BusyError, CdiffError, NotFoundError  # noqa: E402
+from cdiff_cli.errors import BusyError, CdiffError, NotFoundError, TrainingStopped  # noqa: E402
+from cdiff_cli.stopping import StopSignals  # noqa: E402
 
 __all__ = ["__version__", "Concept", "Entry", "Registry", "Trained", "add", "compress", "evaluate", "export",
-           "generate", "merge", "train", "CdiffError", "NotFoundError", "BusyError"]
+           "generate", "merge", "train", "CdiffError", "NotFoundError", "BusyError", "TrainingStopped", "StopSignals"]

@@ -99,16 +99,22 @@ def train(
     sample_prompts: list[str] | None = None,
     sample_every: int = TRAIN.sample_every,
     force: bool = False,
+    stop=None,
     registry: Registry | str | Path | None = None,
     progress: Progress = SILENT,
 ) -> Trained:
     """Train one concept (`images`, `class_word`, optional `token`, default "<NAME>") or several jointly
     (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
     samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
-    steps; `Trained.samples` is the last one's path in the entry."""
+    steps; `Trained.samples` is the last one's path in the entry.
+
+    `stop`: anything with a `requested` flag; once it is set, the run saves a checkpoint after the current
+    step and raises `TrainingStopped` (`resume=True` continues it). cdiff installs no signal handler
+    itself: `with cdiff_cli.StopSignals() as stop: train(..., stop=stop)` makes Ctrl-C and SIGTERM do that,
+    as they do for `cdiff train`."""
     from cdiff_cli.training import TrainConfig, low_memory_config
+    from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry
     from cdiff_cli.training.samples import SampleSettings
-    from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
 
     if concepts:
         if images is not None or class_word or token:
@@ -134,7 +140,7 @@ def train(
     sample_settings = SampleSettings(tuple(sample_prompts or ()), sample_every) if samples else None
     entry, result = train_entry(_registry(registry), name, specs, cfg, base=base, reg=reg_opts, device=device,
                                 force=force, resume=resume, checkpoint_every=checkpoint_every,
-                                samples=sample_settings, progress=progress)
+                                samples=sample_settings, stop=stop, progress=progress)
     if entry is None:
         raise CdiffError("this is a secondary process of a multi-process run: only the main process writes the entry")
     return Trained(entry, result.losses, result.seconds, result.effective_lr, result.processes, result.sample_seconds)
@@ -144,7 +150,7 @@ def merge(names: list[str], *, name: str | None = None, base: str | None = None,
           force: bool = False, registry: Registry | str | Path | None = None,
           progress: Progress = SILENT) -> Entry:
     """Merge concepts into one entry with the closed-form constrained merge, as `cdiff merge` does."""
-    from cdiff_cli.workflows import merge_entries
+    from cdiff_cli.merging.entries import merge_entries
 
     entry, notes = merge_entries(_registry(registry), list(names), name, base=base, ridge=ridge, force=force,
                                  progress=progress)
@@ -175,8 +181,7 @@ def generate(
     """Images of `prompt`, as `cdiff gen` makes them (image i uses seed + i): the prompt's tokens load their
     concepts (several are merged on the fly), or name the entries with `concepts`. `guidance` None: the
     base's own (3 on nano, else 6). Returns PIL images."""
-    from cdiff_cli.generation import base_guidance, sample, set_scheduler
-    from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
+    from cdiff_cli.generation import base_guidance, prepare_pipeline, resolve_prompt, sample, set_scheduler
 
     if n < 1 or steps < 1 or batch_size < 1:
         raise CdiffError("n, steps and batch_size must be at least 1")
@@ -212,7 +217,7 @@ def add(name: str, path: str | Path, *, base: str | None = None, tokens: list[st
         classes: list[str] | None = None, embeddings: list[str | Path] | None = None, force: bool = False,
         registry: Registry | str | Path | None = None) -> Entry:
     """Import a delta (diffusers, reference, cdiff export or k/v LoRA) as a new entry, as `cdiff add` does."""
-    from cdiff_cli.workflows import import_entry
+    from cdiff_cli.transfer import import_entry
 
     return import_entry(_registry(registry), name, Path(path), base=base, tokens=tokens, classes=classes,
                         embeddings=[Path(e) for e in embeddings] if embeddings else None, force=force)
@@ -223,7 +228,7 @@ def export(name: str, out: str | Path, *, format: str = "diffusers", base: str |
            registry: Registry | str | Path | None = None) -> list[Path]:
     """Write an entry in another tool's layout (diffusers, reference, cdiff or lora), as `cdiff export`
     does; returns the files written. Files already in `out` are not overwritten unless `force`."""
-    from cdiff_cli.workflows import export_entry
+    from cdiff_cli.transfer import export_entry
 
     paths, _ = export_entry(_registry(registry), name, format, Path(out), base=base, rank=rank, energy=energy,
                             force=force)
@@ -234,6 +239,6 @@ def compress(name: str, *, rank: int | None = None, energy: float | None = None,
              registry: Registry | str | Path | None = None, progress: Progress = SILENT) -> tuple[Entry, dict]:
     """Store an entry's k/v updates at low rank, in place, as `cdiff compress` does; returns the entry and
     the report (sizes, ranks kept, the largest change of a k/v layer's output on captions)."""
-    from cdiff_cli.workflows import compress_entry
+    from cdiff_cli.compression import compress_entry
 
     return compress_entry(_registry(registry), name, rank=rank, energy=energy, base=base, progress=progress)

@@ -238,3 +238,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def default_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def load_base(base: str | None, device: str | None, precision: str = "fp32", *, in_cpu_memory: bool = False):
+    """Load the base with its frozen weights in `precision` (already resolved, see resolve_precision),
+    onto the device, or `in_cpu_memory` to wait there for the phases that run on the device."""
+    spec = resolve_base(base)
+    dev = pick_device(device)
+    pipe = load_pipeline(spec, dtype=DTYPES[resolve_precision(precision, dev)], device="cpu" if in_cpu_memory else dev)
+    return spec, pipe, dev

@@ -12,6 +12,12 @@ import torch
 from cdiff_cli.core.delta import Delta, LowRankDelta
 from cdiff_cli.core.layers import is_kv
 from cdiff_cli.core.lowrank import factorize
+from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.registry import Entry, Registry
+from cdiff_cli.transfer import check_rank_energy, load_entry_base
 
 
 def compress_delta(
@@ -58,3 +64,56 @@ def stored_bytes(d: LowRankDelta) -> int:
 
 def ranks(d: LowRankDelta) -> list[int]:
     return [up.shape[1] for up, _ in d.factors.values()]
+
+
+# -- compressing a registry entry ------------------------------------------------------------------
+
+FIDELITY_CAPTIONS = 256  # ordinary captions whose k/v outputs measure the compression error
+
+
+def compress_entry(
+    registry: Registry,
+    name: str,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    base: str | None = None,
+    progress: Progress = SILENT,
+) -> tuple[Entry, dict]:
+    """Rewrite an entry with its k/v updates as low-rank factors (atomically, in place); returns the
+    entry and a report: sizes, ranks, and the largest change of any k/v layer's output on captions."""
+    from cdiff_cli.merging import prompt_features
+
+    check_rank_energy(rank, energy)
+    if rank is None and energy is None:
+        energy = DEFAULT_COMPRESS_ENERGY
+    entry = registry.get(name)
+    if entry.compressed:
+        raise CdiffError(f"concept {name!r} is already compressed")
+    spec, pipe = load_entry_base(entry, base)
+    progress.note(f"factorising the k/v updates of {name}")
+    delta = entry.load_delta(pipe.unet)
+    base_w = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
+    low = compress_delta(delta, base_w, rank=rank, energy=energy)
+    with torch.no_grad():
+        X = torch.cat(prompt_features(pipe, list(load_captions())[:FIDELITY_CAPTIONS]))
+    r = ranks(low)
+    report = {
+        "rank": rank,
+        "energy": energy,
+        "min_rank": min(r, default=0),
+        "max_rank": max(r, default=0),
+        "bytes_before": int(entry.manifest.get("size_bytes") or entry.delta_path.stat().st_size),
+        "bytes_after": stored_bytes(low),
+        "captions": FIDELITY_CAPTIONS,
+        **output_fidelity(delta, low.expanded(base_w), X),
+    }
+    keep = {k: v for k, v in entry.manifest.items()
+            if k not in ("name", "id", "tokens", "mode", "size_bytes", "content_hash", "created", "cdiff_version", "metrics")}
+    with registry.lock(name):  # replace exactly the version that was compressed, not one written meanwhile
+        if registry.get(name).manifest.get("content_hash") != entry.manifest.get("content_hash"):
+            raise CdiffError(f"concept {name!r} was replaced while it was being compressed; run it again")
+        new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
+        report["bytes_after"] = int(new.manifest["size_bytes"])  # the file as written, header included
+        registry.update_manifest(name, compression=report)  # still under the lock: this very version
+    return registry.get(name), report

@@ -1,16 +1,25 @@
-"""Sampling with a loaded pipeline, and PNGs that carry their generation parameters."""
+"""Generation: the base with a prompt's entries written into it (several merged on the fly, cached), sampling
+with it, and PNGs that carry their generation parameters."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
+import os
 import re
 from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
+from cdiff_cli.base import load_base, pick_device
+from cdiff_cli.core.delta import Delta, apply_delta
+from cdiff_cli.core.tokens import angle_tokens, canonical, find_tokens
 from cdiff_cli.defaults import SCHEDULERS  # noqa: E402,F401  (re-exported)
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.merging.entries import check_token_collisions, merge_loaded
+from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.registry import Entry, Registry, base_record, check_same_base
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -112,3 +121,97 @@ def save_pngs(images, out_dir: str | Path, prompt: str, params: dict) -> list[Pa
         img.save(p, pnginfo=meta)
         paths.append(p)
     return paths
+
+
+# -- the pipeline for a prompt ------------------------------------------------------------------------
+
+
+def resolve_prompt(registry: Registry, prompt: str, concepts: list[str] | None = None) -> list[Entry]:
+    """The registry entries a prompt needs: named with --concept, else found from its tokens."""
+    if concepts:
+        return [registry.get(n) for n in concepts]
+    owners = registry.token_owners()
+    used = find_tokens(prompt, list(owners))
+    unknown = [t for t in angle_tokens(prompt) if canonical(t) not in owners]
+    if unknown:
+        raise NotFoundError(f"unknown concept token(s) in the prompt: {', '.join(unknown)} (see `cdiff list`)")
+    entries: list[Entry] = []
+    for t in used:
+        if owners[t] not in entries:
+            entries.append(owners[t])
+    # Prefer an explicit merge of exactly these entries, if the user made one.
+    if len(entries) > 1:
+        wanted = {e.name for e in entries}
+        for e in registry.entries():
+            if e.kind == "merged" and set(e.parents) == wanted:
+                return [e]
+    return entries
+
+
+def prepare_pipeline(
+    registry: Registry,
+    entries: list[Entry],
+    *,
+    base: str | None = None,
+    device: str | None = "auto",
+    precision: str = "fp32",
+    ridge: float | None = None,
+    offload: str | None = None,
+    progress: Progress = SILENT,
+):
+    """Load the base and write the entries' delta into it (merging several on the fly, cached).
+
+    `offload` ("model" or "sequential", for a small GPU): the base is loaded into CPU memory and the
+    returned pipeline runs under diffusers' CPU offload (`offload.enable_pipeline_offload`), decoding
+    one image at a time; on a CPU it changes nothing and says so."""
+    if entries:
+        check_same_base(entries)
+        check_token_collisions(entries)
+    ref = base or (entries[0].base.get("ref") if entries else None)
+    if offload is not None and pick_device(device).type != "cuda":
+        progress.warn("--low-memory and --offload are for a CUDA GPU; generating without them")
+        offload = None
+    spec, pipe, dev = load_base(ref, device, precision, in_cpu_memory=offload is not None)
+    delta = _write_delta(registry, pipe, spec, entries, ridge, progress)
+    if offload is not None:
+        from cdiff_cli.offload import enable_pipeline_offload
+
+        enable_pipeline_offload(pipe, dev, offload)
+        pipe.vae.enable_slicing()
+    return spec, pipe, delta
+
+
+def _write_delta(registry, pipe, spec, entries: list[Entry], ridge: float | None, progress: Progress) -> Delta | None:
+    """The entries' delta (merged on the fly and cached when several), written into `pipe`."""
+    from cdiff_cli.merging import DEFAULT_RIDGE
+
+    if not entries:
+        return None
+    base_rec = base_record(spec.ref, pipe.unet)
+    fp = base_rec["fingerprint"]
+    check_same_base(entries, base_rec)
+    if len(entries) == 1:
+        delta = entries[0].load_delta(pipe.unet)
+    else:
+        ridge = DEFAULT_RIDGE if ridge is None else ridge
+        key = hashlib.sha256(json.dumps([sorted(str(e.manifest.get("content_hash", e.id)) for e in entries), ridge]).encode())
+        folder = registry.writable_cache_dir("merges")  # None on a read-only registry: merged in memory
+        cached = folder / f"{key.hexdigest()[:20]}.safetensors" if folder is not None else None
+        if cached is not None and cached.is_file():
+            delta = Delta.load(cached)
+        else:
+            delta, _ = merge_loaded(registry, pipe, fp, entries, ridge, progress)
+            if cached is not None:
+                _cache_merge(delta, cached)
+    apply_delta(pipe, delta)
+    return delta
+
+
+def _cache_merge(delta: Delta, cached: Path) -> None:
+    """Keep a merge for the next `gen`; a cache that cannot be written (a full disk) costs only the time."""
+    tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp")  # concurrent `gen`s never share one
+    try:
+        delta.save(tmp)
+        tmp.replace(cached)
+    except Exception:  # OSError, or safetensors' own error type on a full disk
+        tmp.unlink(missing_ok=True)

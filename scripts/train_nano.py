@@ -179,13 +179,14 @@ def tokenize(tok, texts: list[str]) -> torch.Tensor:
 
 
 def stage_data(args, out: Path, tok):
-    path = out / "ckpt" / f"data-{args.data}-{args.seed}.pt"
+    mix = "" if (args.two, args.unnamed) == (0.35, 0.06) else f"-two{args.two}-unnamed{args.unnamed}"
+    path = out / "ckpt" / f"data-{args.data}-{args.seed}{mix}.pt"
     if path.is_file():
         d = torch.load(path, weights_only=True)
         log(f"data: {len(d['captions'])} scenes (cached)")
         return d
     t0 = time.time()
-    pairs = W.dataset(args.data, seed=args.seed)
+    pairs = W.dataset(args.data, seed=args.seed, two=args.two, unnamed=args.unnamed)
     u8 = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im, _ in pairs]))
     captions = [c for _, c in pairs]
     d = {"images": u8, "captions": captions, "ids": tokenize(tok, captions)}
@@ -811,6 +812,9 @@ def parse_args(argv=None):
     p.add_argument("--split", type=float, nargs=3, default=(0.15, 0.20, 0.65), metavar=("CLIP", "VAE", "UNET"),
                    help="shares of --minutes for each stage")
     p.add_argument("--data", type=int, default=30000, help="scenes rendered for training")
+    p.add_argument("--two", type=float, default=0.35, help="share of training scenes with two objects")
+    p.add_argument("--unnamed", type=float, default=0.06,
+                   help="share of training objects in an unnamed colour (pink, teal, orange, brown)")
     for n in ("clip", "vae", "unet"):
         p.add_argument(f"--{n}-minutes", type=float, default=None,
                        help=f"time budget of the {n} stage (default: its --split share of --minutes)")

@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.progress import SILENT, Progress, Task
 from cdiff_cli.registry import Registry
+from cdiff_cli.stopping import StopSignals
 from cdiff_cli.training import TrainConfig
-from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
+from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry
 
 
 class SignalAt(Progress):
@@ -55,13 +56,14 @@ def main() -> int:
     if rank == a.stop_rank:
         progress = SignalAt(a.stop_at)
         if rank != 0:  # secondary processes report nothing: hook the progress they are given instead
-            import cdiff_cli.workflows
+            import cdiff_cli.training.entry
 
-            cdiff_cli.workflows.SILENT = progress
+            cdiff_cli.training.entry.SILENT = progress
     try:
-        entry, result = train_entry(Registry(a.home), "cat", [ConceptSpec("<cat>", "cat", a.images)], cfg,
-                                    base=a.base, reg=RegOptions("generated", None, 2), device="cpu",
-                                    checkpoint_every=0, resume=a.resume, progress=progress)
+        with StopSignals() as stop:  # as `cdiff train` does: a SIGINT asks the run to stop
+            entry, result = train_entry(Registry(a.home), "cat", [ConceptSpec("<cat>", "cat", a.images)], cfg,
+                                        base=a.base, reg=RegOptions("generated", None, 2), device="cpu",
+                                        checkpoint_every=0, resume=a.resume, stop=stop, progress=progress)
     except CdiffError as e:
         sys.stderr.write(f"rank {rank}: {e}\n")
         return e.exit_code

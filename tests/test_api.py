@@ -93,3 +93,40 @@ def test_import_is_light_and_documents_the_api():
     for name in ("train", "merge", "generate", "evaluate", "add", "export", "compress", "Registry"):
         assert name in cdiff.__all__ and name in cdiff.__doc__
     assert torch is not None  # the engine itself is importable beside the facade
+
+
+def test_api_training_leaves_signals_alone_and_stops_when_asked(tmp_path, sd1_base, cat_images):
+    """The engine installs no signal handler (that is the CLI's business, through StopSignals); a `stop`
+    object whose flag is set makes the run checkpoint and raise TrainingStopped, and resume=True finishes it."""
+    import signal
+    from contextlib import contextmanager
+
+    from cdiff_cli.progress import Progress, Task
+
+    class Stop:
+        requested = False
+
+    stop, handlers = Stop(), []
+
+    class AskAfterTwo(Progress):
+        @contextmanager
+        def task(self, description, total):
+            class _T(Task):
+                count = 0
+
+                def advance(self, n=1, **fields):
+                    self.count += n
+                    handlers.append(signal.getsignal(signal.SIGINT))
+                    if description == "training" and self.count == 2:
+                        stop.requested = True
+
+            yield _T()
+
+    reg = cdiff.Registry(tmp_path / "home")
+    before = signal.getsignal(signal.SIGINT)
+    args = dict(class_word="cat", base=str(sd1_base), registry=reg, checkpoint_every=0, **SMALL)
+    with pytest.raises(cdiff.TrainingStopped, match="step 2/"):
+        cdiff.train("mycat", cat_images, stop=stop, progress=AskAfterTwo(), **args)
+    assert handlers and all(h is before for h in handlers) and reg.entries() == []
+    run = cdiff.train("mycat", cat_images, resume=True, **args)
+    assert run.entry.name == "mycat" and signal.getsignal(signal.SIGINT) is before

@@ -107,7 +107,7 @@ def test_compress_bad_options(home, sd1_base, cat_images):
 def test_compress_never_overwrites_an_entry_replaced_meanwhile(home, sd1_base, cat_images, monkeypatch):
     """`train --force` finishing while `compress` factorises must not be overwritten by the old version."""
     import cdiff_cli.compression as compress_mod
-    from cdiff_cli.workflows import compress_entry
+    from cdiff_cli.compression import compress_entry
 
     args = ["--base", str(sd1_base), "--steps", "2", "--batch-size", "2", "--resolution", str(RES), "--reg", "none", "--device", "cpu"]
     assert runner.invoke(app, ["train", "mycat", str(cat_images), "--class", "cat", *args]).exit_code == 0

@@ -16,7 +16,7 @@ from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.tokens import angle_tokens, find_tokens, validate_token
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.formats import load_delta_file
-from cdiff_cli.workflows import parse_concept
+from cdiff_cli.training.entry import parse_concept
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 

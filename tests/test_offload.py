@@ -244,14 +244,16 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
     """The wiring of `cdiff train` on a GPU, which CI has not: the GPU is a stand-in (what is loaded
     "onto" it stays on the CPU), and generation and training are spies (each is tested for what it does
     above and in test_train)."""
+    import cdiff_cli.generation  # noqa: F401  (imported before base is patched: it binds pick_device)
+    from cdiff_cli import base as base_mod
     from cdiff_cli import training as train_mod
-    from cdiff_cli import workflows
     from cdiff_cli.registry import Registry
+    from cdiff_cli.training import entry as entry_mod
     from cdiff_cli.training import regularisation as regset
 
     gpu = torch.device("cuda")
     seen = {}
-    real_load = workflows.load_pipeline
+    real_load = base_mod.load_pipeline
 
     def load(spec, *, dtype, device):
         seen["loaded onto"] = torch.device(device)
@@ -265,15 +267,16 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
         seen["training on"] = device
         raise SystemExit  # far enough
 
-    monkeypatch.setattr(workflows, "pick_device", lambda device=None: gpu)
-    monkeypatch.setattr(workflows, "load_pipeline", load)
-    monkeypatch.setattr(workflows, "_preflight", lambda *a, **k: None)
+    for module in (entry_mod, base_mod):
+        monkeypatch.setattr(module, "pick_device", lambda device=None: gpu)
+    monkeypatch.setattr(base_mod, "load_pipeline", load)
+    monkeypatch.setattr(entry_mod, "_preflight", lambda *a, **k: None)
     monkeypatch.setattr(regset, "generated_regularisation", generation)
     monkeypatch.setattr(train_mod, "train", training)
     cfg = train_mod.TrainConfig(steps=1, batch_size=2, resolution=RES, precision="fp16", **flags)
     with pytest.raises(SystemExit):
-        workflows.train_entry(Registry(tmp_path / "home"), "mycat", [workflows.ConceptSpec("<mycat>", "cat", cat_images)],
-                              cfg, base=str(sd1_base), reg=workflows.RegOptions(count=4), device="cuda")
+        entry_mod.train_entry(Registry(tmp_path / "home"), "mycat", [entry_mod.ConceptSpec("<mycat>", "cat", cat_images)],
+                              cfg, base=str(sd1_base), reg=entry_mod.RegOptions(count=4), device="cuda")
     if mode is None:  # by default the whole base goes onto the GPU, and generation runs there
         assert seen == {"loaded onto": gpu, "generation": (regset.BATCH, None), "training on": gpu}
     else:
@@ -288,15 +291,17 @@ def test_gen_low_memory_on_a_gpu_loads_into_cpu_memory_with_the_delta_and_offloa
     On a CPU the flags change nothing and say so (`cdiff gen` runs there, below)."""
     from typer.testing import CliRunner
 
-    from cdiff_cli import workflows
+    from cdiff_cli import base as base_mod
+    from cdiff_cli import generation
     from cdiff_cli.cli import app
     from cdiff_cli.progress import Progress
     from cdiff_cli.registry import Registry
+    from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry
 
     reg = Registry()
     cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2, resolution=RES)
-    entry, _ = workflows.train_entry(reg, "mycat", [workflows.ConceptSpec("<mycat>", "cat", cat_images)], cfg,
-                                     base=str(sd1_base), reg=workflows.RegOptions("none", None, 0), device="cpu")
+    entry, _ = train_entry(reg, "mycat", [ConceptSpec("<mycat>", "cat", cat_images)], cfg,
+                           base=str(sd1_base), reg=RegOptions("none", None, 0), device="cpu")
     gen = ["gen", "a <mycat> cat", "--steps", "2", "--height", str(RES), "--width", str(RES), "--device", "cpu", "-o", tmp_path / "g"]
     plain, low = (CliRunner().invoke(app, [str(a) for a in gen + extra]) for extra in ([], ["--low-memory"]))
     assert plain.exit_code == 0 and low.exit_code == 0, low.output
@@ -305,7 +310,7 @@ def test_gen_low_memory_on_a_gpu_loads_into_cpu_memory_with_the_delta_and_offloa
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
     gpu = torch.device("cuda")
-    real_load = workflows.load_pipeline
+    real_load = base_mod.load_pipeline
     loaded = []
 
     def load(spec, *, dtype, device):
@@ -316,11 +321,12 @@ def test_gen_low_memory_on_a_gpu_loads_into_cpu_memory_with_the_delta_and_offloa
         def warn(self, message):
             raise AssertionError(message)
 
-    monkeypatch.setattr(workflows, "pick_device", lambda device=None: gpu)
-    monkeypatch.setattr(workflows, "load_pipeline", load)
+    for module in (generation, base_mod):
+        monkeypatch.setattr(module, "pick_device", lambda device=None: gpu)
+    monkeypatch.setattr(base_mod, "load_pipeline", load)
     # (Sequential offload puts buffers on the device as it starts, which a CPU-only torch cannot stand in for.)
-    _, pipe, delta = workflows.prepare_pipeline(reg, [entry], device="cuda", precision="fp16", offload="model",
-                                                progress=Warnings())
+    _, pipe, delta = generation.prepare_pipeline(reg, [entry], device="cuda", precision="fp16", offload="model",
+                                                 progress=Warnings())
     assert loaded[-1] == torch.device("cpu") and pipe._offload_device == torch.device("cuda:0")
     assert hasattr(pipe.unet, "_hf_hook") and pipe.vae.use_slicing
     weights = dict(pipe.unet.named_parameters())

@@ -15,8 +15,9 @@ from PIL import Image
 from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
 from cdiff_cli.progress import Progress
 from cdiff_cli.registry import Registry
+from cdiff_cli.stopping import StopSignals
 from cdiff_cli.training import TrainConfig
-from cdiff_cli.workflows import ConceptSpec, RegOptions, train_entry
+from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry
 
 from .conftest import RES
 from .dist_worker import SignalAt
@@ -35,7 +36,8 @@ def _train(registry, folder, base, *, progress=None, **kw):
                 checkpoint_every=kw.pop("every", 0))
     if progress is not None:
         args["progress"] = progress
-    return train_entry(registry, "mycat", [ConceptSpec("<mycat>", "cat", folder)], cfg, **args, **kw)
+    with StopSignals() as stop:  # as `cdiff train` does: a SIGINT asks the run to stop
+        return train_entry(registry, "mycat", [ConceptSpec("<mycat>", "cat", folder)], cfg, stop=stop, **args, **kw)
 
 
 def test_ctrl_c_checkpoints_and_resume_is_bit_identical(tmp_path, sd1_base, cat_images):

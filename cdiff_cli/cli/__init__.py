@@ -1,4 +1,4 @@
-"""The `cdiff` command line: a thin Typer layer over `cdiff_cli.workflows`."""
+"""The `cdiff` command line: a thin Typer layer over the engine (`cdiff_cli.training.entry`, `merging.entries`, `generation`, `transfer`, `compression`, `evaluation`, `registry`)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ def compress_cmd(
 
     The entry is rewritten in place (atomically). The report gives the sizes, the ranks kept, and the largest change of any k/v layer's output on 256 ordinary captions. Keep a full copy first with `cdiff export NAME --format cdiff -o DIR` if you may want it back.
     """
-    from cdiff_cli.workflows import compress_entry
+    from cdiff_cli.compression import compress_entry
 
     entry, report = compress_entry(registry(), name, rank=rank, energy=energy, base=base, progress=term.progress())
     if as_json:

@@ -42,8 +42,7 @@ def gen_cmd(
     """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
     from cdiff_cli.core.tokens import tokens_past_limit
     from cdiff_cli.errors import CdiffError
-    from cdiff_cli.generation import base_guidance, sample, save_pngs, set_scheduler
-    from cdiff_cli.workflows import prepare_pipeline, resolve_prompt
+    from cdiff_cli.generation import base_guidance, prepare_pipeline, resolve_prompt, sample, save_pngs, set_scheduler
 
     if n < 1 or steps < 1:
         raise CdiffError("-n and --steps must be at least 1")

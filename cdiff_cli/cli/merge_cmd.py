@@ -25,7 +25,7 @@ def merge_cmd(
 
     Each k/v layer is the closest matrix to the base on the 1,353 shipped ordinary captions that still maps every concept's own prompt features exactly as that concept's fine-tuned layer does.
     """
-    from cdiff_cli.workflows import merge_entries
+    from cdiff_cli.merging.entries import merge_entries
 
     entry, notes = merge_entries(registry(), names, name, base=base, ridge=ridge, force=force, progress=term.progress())
     for n in notes:

@@ -72,9 +72,10 @@ def train_cmd(
 
     Only the UNet's cross-attention key/value projections and one new token per concept are trained. Ctrl-C or SIGTERM stops at the end of the current step and saves a checkpoint (exit code 130); a second Ctrl-C stops at once. Run the same command with --resume to continue; a killed run resumes from its last periodic checkpoint.
     """
+    from cdiff_cli.stopping import StopSignals
     from cdiff_cli.training import TrainConfig, low_memory_config
+    from cdiff_cli.training.entry import ConceptSpec, RegOptions, parse_concept, train_entry
     from cdiff_cli.training.samples import SampleSettings
-    from cdiff_cli.workflows import ConceptSpec, RegOptions, parse_concept, train_entry
 
     if concept:
         if images_dir or class_word or token:
@@ -98,9 +99,10 @@ def train_cmd(
     if no_samples and (sample or sample_every):
         raise CdiffError("--no-samples cannot go with --sample or --sample-every")
     samples = None if no_samples else SampleSettings(prompts=tuple(sample or ()), every=sample_every)
-    entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
-                                force=force, resume=resume, checkpoint_every=checkpoint_every,
-                                samples=samples, progress=term.progress())
+    with StopSignals() as stop:  # Ctrl-C or SIGTERM: checkpoint after the current step, exit 130
+        entry, result = train_entry(registry(), name, specs, cfg, base=base, reg=reg_opts, device=device,
+                                    force=force, resume=resume, checkpoint_every=checkpoint_every,
+                                    samples=samples, stop=stop, progress=term.progress())
     if entry is None:
         return  # a secondary process under `accelerate launch`: the main process reports
     info = {

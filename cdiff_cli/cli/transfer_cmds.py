@@ -32,7 +32,7 @@ def add_cmd(
     as_json: Json = False,
 ):
     """Import an existing Custom Diffusion delta or k/v LoRA (checked against the base; pickles load with weights_only)."""
-    from cdiff_cli.workflows import import_entry
+    from cdiff_cli.transfer import import_entry
 
     entry = import_entry(registry(), name, path, base=base, tokens=token, classes=class_word, embeddings=embedding,
                          force=force)
@@ -56,7 +56,7 @@ def export_cmd(
     """Export a concept for other tools.
 
     The files are written beside the output folder first and moved in when all are there. An existing file of the same name is refused unless --force; the output folder may not lie inside the registry."""
-    from cdiff_cli.workflows import export_entry
+    from cdiff_cli.transfer import export_entry
 
     paths, details = export_entry(registry(), name, fmt.value, out, base=base, rank=rank, energy=energy, force=force)
     if as_json:

@@ -351,8 +351,7 @@ def _generate_with_concept(registry: Registry, plan: _Plan, ref: str | None, dev
                            progress: Progress) -> str:
     """The entry's pictures: its prompts, its class prompts and (nano world) the ordinary captions, with the
     entry's delta written into the base. Returns the base's resolved ref."""
-    from cdiff_cli.generation import set_scheduler
-    from cdiff_cli.workflows import prepare_pipeline
+    from cdiff_cli.generation import prepare_pipeline, set_scheduler
 
     t0, k = time.perf_counter(), s.kid_samples
     spec, pipe, _ = prepare_pipeline(registry, [plan.entry], base=ref, device=device, precision=s.precision,
@@ -377,8 +376,7 @@ def _generate_with_base(registry: Registry, group: list[_Plan], ref: str | None,
                         progress: Progress) -> None:
     """The base model's pictures, once for every prompt of the group (without the tokens), the class prompts
     and the ordinary captions; shared by the entries that use them."""
-    from cdiff_cli.generation import set_scheduler
-    from cdiff_cli.workflows import prepare_pipeline
+    from cdiff_cli.generation import prepare_pipeline, set_scheduler
 
     t0, k = time.perf_counter(), s.kid_samples
     todo = list(dict.fromkeys([(p.text, s.n) for plan in group for p in plan.prompts]

@@ -57,11 +57,14 @@ def train(
     resume: bool = False,
     keep_pipe: bool = True,
     sampler=None,
+    stop=None,
 ) -> TrainResult:
     """Train the concepts jointly into one delta. `pipe` is modified in place (weights and tokenizer).
 
-    With a `checkpointer`, the run saves its state every `checkpointer.every` steps and when Ctrl-C or
-    SIGTERM asks it to stop (then raising `StopRequested`); `resume` continues from the saved state and
+    With a `checkpointer`, the run saves its state every `checkpointer.every` steps and when `stop` asks it
+    to (then raising `StopRequested`): `stop` is anything with a `requested` flag, such as the
+    `stopping.StopSignals()` the CLI enters so that Ctrl-C or SIGTERM stop at the end of a step (the
+    engine installs no signal handler itself); `resume` continues from the saved state and
     ends with the same weights as an uninterrupted run. Under a multi-process launch every process passes
     the same `checkpointer`; only the main one reads or writes its folder.
 
@@ -75,4 +78,4 @@ def train(
     A `sampler` (`samples.TrainingSampler`) makes a grid of samples after the steps it asks for, on the main
     process, with the weights and tokens as they are then; the VAE and its prompts' rows are kept for it."""
     return Trainer(pipe, concepts, cfg, device=device, progress=progress, accelerator=accelerator,
-                   checkpointer=checkpointer, keep_pipe=keep_pipe, sampler=sampler).run(resume)
+                   checkpointer=checkpointer, keep_pipe=keep_pipe, sampler=sampler, stop=stop).run(resume)

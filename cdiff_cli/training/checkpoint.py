@@ -5,8 +5,8 @@ and every random-number state, written with `torch.save` and read back with `wei
 `run.json` (what run it belongs to, and how far it got). Resuming restores all of it, so the resumed
 run ends with the same weights as one that was never interrupted.
 
-`StopSignals` turns Ctrl-C / SIGTERM into a request that the training loop honours at the end of the
-current step (the weights are never saved half-updated); a second Ctrl-C stops at once.
+A stop request (`cdiff_cli.stopping.StopSignals`, entered by the CLI) is honoured at the end of the
+current step: the weights are never saved half-updated.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,26 +193,3 @@ class StopRequested(Exception):
         self.step, self.steps, self.saved = step, steps, saved
 
 
-class StopSignals:
-    """Within `with StopSignals() as stop:`, the first SIGINT/SIGTERM sets `stop.requested`; a second
-    SIGINT raises KeyboardInterrupt at once. Signal handlers can only be installed from the main
-    thread: elsewhere this does nothing and signals behave as usual."""
-
-    def __init__(self):
-        self.requested = False
-        self._old: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)

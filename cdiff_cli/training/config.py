@@ -102,7 +102,7 @@ def low_memory_config(cfg: TrainConfig) -> TrainConfig:
     """--low-memory: gradient checkpointing and one image per forward/backward (gradients accumulate,
     so the update is the same as the full batch's), on top of half-precision frozen weights. On a GPU
     the base also waits in CPU memory, and each phase brings to the GPU only what it runs (see
-    workflows). Fits SD 1.x at 512 px in about 3 GB by the estimate."""
+    training.entry). Fits SD 1.x at 512 px in about 3 GB by the estimate."""
     return replace(cfg, gradient_checkpointing=True, micro_batch=1, low_memory=True,
                    precision="auto" if cfg.precision == "fp32" else cfg.precision)
 

@@ -18,7 +18,7 @@ from cdiff_cli.core.layers import read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
 from cdiff_cli.errors import CdiffError, reason
 from cdiff_cli.progress import SILENT, Progress
-from cdiff_cli.training.checkpoint import Checkpointer, StopRequested, StopSignals
+from cdiff_cli.training.checkpoint import Checkpointer, StopRequested
 from cdiff_cli.training.config import (
     Concept,
     TrainConfig,
@@ -83,7 +83,7 @@ class Trainer:
 
     def __init__(self, pipe, concepts: list[Concept], cfg: TrainConfig, *, device: torch.device | str = "cpu",
                  progress: Progress = SILENT, accelerator=None, checkpointer: Checkpointer | None = None,
-                 keep_pipe: bool = True, sampler=None):
+                 keep_pipe: bool = True, sampler=None, stop=None):
         if not concepts:
             raise CdiffError("nothing to train: no concept given")
         self.tokens = [c.token for c in concepts]
@@ -91,6 +91,9 @@ class Trainer:
             raise CdiffError(f"each concept needs its own token, got {self.tokens}")
         self.pipe, self.concepts, self.cfg, self.progress = pipe, concepts, cfg, progress
         self.checkpointer, self.keep_pipe, self.sampler = checkpointer, keep_pipe, sampler
+        # Anything with a `requested` flag (the CLI's `StopSignals`): when it is set, the run checkpoints
+        # after the current step and raises StopRequested. Signal handlers are the caller's business.
+        self.stop = stop if checkpointer is not None else None
         self.device = torch.device(device)
         self.rank = accelerator.process_index if distributed(accelerator) else 0
         self.processes = accelerator.num_processes if distributed(accelerator) else 1
@@ -131,7 +134,7 @@ class Trainer:
             self.params[n].requires_grad_(True)
         self.row_params = [r.rows for _, _, r in self.rows_of]
         self.trainable = [self.params[n] for n in self.names] + self.row_params
-        # The pipeline may wait in CPU memory (workflows loads it there for --low-memory and --offload on a
+        # The pipeline may wait in CPU memory (training.entry loads it there for --low-memory and --offload on a
         # GPU): each phase brings to the device what it runs, so the whole base is never there at once.
         self.homes = {m: next(m.parameters()).device for m in (self.unet, self.vae, *self.text_encoders)}
 
@@ -402,14 +405,13 @@ class Trainer:
                   if n.endswith(("attn2.to_k", "attn2.to_v"))]
         t0 = time.perf_counter()
         try:
-            with (StopSignals() if self.checkpointer is not None else nullcontext()) as stop, \
-                    frozen_ops.saving_less(self.unet), \
+            with frozen_ops.saving_less(self.unet), \
                     (offload.frozen_parts_offloaded(self.unet, self.text_encoders, self.device) if self.cfg.offload
                      else nullcontext()), \
                     self.progress.task("training", self.cfg.steps) as bar:
                 if start:
                     bar.advance(start)
-                self._steps(start, stop, bar)
+                self._steps(start, self.stop, bar)
         finally:
             for h in hooks:
                 h.remove()

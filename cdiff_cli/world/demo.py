@@ -87,9 +87,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
     """Train, merge, evaluate (composing both concepts) and draw the overview picture."""
     from cdiff_cli import world
     from cdiff_cli.evaluation import EvalSettings, evaluate_entries
+    from cdiff_cli.merging.entries import merge_entries
     from cdiff_cli.registry import Registry
     from cdiff_cli.training import TrainConfig
-    from cdiff_cli.workflows import ConceptSpec, RegOptions, merge_entries, train_entry
+    from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry
 
     s = settings or DemoSettings()
     out = Path(out)

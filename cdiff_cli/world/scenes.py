@@ -268,15 +268,15 @@ def _mentions(rng, objects, caption_variety: bool) -> tuple[str, tuple[Mentions,
 
 def sample_scene(rng: np.random.Generator, *, n_objects: int | None = None, concepts: tuple[str, ...] = (),
                  caption_variety: bool = True, background: str | None = None,
-                 unnamed: float = _P_UNNAMED) -> SceneSpec:
-    """A random scene of `n_objects` (1 or 2; default random, two objects 35 % of the time). `concepts`: the
+                 unnamed: float = _P_UNNAMED, two: float = _P_TWO) -> SceneSpec:
+    """A random scene of `n_objects` (1 or 2; default random, two objects with probability `two`). `concepts`: the
     first objects are these concepts (used by `concept_specs`); `caption_variety`: vary what the caption
     mentions (else it names every attribute); `unnamed`: the share of objects in an unnamed colour (the
     base's training scenes use the default; the VAE decoder's use more, to learn to draw those colours)."""
     unknown = [c for c in concepts if c not in CONCEPTS]
     if unknown:
         raise ValueError(f"unknown concept {unknown[0]!r}; known: {', '.join(CONCEPTS)}")
-    n = n_objects or (2 if rng.random() < _P_TWO else 1)
+    n = n_objects or (2 if rng.random() < two else 1)
     if len(concepts) > n:
         raise ValueError(f"{len(concepts)} concepts do not fit in {n} object(s)")
     own = tuple(concepts) + ("",) * (n - len(concepts))

@@ -1,0 +1,86 @@
+"""Merging registry entries: what `cdiff merge` runs around the closed-form merge of `merging.closed_form`."""
+
+from __future__ import annotations
+
+import math
+
+from cdiff_cli.base import load_base
+from cdiff_cli.core.tokens import canonical
+from cdiff_cli.errors import CdiffError
+from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.registry import (
+    Entry,
+    Registry,
+    base_record,
+    check_same_base,
+    validate_name,
+)
+
+
+def _gram(registry: Registry, pipe, fp: str):
+    from cdiff_cli.merging import regulariser_gram
+
+    return regulariser_gram(pipe, list(load_captions()), registry.writable_cache_dir("gram"), fp)
+
+
+def merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress):
+    from cdiff_cli.merging import merge_deltas
+
+    G = _gram(registry, pipe, fp)
+    deltas = [e.load_delta(pipe.unet) for e in entries]
+    classes = [e.classes or ["" for _ in e.tokens] for e in entries]
+    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, captions=[e.captions for e in entries],
+                        progress=progress)
+
+
+def merge_entries(
+    registry: Registry,
+    names: list[str],
+    out_name: str | None = None,
+    *,
+    base: str | None = None,
+    ridge: float | None = None,
+    device: str | None = "cpu",
+    force: bool = False,
+    progress: Progress = SILENT,
+) -> tuple[Entry, list[str]]:
+    from cdiff_cli.merging import DEFAULT_RIDGE
+
+    if len(names) < 2:
+        raise CdiffError("give at least two concepts to merge")
+    if len(set(names)) != len(names):
+        raise CdiffError("each concept may be named only once")
+    if ridge is not None and not (math.isfinite(ridge) and ridge > 0):
+        raise CdiffError(f"--ridge must be a positive number, not {ridge}")
+    out_name = "+".join(names) if out_name is None else out_name  # --name "" is refused, not the default
+    validate_name(out_name)
+    if registry.exists(out_name) and not force:
+        raise CdiffError(f"concept {out_name!r} already exists (use --force to replace it)")
+    entries = [registry.get(n) for n in names]
+    check_same_base(entries)
+    check_token_collisions(entries)
+    spec, pipe, _ = load_base(base or entries[0].base.get("ref"), device)
+    base_rec = base_record(spec.ref, pipe.unet)
+    fp = base_rec["fingerprint"]
+    check_same_base(entries, base_rec)
+    ridge = DEFAULT_RIDGE if ridge is None else ridge
+    delta, notes = merge_loaded(registry, pipe, fp, entries, ridge, progress)
+    manifest = {
+        "kind": "merged",
+        "classes": [c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
+        "captions": [c for e in entries for c in e.captions],
+        "base": base_rec,
+        "merge": {"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
+        "parents": [{"name": e.name, "id": e.id} for e in entries],
+    }
+    return registry.create(out_name, delta, manifest, overwrite=force), notes
+
+
+def check_token_collisions(entries: list[Entry]) -> None:
+    seen: dict[str, str] = {}
+    for e in entries:
+        for t in e.tokens:
+            if canonical(t) in seen:
+                raise CdiffError(f"token {t!r} is used by both {seen[canonical(t)]!r} and {e.name!r}")
+            seen[canonical(t)] = e.name
