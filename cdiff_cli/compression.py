@@ -108,12 +108,11 @@ def compress_entry(
         "captions": FIDELITY_CAPTIONS,
         **output_fidelity(delta, low.expanded(base_w), X),
     }
-    keep = {k: v for k, v in entry.manifest.items()
-            if k not in ("name", "id", "tokens", "mode", "size_bytes", "content_hash", "created", "cdiff_version", "metrics")}
+    keep = entry.info.with_fields(metrics=None, storage="lowrank", compression=report)  # the registry fills the rest
     with registry.lock(name):  # replace exactly the version that was compressed, not one written meanwhile
         if registry.get(name).manifest.get("content_hash") != entry.manifest.get("content_hash"):
             raise CdiffError(f"concept {name!r} was replaced while it was being compressed; run it again")
-        new = registry.create(name, low, {**keep, "storage": "lowrank", "compression": report}, overwrite=True)
+        new = registry.create(name, low, keep, overwrite=True)
         report["bytes_after"] = int(new.manifest["size_bytes"])  # the file as written, header included
         registry.update_manifest(name, compression=report)  # still under the lock: this very version
     return registry.get(name), report

@@ -22,6 +22,7 @@ from cdiff_cli.registry import (
     same_base,
     validate_name,
 )
+from cdiff_cli.registry import manifest as manifests
 
 
 def import_entry(
@@ -52,13 +53,8 @@ def import_entry(
     registry.check_tokens_free(delta.tokens, replacing=name if force else None)
     if classes and len(classes) != len(delta.tokens):
         raise CdiffError(f"--class was given {len(classes)} time(s) but the delta has {len(delta.tokens)} token(s)")
-    manifest = {
-        "kind": "imported",
-        "classes": classes or ["" for _ in delta.tokens],
-        "base": base_record(spec.ref, pipe.unet),
-        "source": {"path": str(Path(path).resolve()), "format": fmt},
-        "parents": [],
-    }
+    manifest = manifests.imported(classes or ["" for _ in delta.tokens], base_record(spec.ref, pipe.unet),
+                                  {"path": str(Path(path).resolve()), "format": fmt})
     return registry.create(name, delta, manifest, overwrite=force)
 
 

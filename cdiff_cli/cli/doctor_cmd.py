@@ -22,7 +22,7 @@ def doctor_cmd(
 ):
     """Check the registry for damage and leftovers; repair it with --fix.
 
-    Finds leftovers of killed writes, entries without manifest or delta, damaged manifests, and deltas that do not match their content hash. It also lists the checkpoints of unfinished training runs (resumable with `cdiff train ... --resume`; not a problem).
+    Finds leftovers of killed writes, entries without manifest or delta, damaged manifests, and deltas that do not match their content hash. It also lists the checkpoints of unfinished training runs (resumable with `cdiff train ... --resume`) and manifests written by an older cdiff (`--fix` rewrites them in the current schema); neither is a problem.
 
     Damaged entries are never deleted: --fix moves them to HOME/quarantine/NAME-<UTC time>/. Concepts that another cdiff process is using are not touched.
 
@@ -40,12 +40,14 @@ def doctor_cmd(
         for f in findings:
             where = f.name or f.path
             if f.fixed:
-                state = {"delete": "deleted", "restore": "restored", "quarantine": f"moved to {f.moved_to}"}[f.action]
+                state = {"delete": "deleted", "restore": "restored", "quarantine": f"moved to {f.moved_to}",
+                         "migrate": "rewritten"}[f.action]
             else:
                 state = f"--fix: {f.action}" if f.fixable else "-"
             rows.append([f.kind, where, f.detail, state])
         term.table(["PROBLEM", "NAME", "DETAIL", "FIX"], rows)
-    problems = [f for f in findings if f.kind != "checkpoint"]  # an unfinished run's checkpoint is not damage
+    # An unfinished run's checkpoint is not damage, nor is a manifest an older cdiff wrote.
+    problems = [f for f in findings if f.kind not in ("checkpoint", "old-schema")]
     if not problems:
         n = len(reg.entries())
         term.ok(f"the registry is healthy ({n} concept{'s' if n != 1 else ''}, {reg.home})")

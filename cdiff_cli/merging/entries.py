@@ -16,6 +16,8 @@ from cdiff_cli.registry import (
     check_same_base,
     validate_name,
 )
+from cdiff_cli.registry import manifest as manifests
+from cdiff_cli.registry.manifest import Parent
 
 
 def _gram(registry: Registry, pipe, fp: str):
@@ -66,14 +68,13 @@ def merge_entries(
     check_same_base(entries, base_rec)
     ridge = DEFAULT_RIDGE if ridge is None else ridge
     delta, notes = merge_loaded(registry, pipe, fp, entries, ridge, progress)
-    manifest = {
-        "kind": "merged",
-        "classes": [c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
-        "captions": [c for e in entries for c in e.captions],
-        "base": base_rec,
-        "merge": {"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
-        "parents": [{"name": e.name, "id": e.id} for e in entries],
-    }
+    manifest = manifests.merged(
+        classes=[c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
+        captions=[c for e in entries for c in e.captions],
+        base=base_rec,
+        merge={"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
+        parents=[Parent(e.name, e.id) for e in entries],
+    )
     return registry.create(out_name, delta, manifest, overwrite=force), notes
 
 

@@ -1,9 +1,10 @@
 """The registry: named concept deltas in a folder (`CDIFF_HOME`, else the platform's data folder).
 
+- `manifest`: the typed `Manifest` of an entry, its schema version and the migration of older files;
 - `store`: `Registry` and `Entry`: atomic writes, typed reads of manifests, token ownership, content hashes;
 - `locks`: per-name shared/exclusive inter-process locks (fcntl, or filelock where there is none);
 - `doctor`: `cdiff doctor`: finding and repairing what a crash or a hand edit left.
-Dependencies point down that list (`doctor` reads the store; the store uses the locks).
+Dependencies point one way: `doctor` reads the store, the store uses the manifest and the locks.
 """
 
 from __future__ import annotations

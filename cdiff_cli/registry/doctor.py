@@ -10,6 +10,8 @@ Checks, per name and under that name's lock (so nothing a live process is writin
   the manifest's `content_hash`, or one that safetensors cannot read; files or badly named folders in
   `concepts/`: moved by `--fix` to `quarantine/NAME-<UTC time>/` (user data is never deleted, and nothing
   is re-hashed: a mismatch may be corruption);
+- a healthy entry whose manifest an older cdiff wrote (schema below `manifest.SCHEMA`): reported, not a
+  problem (it is migrated in memory whenever it is read); `--fix` writes it back migrated;
 - training checkpoints in `checkpoints/NAME/` (resumable training): reported, not a problem; deleted
   only by `--fix --discard-checkpoints`. A save killed between its renames is completed by `--fix`.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from cdiff_cli.errors import BusyError, first_line
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import DELTA_FILE, MANIFEST_FILE, NAME_RE, Registry, read_manifest
+from cdiff_cli.registry.manifest import SCHEMA, migrate, schema_of
 
 LOCK_WAIT = 2.0  # seconds the doctor waits for a name that another process is using
 TEMP_RE = re.compile(r"^\.(tmp|old|rm)-(.+)-[a-z0-9_]{8}$")  # Registry.create/remove's mkdtemp folders
@@ -45,6 +48,7 @@ ACTIONS = {
     "hash-mismatch": "quarantine",
     "bad-delta": "quarantine",
     "checkpoint": "delete",
+    "old-schema": "migrate",
     "busy": "",
 }
 
@@ -237,9 +241,24 @@ class _Doctor:
                 if self.fix:
                     _delete(stray)
                     f.fixed = True
+            else:
+                self._schema(name, entry / MANIFEST_FILE)
         self._leftovers(name, entry, temps)
         if valid:
             self._checkpoint(name)
+
+    def _schema(self, name: str, path: Path) -> None:
+        """A manifest of an older schema: `--fix` writes it migrated (atomically, under the entry's lock)."""
+        raw = read_manifest(path)
+        if schema_of(raw) >= SCHEMA:
+            return
+        f = self._add("old-schema", name, path, f"written by an older cdiff (manifest schema {schema_of(raw)}, now "
+                      f"{SCHEMA}); it is read as it is, and --fix writes it in schema {SCHEMA}")
+        if self.fix:
+            tmp = path.with_name(MANIFEST_FILE + ".tmp")
+            tmp.write_text(json.dumps(migrate(raw), indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+            f.fixed = True
 
     def _checkpoint(self, name: str) -> None:
         """A training checkpoint, under the training lock (a run in progress is busy, not a finding)."""
@@ -307,7 +326,7 @@ def check(registry: Registry, *, fix: bool = False, discard_checkpoints: bool = 
 
 def exit_code(findings: list[Finding]) -> int:
     """0 healthy or all fixed, 1 problems remain, 3 only busy names could not be checked. A resumable
-    checkpoint is not a problem."""
-    if any(not f.fixed and f.kind not in ("busy", "checkpoint") for f in findings):
+    checkpoint and a manifest of an older schema are not problems."""
+    if any(not f.fixed and f.kind not in ("busy", "checkpoint", "old-schema") for f in findings):
         return 1
     return 3 if any(f.kind == "busy" for f in findings) else 0

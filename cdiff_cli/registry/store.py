@@ -31,6 +31,7 @@ from cdiff_cli.errors import CdiffError, NotFoundError, reason
 from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import locks
+from cdiff_cli.registry.manifest import SCHEMA, Manifest, migrate
 
 if TYPE_CHECKING:
     from cdiff_cli.core.delta import Delta
@@ -61,7 +62,8 @@ def validate_name(name: str) -> str:
 
 
 def read_manifest(path: Path) -> dict:
-    """The manifest at `path`; FileNotFoundError if it is gone, ValueError if it is not a JSON object."""
+    """The manifest at `path` as written (any schema); FileNotFoundError if it is gone, ValueError if it is
+    not a JSON object."""
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except RecursionError as e:
@@ -92,10 +94,18 @@ def _str_list(x) -> list[str]:
 
 @dataclass
 class Entry:
+    """One concept in the registry. `manifest` is its manifest.json brought to the current schema (a plain
+    dict, as `cdiff show --json` prints it); `info` is the same as a typed `Manifest`; the properties below
+    read single fields leniently."""
+
     name: str
     path: Path
     manifest: dict
     registry: Registry | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def info(self) -> Manifest:
+        return Manifest.from_dict(self.manifest)
 
     @property
     def tokens(self) -> list[str]:
@@ -209,7 +219,7 @@ class Registry:
                 manifest = read_manifest(d / MANIFEST_FILE)
             except (OSError, ValueError):
                 continue  # missing (removed meanwhile, or an orphan) or damaged: skipped, not fatal for `list`
-            out.append(Entry(d.name, d, manifest, self))
+            out.append(Entry(d.name, d, migrate(manifest), self))
         return out
 
     def get(self, name: str) -> Entry:
@@ -223,7 +233,7 @@ class Registry:
             raise NotFoundError(f"no concept named {name!r} (known: {known})") from None
         except (OSError, ValueError) as e:
             raise CdiffError(f"the manifest of {name!r} is damaged: {e} (see `cdiff doctor`)") from e
-        return Entry(name, d, manifest, self)
+        return Entry(name, d, migrate(manifest), self)
 
     def exists(self, name: str) -> bool:
         return (self.concepts / name / MANIFEST_FILE).is_file()
@@ -296,15 +306,19 @@ class Registry:
                 raise CdiffError(f"token {t!r} is already used by concept {owner.name!r}; pick another with --token")
 
     # -- writing -------------------------------------------------------------------------------
-    def create(self, name: str, delta: Delta, manifest: dict, *, overwrite: bool = False,
+    def create(self, name: str, delta: Delta, manifest: Manifest | dict, *, overwrite: bool = False,
                files: dict[str, Path] | None = None) -> Entry:
-        """Write an entry atomically (temp dir + rename). Fills id, size, content hash, time. `files`: other
-        files the entry keeps, by their name in its folder (the samples grid)."""
+        """Write an entry atomically (temp dir + rename). `manifest`: what the command records (a `Manifest`;
+        a dict is read as one); the registry fills in name, id, tokens, mode, size, content hash, time and
+        versions, and gives each token a class and a caption list. `files`: other files the entry keeps, by
+        their name in its folder (the samples grid)."""
         validate_name(name)
+        if isinstance(manifest, dict):
+            manifest = Manifest.from_dict({"schema": SCHEMA, **manifest})
         with self.lock(name):
             return self._create(name, delta, manifest, overwrite, files or {})
 
-    def _create(self, name: str, delta: Delta, manifest: dict, overwrite: bool, files: dict[str, Path]) -> Entry:
+    def _create(self, name: str, delta: Delta, manifest: Manifest, overwrite: bool, files: dict[str, Path]) -> Entry:
         final = self.concepts / name
         if final.exists() and not overwrite:
             raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
@@ -317,17 +331,15 @@ class Registry:
             for fname, src in files.items():
                 shutil.copyfile(src, tmp / fname)
             digest = file_sha256(tmp / DELTA_FILE)
-            manifest = {
-                "name": name,
-                "id": digest[:8],
-                "tokens": list(delta.tokens),
-                "mode": delta.mode,
-                **manifest,
-                "size_bytes": (tmp / DELTA_FILE).stat().st_size,
-                "content_hash": "sha256:" + digest,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "cdiff_version": __version__,
-            }
+            n = len(delta.tokens)
+            manifest = manifest.with_fields(
+                name=name, id=digest[:8], tokens=list(delta.tokens), mode=delta.mode,
+                classes=(manifest.classes + ["" for _ in range(n)])[:n],
+                captions=(manifest.captions + [[] for _ in range(n)])[:n],
+                size_bytes=(tmp / DELTA_FILE).stat().st_size, content_hash="sha256:" + digest,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                cdiff_version=__version__, schema=SCHEMA,
+            ).to_dict()
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             # Tokens are checked again here, under one lock for the whole registry: two runs of different
             # names given the same token both passed the check when they started.

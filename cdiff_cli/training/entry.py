@@ -25,6 +25,8 @@ from cdiff_cli.registry import (
     base_record,
     validate_name,
 )
+from cdiff_cli.registry import manifest as manifests
+from cdiff_cli.registry.manifest import Manifest
 from cdiff_cli.training.images import ImageItem, check_images, list_images
 from cdiff_cli.training.samples import check_settings as check_sample_settings
 
@@ -154,8 +156,8 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     manifest = _trained_manifest(specs, concepts, base_rec, cfg, result, reg, images, digests)
     files = {}
     if sampler is not None and sampler.grids:
-        manifest["samples"] = {"file": SAMPLES_FILE, **sampler.record(), "grids": len(sampler.grids),
-                               "seconds": round(sampler.seconds, 2)}
+        manifest = manifest.with_fields(samples={"file": SAMPLES_FILE, **sampler.record(), "grids": len(sampler.grids),
+                                                 "seconds": round(sampler.seconds, 2)})
         files[SAMPLES_FILE] = sampler.grids[-1]
     try:
         entry = registry.create(name, result.delta, manifest, overwrite=force, files=files)
@@ -242,31 +244,24 @@ def _run_description(cfg, fp: str, dev, concepts, digests, reg, accelerator) -> 
     }
 
 
-def _trained_manifest(specs, concepts, base_rec: dict, cfg, result, reg, images, digests) -> dict:
+def _trained_manifest(specs, concepts, base_rec: dict, cfg, result, reg, images, digests) -> Manifest:
     from cdiff_cli.training import config_dict
 
-    return {
-        "kind": "trained",
-        "classes": [s.class_word for s in specs],
-        "captions": [own_captions(c) for c in concepts],
-        "base": base_rec,
-        "train": {
-            **config_dict(cfg),
-            "effective_lr": result.effective_lr,
-            "processes": result.processes,
-            "effective_batch_size": cfg.batch_size * result.processes,
-            "regularisation": {"kind": reg.kind, "count": reg.count if reg.kind != "none" else 0,
-                               "folder": str(reg.folder) if reg.folder else None},
-            "seconds": round(result.seconds, 2),
-            "final_loss": result.losses[-1] if result.losses else None,
-        },
-        "concepts": [
-            {"token": s.token, "class": s.class_word, "images_dir": str(Path(s.images_dir).resolve()),
-             "images": [{"file": it.path.name, "sha256": digests[it.path]} for it in images[s.token]]}
-            for s in specs
-        ],
-        "parents": [],
+    train = {
+        **config_dict(cfg),
+        "effective_lr": result.effective_lr,
+        "processes": result.processes,
+        "effective_batch_size": cfg.batch_size * result.processes,
+        "regularisation": {"kind": reg.kind, "count": reg.count if reg.kind != "none" else 0,
+                           "folder": str(reg.folder) if reg.folder else None},
+        "seconds": round(result.seconds, 2),
+        "final_loss": result.losses[-1] if result.losses else None,
     }
+    photos = [{"token": s.token, "class": s.class_word, "images_dir": str(Path(s.images_dir).resolve()),
+               "images": [{"file": it.path.name, "sha256": digests[it.path]} for it in images[s.token]]}
+              for s in specs]
+    return manifests.trained([s.class_word for s in specs], [own_captions(c) for c in concepts], base_rec, train,
+                             photos)
 
 
 def target_images(spec: ConceptSpec) -> list[ImageItem]:
