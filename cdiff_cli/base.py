@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.errors import CdiffError, NotFoundError, first_line
+from cdiff_cli.errors import CdiffError, Message, NotFoundError, first_line, option_error
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt")
@@ -37,8 +37,9 @@ def resolve_base(spec: str | None) -> BaseSpec:
     if spec in BASE_NAMES:
         folder = packaged_model(BASE_NAMES[spec])
         if folder is None:
-            raise NotFoundError(f"the packaged {spec!r} model is not installed (no cdiff_cli/models/{BASE_NAMES[spec]}); "
-                                "train it with scripts/train_nano.py or pass --base with another model")
+            raise NotFoundError(Message("the packaged {spec} model is not installed (no cdiff_cli/models/{folder}); train "
+                                        "it with scripts/train_nano.py or pass {base} with another model", "base",
+                                        spec=repr(spec), folder=BASE_NAMES[spec]), name=spec)
         return BaseSpec(str(folder.resolve()), "folder")
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -88,7 +89,7 @@ def pick_device(device: str | None = "auto") -> torch.device:
     except RuntimeError as e:
         raise CdiffError(f"unknown device {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CdiffError("--device cuda was asked for but no CUDA GPU is available")
+        raise option_error("{device} cuda was asked for but no CUDA GPU is available", "device")
     return dev
 
 
@@ -174,19 +175,21 @@ def load_pipeline(spec: str | BaseSpec | None, *, dtype: torch.dtype = torch.flo
             pipe = _load_folder(cls, Path(folder), common, torch.device(device))
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError... for a bad base
         if hub_down:
-            raise CdiffError(f"cannot load base model {base.ref}: the hub is unreachable ({hub_down}) and the model "
-                             "is not in the local cache; pass --base with a local folder or file") from e
+            raise CdiffError(Message("cannot load base model {ref}: the hub is unreachable ({why}) and the model is not "
+                                     "in the local cache; pass {base} with a local folder or file", "base", ref=base.ref,
+                                     why=hub_down), path=base.ref) from e
         first = first_line(e)
         hint = ""
         if base.kind == "hub" and _hub_offline():
-            hint = " (offline mode, HF_HUB_OFFLINE=1: only the local cache is used; pass --base with a local folder or file)"
+            hint = " (offline mode, HF_HUB_OFFLINE=1: only the local cache is used; pass {base} with a local folder or file)"
         elif base.kind == "hub" and _network_failure(first):
-            hint = " (the hub is unreachable: pass --base with a local folder or file)"
+            hint = " (the hub is unreachable: pass {base} with a local folder or file)"
         elif base.kind == "single_file" and not os.environ.get("CDIFF_BASE_CONFIG") and (_hub_offline() or _network_failure(first)):
             # diffusers fetches the configs of the model a single file holds from the hub
             hint = (" (a single file needs its model's diffusers configs from the hub: offline, set CDIFF_BASE_CONFIG "
                     "to a local diffusers folder of the same model)")
-        raise CdiffError(f"cannot load base model {base.ref}: {first}{hint}") from e
+        raise CdiffError(Message("cannot load base model {ref}: {first}" + hint, *(("base",) if "{base}" in hint else ()),
+                                 ref=base.ref, first=first), path=base.ref) from e
     pipe.set_progress_bar_config(disable=True)
     if not any(n.endswith("attn2.to_k.weight") for n, _ in pipe.unet.named_parameters()):
         raise CdiffError(f"base model {base.ref} has no cross-attention layers")

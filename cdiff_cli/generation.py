@@ -16,7 +16,7 @@ from cdiff_cli.base import load_base, pick_device
 from cdiff_cli.core.delta import Delta, apply_delta
 from cdiff_cli.core.tokens import angle_tokens, canonical, find_tokens
 from cdiff_cli.defaults import SCHEDULERS  # noqa: E402,F401  (re-exported)
-from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.errors import CdiffError, Message, NotFoundError
 from cdiff_cli.merging.entries import check_token_collisions, merge_loaded
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base
@@ -169,7 +169,7 @@ def prepare_pipeline(
         check_token_collisions(entries)
     ref = base or (entries[0].base.get("ref") if entries else None)
     if offload is not None and pick_device(device).type != "cuda":
-        progress.warn("--low-memory and --offload are for a CUDA GPU; generating without them")
+        progress.warn(Message("{low_memory} and {offload} are for a CUDA GPU; generating without them", "low_memory", "offload"))
         offload = None
     spec, pipe, dev = load_base(ref, device, precision, in_cpu_memory=offload is not None)
     delta = _write_delta(registry, pipe, spec, entries, ridge, progress)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cdiff_cli.errors import Message
 
 
 class Task:
@@ -23,8 +27,8 @@ class Progress:
     def note(self, message: str) -> None:
         pass
 
-    def warn(self, message: str) -> None:
-        pass
+    def warn(self, message: str | Message) -> None:
+        """Something the user should know (a `Message` where it names options; `str()` gives its text)."""
 
 
 SILENT = Progress()

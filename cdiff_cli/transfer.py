@@ -12,7 +12,7 @@ from pathlib import Path
 from cdiff_cli.base import load_base
 from cdiff_cli.core.delta import check_content
 from cdiff_cli.core.tokens import validate_token
-from cdiff_cli.errors import CdiffError, NotFoundError, reason
+from cdiff_cli.errors import CdiffError, Message, NotFoundError, already_exists, option_error, reason
 from cdiff_cli.registry import (
     Entry,
     Registry,
@@ -40,7 +40,7 @@ def import_entry(
 
     validate_name(name)
     if registry.exists(name) and not force:
-        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+        raise already_exists(name)
     if not Path(path).exists():
         raise NotFoundError(f"not found: {path}")
     fmt = detect_format(path)
@@ -52,7 +52,8 @@ def import_entry(
         validate_token(t, pipe.tokenizer)
     registry.check_tokens_free(delta.tokens, replacing=name if force else None)
     if classes and len(classes) != len(delta.tokens):
-        raise CdiffError(f"--class was given {len(classes)} time(s) but the delta has {len(delta.tokens)} token(s)")
+        raise option_error("{classes} was given {n} time(s) but the delta has {m} token(s)", "classes", n=len(classes),
+                           m=len(delta.tokens))
     manifest = manifests.imported(classes or ["" for _ in delta.tokens], base_record(spec.ref, pipe.unet),
                                   {"path": str(Path(path).resolve()), "format": fmt})
     return registry.create(name, delta, manifest, overwrite=force)
@@ -68,7 +69,7 @@ def _load_export_base(path: Path, base: str | None):
         spec, pipe, _ = load_base(base or (recorded or {}).get("ref"), "cpu")
     except CdiffError as e:
         if base is None and recorded is not None:  # say where the ref came from, and the way out
-            e.args = (f"{e} (the base named by {BASE_FILE} of the export; give --base with that model)",)
+            e.add(Message(" (the base named by {file} of the export; give {base} with that model)", "base", file=BASE_FILE))
         raise
     if recorded is not None and not same_base(recorded, rec := base_record(spec.ref, pipe.unet)):
         raise CdiffError(f"{path} was exported from another base model, {recorded['ref']} (fingerprint "
@@ -90,11 +91,11 @@ def load_entry_base(entry: Entry, base: str | None):
 
 def check_rank_energy(rank: int | None, energy: float | None) -> None:
     if rank is not None and energy is not None:
-        raise CdiffError("give --rank or --energy, not both")
+        raise option_error("give {rank} or {energy}, not both", "rank", "energy")
     if rank is not None and rank < 1:
-        raise CdiffError(f"--rank must be at least 1, not {rank}")
+        raise option_error("{rank} must be at least 1, not {value}", "rank", value=rank)
     if energy is not None and not 0 < energy <= 1:
-        raise CdiffError(f"--energy must be in (0, 1], not {energy}")
+        raise option_error("{energy} must be in (0, 1], not {value}", "energy", value=energy)
 
 
 def export_entry(
@@ -123,7 +124,7 @@ def export_entry(
         raise CdiffError(f"cannot export to {out_dir}: it exists and is not a folder")
     registry.check_outside(out_dir)
     if fmt != "lora" and (rank is not None or energy is not None):
-        raise CdiffError("--rank and --energy apply to --format lora only")
+        raise option_error("{rank} and {energy} apply to {format} lora only", "rank", "energy", "format")
     check_rank_energy(rank, energy)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +145,8 @@ def _move_in(staging: Path, names: list[Path], out_dir: Path, force: bool) -> li
     taken = [n for n in names if (out_dir / n).exists() or (out_dir / n).is_symlink()]
     if taken and not force:
         more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
-        raise CdiffError(f"{out_dir / taken[0]} already exists{more}: add --force to overwrite, or choose another -o")
+        raise option_error("{path} already exists{more}: add {force} to overwrite, or choose another {out}", "force", "out",
+                           path=out_dir / taken[0], more=more)
     try:
         for n in names:
             (out_dir / n).parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import typer
 from typer.core import TyperGroup
 
+from cdiff_cli.cli._flags import flag
 from cdiff_cli.cli._term import term
 from cdiff_cli.errors import CdiffError, first_line
 
@@ -22,6 +23,8 @@ except ImportError:  # pragma: no cover
         from click.exceptions import NoArgsIsHelpError
     except ImportError:  # click < 8.2 prints the help of a bare `cdiff` without raising
         NoArgsIsHelpError = ()
+
+
 
 
 def usage_error_line(e: ClickException) -> str:
@@ -126,7 +129,7 @@ def command(*args, loads_models: bool = False, **kwargs):
             except CdiffError as e:
                 if debug():
                     raise
-                term.error(_one_line(str(e)))
+                term.error(_one_line(e.render(flag)))
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
                 if debug():

@@ -17,6 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from cdiff_cli.cli._flags import in_flags
+from cdiff_cli.errors import Message
 from cdiff_cli.progress import Progress, Task
 
 
@@ -43,8 +45,8 @@ class Terminal:
         if not self.quiet:
             self.err.print(f"[green]✓[/green] {escape(message)}", highlight=False)
 
-    def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+    def warn(self, message: str | Message) -> None:
+        self.err.print(f"[yellow]warning:[/yellow] {escape(in_flags(message))}", highlight=False)
 
     def error(self, message: str) -> None:
         self.err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
@@ -132,5 +134,5 @@ class _RichProgress(Progress):
     def note(self, message: str) -> None:
         self.terminal.info(message)
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str | Message) -> None:
         self.terminal.warn(message)

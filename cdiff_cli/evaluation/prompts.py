@@ -17,7 +17,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, option_error
 
 GENERIC = "generic"
 
@@ -39,8 +39,8 @@ def load_prompt_set() -> dict:
     try:
         text = resources.files("cdiff_cli").joinpath("data", "eval_prompts.json").read_text(encoding="utf-8")
     except (FileNotFoundError, OSError) as e:
-        raise CdiffError("the built-in prompt set (cdiff_cli/data/eval_prompts.json) is missing from this "
-                         "installation; reinstall cdiff, or give your own with --prompts FILE") from e
+        raise option_error("the built-in prompt set (cdiff_cli/data/eval_prompts.json) is missing from this "
+                           "installation; reinstall cdiff, or give your own with {prompts} FILE", "prompts") from e
     return json.loads(text)
 
 
@@ -155,7 +155,7 @@ def select_prompts(tokens: list[str], classes: list[str], *, prompt_file: str | 
     if not tokens:
         raise CdiffError("this entry has no concept token to evaluate")
     if max_prompts is not None and max_prompts < 1:
-        raise CdiffError("--max-prompts must be at least 1")
+        raise option_error("{max_prompts} must be at least 1", "max_prompts")
     if prompt_file is not None:
         prompts, desc = read_prompt_file(prompt_file, tokens, classes), f"file: {prompt_file}"
     else:

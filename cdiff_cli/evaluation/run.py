@@ -26,7 +26,7 @@ import numpy as np
 from cdiff_cli import __version__
 from cdiff_cli.core.prompts import class_prompt
 from cdiff_cli.core.tokens import canonical
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, option_error
 from cdiff_cli.evaluation import metrics as M
 from cdiff_cli.evaluation.features import DEFAULT_CLIP
 from cdiff_cli.evaluation.prompts import EvalPrompt, select_prompts, strip_tokens, to_dict
@@ -62,13 +62,13 @@ class EvalSettings:
 
     def check(self) -> None:
         if self.n < 1 or self.steps < 1 or self.batch_size < 1:
-            raise CdiffError("-n, --steps and --batch-size must be at least 1")
+            raise option_error("{n}, {steps} and {batch_size} must be at least 1", "n", "steps", "batch_size")
         if not math.isfinite(self.guidance):
-            raise CdiffError(f"--guidance must be a finite number, not {self.guidance}")
+            raise option_error("{guidance} must be a finite number, not {value}", "guidance", value=self.guidance)
         if self.kid_samples == 1 or self.kid_samples < 0:
-            raise CdiffError("--kid-samples must be 0 (no forgetting measure) or at least 2")
+            raise option_error("{kid_samples} must be 0 (no forgetting measure) or at least 2", "kid_samples")
         if self.max_prompts is not None and self.max_prompts < 1:
-            raise CdiffError("--max-prompts must be at least 1")
+            raise option_error("{max_prompts} must be at least 1", "max_prompts")
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from cdiff_cli.errors import CdiffError, first_line
+from cdiff_cli.errors import first_line, option_error
 from cdiff_cli.formats.names import _BASE_FILE_LIMIT, BASE_FILE
 
 
@@ -26,14 +26,15 @@ def read_base_record(path) -> dict | None:
     if not file.exists() and not file.is_symlink():
         return None
     if file.is_symlink() or not file.is_file() or file.stat().st_size > _BASE_FILE_LIMIT:
-        raise CdiffError(f"{file}: not a regular file of a few hundred bytes; remove it or give --base")
+        raise option_error("{file}: not a regular file of a few hundred bytes; remove it or give {base}", "base", file=file)
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CdiffError(f"{file}: unreadable ({first_line(e)}); remove it or give --base") from e
+        raise option_error("{file}: unreadable ({why}); remove it or give {base}", "base", file=file, why=first_line(e)) from e
     if not (isinstance(record, dict) and isinstance(record.get("ref"), str) and record["ref"]
             and isinstance(record.get("fingerprint"), str)):
-        raise CdiffError(f"{file}: does not name a base (a string ref and fingerprint); remove it or give --base")
+        raise option_error("{file}: does not name a base (a string ref and fingerprint); remove it or give {base}", "base",
+                           file=file)
     out = {"ref": record["ref"], "fingerprint": record["fingerprint"]}
     probe = record.get("probe")
     if isinstance(probe, list) and probe and all(type(x) in (int, float) and math.isfinite(x) for x in probe):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cdiff_cli.core.delta import Delta
-from cdiff_cli.errors import CdiffError, first_line
+from cdiff_cli.errors import CdiffError, first_line, option_error
 from cdiff_cli.formats.names import (
     _KV_SUFFIXES,
     _QOUT_SUFFIXES,
@@ -226,7 +226,7 @@ def _load_lora(path: Path, base_unet, embeddings: list | None) -> Delta:
         lora_file, tokens, emb, emb_2 = _read_lora_export(path.parent)
     else:
         if not embeddings:
-            raise CdiffError(f"{path} is a bare LoRA: give its token embedding file(s) with --embedding")
+            raise option_error("{path} is a bare LoRA: give its token embedding file(s) with {embeddings}", "embeddings", path=path)
         lora_file, tokens, pairs = path, [], []
         for f in map(Path, embeddings):
             token, vec, vec_2 = _read_token_file(f)
@@ -246,7 +246,7 @@ def load_delta_file(path, base_unet=None, token_rename: dict | list | None = Non
     """
     fmt, file, obj = _locate(path)
     if embeddings and fmt != "lora":
-        raise CdiffError(f"--embedding applies to LoRA files only; {path} is in {fmt} format")
+        raise option_error("{embeddings} applies to LoRA files only; {path} is in {fmt} format", "embeddings", path=path, fmt=fmt)
     if fmt == "lora":
         delta = _load_lora(Path(path), base_unet, embeddings)
     elif fmt == "cdiff":

@@ -6,7 +6,7 @@ import math
 
 from cdiff_cli.base import load_base
 from cdiff_cli.core.tokens import canonical
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, already_exists, option_error
 from cdiff_cli.merging.captions import load_captions
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import (
@@ -54,11 +54,11 @@ def merge_entries(
     if len(set(names)) != len(names):
         raise CdiffError("each concept may be named only once")
     if ridge is not None and not (math.isfinite(ridge) and ridge > 0):
-        raise CdiffError(f"--ridge must be a positive number, not {ridge}")
+        raise option_error("{ridge} must be a positive number, not {value}", "ridge", value=ridge)
     out_name = "+".join(names) if out_name is None else out_name  # --name "" is refused, not the default
     validate_name(out_name)
     if registry.exists(out_name) and not force:
-        raise CdiffError(f"concept {out_name!r} already exists (use --force to replace it)")
+        raise already_exists(out_name)
     entries = [registry.get(n) for n in names]
     check_same_base(entries)
     check_token_collisions(entries)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from cdiff_cli import __version__
 from cdiff_cli.core.tokens import canonical
-from cdiff_cli.errors import CdiffError, NotFoundError, reason
+from cdiff_cli.errors import CdiffError, NotFoundError, already_exists, option_error, reason
 from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import locks
@@ -303,7 +303,8 @@ class Registry:
         for t in tokens:
             owner = owners.get(canonical(t))
             if owner is not None and owner.name != replacing and owner.kind != "merged":
-                raise CdiffError(f"token {t!r} is already used by concept {owner.name!r}; pick another with --token")
+                raise option_error("token {t} is already used by concept {owner}; pick another with {token}", "token", t=repr(t),
+                                   owner=repr(owner.name))
 
     # -- writing -------------------------------------------------------------------------------
     def create(self, name: str, delta: Delta, manifest: Manifest | dict, *, overwrite: bool = False,
@@ -321,7 +322,7 @@ class Registry:
     def _create(self, name: str, delta: Delta, manifest: Manifest, overwrite: bool, files: dict[str, Path]) -> Entry:
         final = self.concepts / name
         if final.exists() and not overwrite:
-            raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+            raise already_exists(name)
         self.concepts.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.concepts))
         share_as_umask(tmp, folder=True)  # mkdtemp makes it 0700: a webui running as another user could not read it

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cdiff_cli.errors import CdiffError, NotFoundError
+from cdiff_cli.errors import CdiffError, NotFoundError, option_error
 
 STATE_FILE = "state.pt"
 RUN_FILE = "run.json"
@@ -90,7 +90,8 @@ class Checkpointer:
         try:
             return json.loads((self.folder / RUN_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise CdiffError(f"the checkpoint in {self.folder} is damaged ({e}); start over with --force") from e
+            raise option_error("the checkpoint in {folder} is damaged ({why}); start over with {force}", "force", folder=self.folder,
+                               why=e) from e
 
     def due(self, step: int, steps: int) -> bool:
         """Save after `step` (1-based count of finished steps)? Never after the last: the entry follows.
@@ -140,10 +141,9 @@ class Checkpointer:
         info = self.info()
         if info.get("run_id") != run_id(self.description):
             diff = first_difference(info.get("description", {}), json.loads(json.dumps(self.description, default=str)))
-            raise CdiffError(
-                f"the checkpoint in {self.folder} is from a different run"
-                f"{f': {diff} differs' if diff else ''}; resume with the same command, or start over with --force"
-            )
+            raise option_error("the checkpoint in {folder} is from a different run{diff}; resume with the same command, "
+                               "or start over with {force}", "force", folder=self.folder,
+                               diff=f": {diff} differs" if diff else "")
         try:
             return torch.load(self.folder / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or foreign file

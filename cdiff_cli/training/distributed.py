@@ -43,12 +43,12 @@ def load_everywhere(checkpointer: Checkpointer, rank: int, processes: int) -> di
         return checkpointer.load()
     from accelerate.utils import broadcast_object_list
 
-    box: list = [None, None]  # [state, error message]
+    box: list = [None, None]  # [state, error message (a Message: the CLI names its options as flags)]
     if rank == 0:
         try:
             box[0] = checkpointer.load()
         except CdiffError as e:
-            box[1] = str(e)
+            box[1] = e.message
             broadcast_object_list(box)
             raise
     broadcast_object_list(box)

@@ -15,7 +15,7 @@ import torch
 from cdiff_cli.base import default_resolution, load_base, pick_device, resolve_precision
 from cdiff_cli.core.prompts import TOKEN_MARK, instance_prompt, own_caption
 from cdiff_cli.core.tokens import validate_token
-from cdiff_cli.errors import CdiffError, NotFoundError, TrainingStopped
+from cdiff_cli.errors import CdiffError, Message, NotFoundError, TrainingStopped, already_exists, option_error
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import (
@@ -120,7 +120,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
             progress = SILENT
     dev = pick_device(device)
     if cfg.offload and dev.type == "cpu":
-        progress.warn("--offload does nothing on the CPU (the weights are in RAM already); training without it")
+        progress.warn(Message("{offload} does nothing on the CPU (the weights are in RAM already); training without it", "offload"))
         cfg.offload = False
     staged = base_waits_in_cpu_memory(cfg, dev)
     spec, pipe, dev = load_base(base, device, cfg.precision, in_cpu_memory=staged)
@@ -130,7 +130,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     for s in specs:
         validate_token(s.token, pipe.tokenizer)
         if not s.class_word.strip():
-            raise CdiffError(f"concept {s.token}: --class must not be empty")
+            raise option_error("concept {token}: {class_word} must not be empty", "class_word", token=s.token)
     registry.check_tokens_free([s.token for s in specs], replacing=name if force else None)
     base_rec = base_record(spec.ref, pipe.unet)
     if accelerator is not None and not main:
@@ -147,10 +147,10 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
                        checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler, stop=stop)
     except StopRequested as e:
         if not e.saved:
-            raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; the checkpoint could not be saved"
-                                  f"{_kept(ckpt)}") from None
-        raise TrainingStopped(f"stopped at step {e.step}/{e.steps}; checkpoint saved: run the same command "
-                              "with --resume to continue") from None
+            raise TrainingStopped(Message("stopped at step {step}/{steps}; the checkpoint could not be saved",
+                                          step=e.step, steps=e.steps)).add(_kept(ckpt)) from None
+        raise TrainingStopped(Message("stopped at step {step}/{steps}; checkpoint saved: run the same command with "
+                                      "{resume} to continue", "resume", step=e.step, steps=e.steps)) from None
     if not main:
         return None, result
     manifest = _trained_manifest(specs, concepts, base_rec, cfg, result, reg, images, digests)
@@ -162,7 +162,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     try:
         entry = registry.create(name, result.delta, manifest, overwrite=force, files=files)
     except CdiffError as e:  # a full disk, a busy name: say what is left to resume from
-        e.args = (f"{e}{_kept(ckpt)}",)
+        e.add(_kept(ckpt))
         raise
     ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
@@ -171,7 +171,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
 def _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every, resume, force, samples) -> None:
     """Everything about a training request that can be refused before an image is read or a model loaded."""
     if checkpoint_every is not None and checkpoint_every < 0:
-        raise CdiffError("--checkpoint-every must be 0 (only when stopped) or a number of steps")
+        raise option_error("{checkpoint_every} must be 0 (only when stopped) or a number of steps", "checkpoint_every")
     if resume and not ckpt.exists:
         raise NotFoundError(f"nothing to resume: no checkpoint of {name!r} (they are saved {ckpt.describe()} "
                             "and when training is stopped)")
@@ -180,13 +180,14 @@ def _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every
         raise CdiffError(f"{name!r} has an unfinished training (step {info.get('step')}/{info.get('steps')}): "
                          "add --resume to continue it, or --force to start over")
     if registry.exists(name) and not force:
-        raise CdiffError(f"concept {name!r} already exists (use --force to replace it)")
+        raise already_exists(name)
     if not specs:
         raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
     if cfg.steps < 1 or cfg.batch_size < 1 or not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise CdiffError("--steps, --batch-size and --lr must be positive (and --lr a finite number)")
+        raise option_error("{steps}, {batch_size} and {lr} must be positive (and {lr} a finite number)", "steps", "batch_size", "lr")
     if cfg.aug_pool < 0 or (cfg.resolution is not None and cfg.resolution < 8) or reg.count < 0:
-        raise CdiffError("--aug-pool and --num-reg must be 0 or more, --resolution at least 8")
+        raise option_error("{aug_pool} and {num_reg} must be 0 or more, {resolution} at least 8", "aug_pool", "num_reg",
+                           "resolution")
     if reg.kind == "dir" and (reg.folder is None or not Path(reg.folder).is_dir()):
         raise NotFoundError(f"regularisation folder not found: {reg.folder}")
     if samples is not None:
@@ -287,8 +288,8 @@ def _sampler(registry, name, samples, specs, base_ref, resolution, resume, progr
         return None
     prompts = samples.prompts or tuple(instance_prompt(s.token, s.class_word) for s in specs)
     if not any(s.token in p for p in prompts for s in specs):
-        progress.warn(f"no --sample prompt names {' or '.join(s.token for s in specs)}: the samples will not show "
-                      "what was learned")
+        progress.warn(Message("no {sample_prompts} prompt names {tokens}: the samples will not show what was learned",
+                              "sample_prompts", tokens=" or ".join(s.token for s in specs)))
     folder = registry.samples / name
     if not resume:
         clear(folder)
@@ -301,11 +302,12 @@ def own_captions(concept) -> list[str]:
     return list(dict.fromkeys(i.caption for i in concept.images if i.caption))
 
 
-def _kept(ckpt) -> str:
+def _kept(ckpt) -> Message:
     """What an interrupted run still has to resume from, as the end of an error message."""
     if not ckpt.exists:
-        return " (no checkpoint is kept)"
-    return f"; the checkpoint of step {ckpt.info().get('step')} is kept: run the same command with --resume"
+        return Message(" (no checkpoint is kept)")
+    return Message("; the checkpoint of step {kept_step} is kept: run the same command with {resume}", "resume",
+                   kept_step=ckpt.info().get("step"))
 
 
 def _preflight(pipe, cfg, device, progress: Progress) -> None:

@@ -16,7 +16,7 @@ from cdiff_cli.core import textcond
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.layers import read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
-from cdiff_cli.errors import CdiffError, reason
+from cdiff_cli.errors import CdiffError, option_error, reason
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.training.checkpoint import Checkpointer, StopRequested
 from cdiff_cli.training.config import (
@@ -104,7 +104,7 @@ class Trainer:
         self.factor = int(pipe.vae_scale_factor)
         self.res = cfg.resolution or int(self.unet.config.sample_size) * self.factor
         if self.res % self.factor:
-            raise CdiffError(f"--resolution must be a multiple of {self.factor}")
+            raise option_error("{resolution} must be a multiple of {factor}", "resolution", factor=self.factor)
         self.losses: list[float] = []
 
     @property
@@ -345,7 +345,7 @@ class Trainer:
                 value, due = total / processes, saves > 0
             self._optimizer_step()
             if not math.isfinite(value):
-                raise CdiffError(f"training diverged at step {done} (loss {value}); try a lower --lr")
+                raise option_error("training diverged at step {step} (loss {loss}); try a lower {lr}", "lr", step=done, loss=value)
             self.losses.append(value)
             bar.advance(1, loss=value)
             # Alone, a stop asked for at any time during this step is honoured right after it.

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from cdiff_cli.defaults import GEN
-from cdiff_cli.errors import CdiffError
+from cdiff_cli.errors import CdiffError, option_error
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,11 +52,11 @@ class SampleSettings:
 
 def check_settings(s: SampleSettings) -> None:
     if s.every < 0:
-        raise CdiffError("--sample-every must be 0 (only at the end) or a number of steps")
+        raise option_error("{sample_every} must be 0 (only at the end) or a number of steps", "sample_every")
     if s.n < 1 or s.steps < 1:
         raise CdiffError("the samples need at least one image and one step")
     if any(not p.strip() for p in s.prompts):
-        raise CdiffError("--sample must not be empty")
+        raise option_error("{sample_prompts} must not be empty", "sample_prompts")
 
 
 @contextmanager
