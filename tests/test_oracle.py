@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from cdiff_cli.world import oracle as O
+from cdiff_cli.world import pictures as P
 from cdiff_cli.world import scenes as W
 from cdiff_cli.world import scores as WE
 
@@ -58,7 +59,7 @@ def test_reads_blurred_noisy_scenes():
     rng = np.random.default_rng(0)
     t = O.Tally()
     for spec in W.dataset_specs(150, seed=9, caption_variety=False):
-        t.add(O.score_sample(O.read(_degrade(W.render(spec), rng)), O.parse_prompt(W.caption(spec))))
+        t.add(O.score_sample(O.read(_degrade(P.render(spec), rng)), O.parse_prompt(W.caption(spec))))
     shares = t.shares()
     assert min(shares[a] for a in ("kind", "colour", "background", "position", "size")) >= 0.95, shares
     assert shares["fill"] >= 0.9 and shares["object"] >= 0.9, shares
@@ -68,7 +69,7 @@ def test_a_scene_scores_right_against_its_own_caption_and_wrong_against_another(
     rng = np.random.default_rng(5)
     spec = W.sample_scene(rng, n_objects=1, caption_variety=False, background="gray")
     obj = spec.objects[0]
-    reading = O.read(W.render(spec))
+    reading = O.read(P.render(spec))
     scores = O.score_sample(reading, O.parse_prompt(W.caption(spec)))
     assert all(scores.values()), scores
     other_colour = next(c for c in W.COLOURS if c not in (obj.colour, "gray"))
@@ -82,7 +83,7 @@ def test_a_scene_scores_right_against_its_own_caption_and_wrong_against_another(
 
 def test_two_object_scenes_are_paired_in_either_order():
     spec = W.dataset_specs(1, seed=3, n_objects=2, caption_variety=False)[0]
-    reading = O.read(W.render(spec))
+    reading = O.read(P.render(spec))
     a, b = spec.objects
     assert all(O.score_sample(reading, O.parse_prompt(W.caption(spec))).values())
     flipped = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[spec.relation]
@@ -109,7 +110,7 @@ def test_parse_prompt():
 
 def test_learn_look_reads_a_concept_from_its_photos():
     for name, c in W.CONCEPTS.items():
-        assert O.learn_look(W.concept_images(name, 6, seed=1)) == O.Look.of(c)
+        assert O.learn_look(P.concept_images(name, 6, seed=1)) == O.Look.of(c)
     noise = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
     assert O.learn_look(noise) is None
     assert O.Look.of(W.CONCEPTS["pinksquare"]).words() == "a pink striped square"
@@ -128,22 +129,22 @@ def test_world_eval_counts_presence_following_and_drift():
         prompt = W.caption(scene, {name: token})
         text = W.caption(scene)
         prompts.append((prompt, text))
-        concept_images[prompt] = [W.render(scene)]
+        concept_images[prompt] = [P.render(scene)]
         plain = W.sample_object(rng, "star", position=scene.objects[0].position, size=scene.objects[0].size,
                                 colour="yellow", fill="solid", background=scene.background)
-        base_images[text] = [W.render(W.SceneSpec((plain,), scene.background, bg_rgb=scene.bg_rgb))]
+        base_images[text] = [P.render(W.SceneSpec((plain,), scene.background, bg_rgb=scene.bg_rgb))]
     ordinary = WE.ordinary_prompts(6)
     ordinary_images = {}
     for i, p in enumerate(ordinary):
         spec = (W.dataset_specs(4, seed=WE.ORDINARY_SEED, n_objects=1, caption_variety=False)
                 + W.dataset_specs(2, seed=WE.ORDINARY_SEED + 1, n_objects=2, caption_variety=False))[i]
         assert W.caption(spec) == p
-        ordinary_images[p] = [W.render(spec)]
+        ordinary_images[p] = [P.render(spec)]
     class_prompt = "photo of a star"
     star_scene = W.sample_scene(rng, n_objects=1, concepts=(name,), caption_variety=False)
     scores = WE.score(tokens=[token], looks=[look], prompts=prompts, concept_images=concept_images,
                       base_images=base_images, class_prompts={token: class_prompt},
-                      class_concept={class_prompt: [W.render(star_scene), base_images[prompts[0][1]][0]]},
+                      class_concept={class_prompt: [P.render(star_scene), base_images[prompts[0][1]][0]]},
                       class_base={class_prompt: list(base_images.values())[1]},
                       ordinary_concept=ordinary_images, ordinary_base=ordinary_images)
     c = scores.concepts[0]

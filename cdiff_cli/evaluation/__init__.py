@@ -1,7 +1,9 @@
 """`cdiff eval`: what a concept does to the base's pictures, in the paper's metrics.
 
-- `run`: the evaluation itself (`EvalSettings`, `evaluate_entries`): plan the prompts, generate with the
-  concept and with the base, score, store a summary in each entry's manifest;
+- `run`: the evaluation itself (`evaluate_entries`): generate with the concept and with the base, score,
+  store a summary in each entry's manifest;
+- `plan`: what it will do (`EvalSettings`, checked; per entry its prompts, class prompts and image sources);
+- `scoring`: features, alignment, forgetting, the oracle's reading on a nano-world base, the manifest summary;
 - `prompts`: the shipped prompt set (CustomConcept101-style), a user's prompt file, token stripping;
 - `metrics`: the pure score functions (CLIPScore text alignment, image alignment, KID);
 - `features`: loading CLIP and DINO (hub ids, local folders, or the shipped nano CLIP);
@@ -10,6 +12,8 @@
 
 from __future__ import annotations
 
-from cdiff_cli.evaluation.run import EvalSettings, concept_sources, evaluate_entries, manifest_metrics
+from cdiff_cli.evaluation.plan import EvalSettings, concept_sources
+from cdiff_cli.evaluation.run import evaluate_entries
+from cdiff_cli.evaluation.scoring import manifest_metrics
 
 __all__ = ["EvalSettings", "concept_sources", "evaluate_entries", "manifest_metrics"]

@@ -1,8 +1,11 @@
 """The nano world: a procedural world of coloured shapes in which cdiff can show the method work offline.
 
 - `scenes`: the world itself: kinds, colours, fills, sizes, positions and backgrounds, scenes sampled from a
-  seed, their captions and their pictures (what `cdiff_cli.world` gives directly, as before);
-- `oracle`: reads a picture back into its objects (kind, colour, fill, size, position, background);
+  seed, and their captions;
+- `pictures`: drawing scenes, the base world's (image, caption) pairs, a concept's training photos
+  (`cdiff_cli.world` gives the names of both, as before);
+- `reading`: reads a picture back into its objects (kind, colour, fill, size, position, background);
+- `oracle`: parses world prompts and scores readings against them; validates the reading;
 - `scores`: prompt following, concept presence and drift of an entry on a nano-world base (`cdiff eval`);
 - `demo`: `cdiff demo` and its overview picture.
 Dependencies point down that list.
@@ -10,6 +13,16 @@ Dependencies point down that list.
 
 from __future__ import annotations
 
+from cdiff_cli.world.pictures import (
+    concept_images,
+    dataset,
+    grid,
+    object_mask,
+    pattern_period,
+    render,
+    save_concept_images,
+    shape_mask,
+)
 from cdiff_cli.world.scenes import (
     BACKGROUNDS,
     CENTRES,
@@ -33,21 +46,13 @@ from cdiff_cli.world.scenes import (
     ObjectSpec,
     SceneSpec,
     caption,
-    concept_images,
     concept_pair_specs,
     concept_specs,
-    dataset,
     dataset_specs,
     describe,
-    grid,
-    object_mask,
     pattern_colour,
-    pattern_period,
-    render,
     sample_object,
     sample_scene,
-    save_concept_images,
-    shape_mask,
 )
 
 __all__ = [
