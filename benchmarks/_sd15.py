@@ -42,7 +42,7 @@ def build_sd15(seed: int = 0):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from cdiff_cli.tiny import write_tiny_tokenizer
+    from cdiff_cli.testing.tiny import write_tiny_tokenizer
 
     torch.manual_seed(seed)
     tok = CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(tempfile.mkdtemp())), model_max_length=77)

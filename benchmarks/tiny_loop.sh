@@ -18,7 +18,7 @@ for name, colour in (("imgs", (200, 40, 40)), ("chair", (40, 40, 200))):
 PY
 cd "$work"
 start=$(date +%s.%N)
-python -m cdiff_cli.tiny ./tiny-base >/dev/null
+python -m cdiff_cli.testing.tiny ./tiny-base >/dev/null
 cdiff -q train mycat ./imgs --class cat --base ./tiny-base --resolution 64 --steps 20 --num-reg 8
 cdiff -q train mychair ./chair --class chair --base ./tiny-base --resolution 64 --steps 20 --num-reg 8
 cdiff -q merge mycat mychair

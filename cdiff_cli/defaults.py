@@ -11,6 +11,16 @@ PAPER_DINO = "facebook/dino-vits16"  # the paper's DINO for image alignment
 DEFAULT_RIDGE = 1e-3  # relative ridge of the closed-form merge (see cdiff_cli.merging)
 DEFAULT_COMPRESS_ENERGY = 0.99  # share of each k/v update's energy `cdiff compress` keeps (README: Compression)
 
+# The layouts `cdiff export --format` writes, with what each holds: the CLI's choices and help, and
+# `transfer.export_entry`, read this one table.
+EXPORT_FORMATS = {
+    "diffusers": "pytorch_custom_diffusion_weights.safetensors + <token>.safetensors",
+    "reference": "delta.bin",
+    "cdiff": "delta.safetensors + manifest.json",
+    "lora": "NAME.safetensors (kohya-style LoRA of the k/v updates) + embeddings/*.safetensors, for ComfyUI and "
+            "AUTOMATIC1111",
+}
+
 # Sampler names -> diffusers scheduler class names ("default" keeps the base's own scheduler).
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cdiff_cli.tiny import write_tiny_tokenizer
+from cdiff_cli.testing.tiny import write_tiny_tokenizer
 
 # Names a user may give (`--base nano`, `--clip nano`) -> folder under cdiff_cli/models.
 BASE_NAMES = {"nano": "nano"}

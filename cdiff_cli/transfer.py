@@ -12,6 +12,7 @@ from pathlib import Path
 from cdiff_cli.base import load_base
 from cdiff_cli.core.delta import check_content
 from cdiff_cli.core.tokens import validate_token
+from cdiff_cli.defaults import EXPORT_FORMATS
 from cdiff_cli.errors import CdiffError, Message, NotFoundError, already_exists, option_error, reason
 from cdiff_cli.registry import (
     Entry,
@@ -76,9 +77,6 @@ def _load_export_base(path: Path, base: str | None):
                          f"{recorded['fingerprint']}), not {rec['ref']} (fingerprint {rec['fingerprint']}): give "
                          "--base with the model it was trained on")
     return spec, pipe
-
-
-EXPORT_FORMATS = ("diffusers", "reference", "cdiff", "lora")
 
 
 def load_entry_base(entry: Entry, base: str | None):

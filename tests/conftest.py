@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from cdiff_cli.tiny import build_tiny_pipeline, save_tiny_base  # noqa: E402
+from cdiff_cli.testing.tiny import build_tiny_pipeline, save_tiny_base  # noqa: E402
 
 # Tiny models gain nothing from a second thread, and a spinning second thread slows them 5-10x
 # whenever anything else uses the CPU.

@@ -54,7 +54,7 @@ def save_tiny_clip(folder: Path) -> Path:
     `preprocessor_config.json` (the legacy CLIPFeatureExtractor format of openai/clip-vit-base-patch32)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from cdiff_cli.tiny import write_tiny_tokenizer
+    from cdiff_cli.testing.tiny import write_tiny_tokenizer
 
     write_tiny_tokenizer(folder)
     tok = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from cdiff_cli.formats import BASE_FILE
 from cdiff_cli.registry import Registry, same_base
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 from .test_cli import TRAIN, cdiff
 

@@ -12,7 +12,7 @@ from cdiff_cli import formats as F
 from cdiff_cli.core.delta import Delta, apply_delta
 from cdiff_cli.core.layers import read_weights, trainable_names
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 TOKENS = ["<new1>", "<new2>"]
 

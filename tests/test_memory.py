@@ -9,7 +9,7 @@ import torch
 
 from cdiff_cli.core.layers import trainable_names
 from cdiff_cli.memory import CUDA_CONTEXT_BYTES, Estimate, available_memory, estimate_training_memory, preflight_warning
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 from cdiff_cli.training import Concept, TrainConfig, low_memory_config, train
 from cdiff_cli.training.images import list_images
 

@@ -17,7 +17,7 @@ from cdiff_cli.merging import (
     prompt_features,
 )
 from cdiff_cli.merging.captions import load_captions
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 
 def test_pure_merge_satisfies_constraints_and_minimises_drift():

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cdiff_cli import offload
 from cdiff_cli.core.layers import trainable_names
-from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.training.images import list_images
 

@@ -97,7 +97,7 @@ def test_token_validation(sd1_pipe):
 
 
 def test_adding_a_token_of_the_wrong_width_changes_nothing():
-    from cdiff_cli.tiny import build_tiny_pipeline
+    from cdiff_cli.testing.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd1")
     n_tok, table = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().weight.detach().clone()
@@ -110,7 +110,7 @@ def test_adding_a_token_of_the_wrong_width_changes_nothing():
 def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
     from cdiff_cli.base import load_pipeline
     from cdiff_cli.core.layers import base_probe, same_base_probe
-    from cdiff_cli.tiny import build_tiny_pipeline
+    from cdiff_cli.testing.tiny import build_tiny_pipeline
 
     probes = [base_probe(load_pipeline(str(sd1_base), dtype=d).unet) for d in (torch.float32, torch.bfloat16, torch.float16)]
     assert same_base_probe(probes[0], probes[1]) and same_base_probe(probes[0], probes[2])

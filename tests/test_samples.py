@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.training.images import ImageItem, list_images
 from cdiff_cli.training.samples import SampleSettings, TrainingSampler, grid

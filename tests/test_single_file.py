@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from cdiff_cli.base import load_pipeline
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 from .conftest import RES
 from .ldm_layout import sd_to_ldm, sdxl_to_sgm

@@ -9,7 +9,7 @@ from cdiff_cli.core.layers import kv_names
 from cdiff_cli.core.prompts import own_caption
 from cdiff_cli.merging import concept_prompts, merge_deltas, prompt_features
 from cdiff_cli.registry import Registry
-from cdiff_cli.tiny import build_tiny_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 from .test_cli import TRAIN, cdiff
 from .test_merge import _synthetic_delta

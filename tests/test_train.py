@@ -5,7 +5,7 @@ import torch
 
 from cdiff_cli.core import textcond
 from cdiff_cli.core.layers import trainable_names
-from cdiff_cli.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from cdiff_cli.testing.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, balanced_slots, split_batch, train
 from cdiff_cli.training.images import ImageItem, list_images
 

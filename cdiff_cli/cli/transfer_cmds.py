@@ -11,13 +11,10 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Force, ImportBase, Json, NewBase, registry
 from cdiff_cli.cli._term import term
+from cdiff_cli.defaults import EXPORT_FORMATS
 
-
-class ExportFormat(str, Enum):
-    diffusers = "diffusers"
-    reference = "reference"
-    cdiff = "cdiff"
-    lora = "lora"
+ExportFormat = Enum("ExportFormat", {name: name for name in EXPORT_FORMATS}, type=str)
+FORMAT_HELP = "; ".join(f"{name}: {holds}" for name, holds in EXPORT_FORMATS.items()) + "."
 
 
 @command("add", loads_models=True)
@@ -46,7 +43,7 @@ def add_cmd(
 def export_cmd(
     name: Annotated[str, typer.Argument(help="Concept name.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", help="diffusers: pytorch_custom_diffusion_weights.safetensors + <token>.safetensors; reference: delta.bin; cdiff: delta.safetensors + manifest.json; lora: NAME.safetensors (kohya-style LoRA of the k/v updates) + embeddings/*.safetensors, for ComfyUI and AUTOMATIC1111.")] = ExportFormat.diffusers,
+    fmt: Annotated[ExportFormat, typer.Option("--format", help=FORMAT_HELP)] = ExportFormat.diffusers,
     rank: Annotated[Optional[int], typer.Option("--rank", help="lora: keep this many singular values per layer.", show_default=False)] = None,
     energy: Annotated[Optional[float], typer.Option("--energy", help="lora: keep the fewest singular values holding this share of each layer's update (0-1]. Default: full rank, exact.", show_default=False)] = None,
     base: NewBase = None,

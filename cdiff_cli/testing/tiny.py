@@ -178,7 +178,7 @@ def save_tiny_base(folder: str | Path, kind: str = "sd1", seed: int = 0) -> Path
     return folder
 
 
-if __name__ == "__main__":  # python -m cdiff_cli.tiny OUT_DIR [sd1|sd2|sdxl]
+if __name__ == "__main__":  # python -m cdiff_cli.testing.tiny OUT_DIR [sd1|sd2|sdxl]
     import sys
 
     out = save_tiny_base(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "sd1")
