@@ -30,6 +30,19 @@ def canonical(token: str) -> str:
     return token.lower()
 
 
+
+def shared_token(groups: list[list[str]]) -> tuple[str, int, int] | None:
+    """The first token (compared as the tokenizer sees it) that two groups both hold, with the indices of the
+    group that held it first and of the one holding it again; None when every token is in one group only.
+    The merge refuses such groups: one token cannot stand for two concepts."""
+    seen: dict[str, int] = {}
+    for i, group in enumerate(groups):
+        for t in group:
+            if canonical(t) in seen:
+                return t, seen[canonical(t)], i
+            seen[canonical(t)] = i
+    return None
+
 def validate_token(token: str, tokenizer=None, ordinary_words: set[str] | None = None) -> str:
     """Refuse tokens that would be ambiguous in prompts; return the token unchanged if fine.
 

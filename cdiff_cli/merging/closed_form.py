@@ -27,7 +27,7 @@ from cdiff_cli.core import textcond
 from cdiff_cli.core.delta import Delta, add_delta_tokens
 from cdiff_cli.core.layers import kv_names
 from cdiff_cli.core.prompts import merge_constraint_prompts
-from cdiff_cli.core.tokens import canonical
+from cdiff_cli.core.tokens import shared_token
 from cdiff_cli.defaults import DEFAULT_RIDGE  # noqa: E402  (re-exported)
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.files import save_tensors
@@ -157,12 +157,8 @@ def merge_deltas(
     captions it was trained on (constrained as well). Returns the merged delta and notes for the user."""
     if len(deltas) < 2:
         raise CdiffError("a merge needs at least two concepts")
-    seen: dict[str, int] = {}
-    for i, d in enumerate(deltas):
-        for t in d.tokens:
-            if canonical(t) in seen:
-                raise CdiffError(f"token {t!r} is used by two of the concepts being merged; rename one (cdiff add --token)")
-            seen[canonical(t)] = i
+    if shared := shared_token([d.tokens for d in deltas]):
+        raise CdiffError(f"token {shared[0]!r} is used by two of the concepts being merged; rename one (cdiff add --token)")
     tokens = [t for d in deltas for t in d.tokens]
     embeddings = torch.cat([d.embeddings for d in deltas])
     seconds = [d.embeddings_2 for d in deltas]

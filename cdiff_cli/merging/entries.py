@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from cdiff_cli.base import load_base
-from cdiff_cli.core.tokens import canonical
+from cdiff_cli.core.tokens import shared_token
 from cdiff_cli.errors import CdiffError, already_exists, option_error
 from cdiff_cli.merging.captions import load_captions
 from cdiff_cli.progress import SILENT, Progress
@@ -79,9 +79,6 @@ def merge_entries(
 
 
 def check_token_collisions(entries: list[Entry]) -> None:
-    seen: dict[str, str] = {}
-    for e in entries:
-        for t in e.tokens:
-            if canonical(t) in seen:
-                raise CdiffError(f"token {t!r} is used by both {seen[canonical(t)]!r} and {e.name!r}")
-            seen[canonical(t)] = e.name
+    if shared := shared_token([e.tokens for e in entries]):
+        t, first, again = shared
+        raise CdiffError(f"token {t!r} is used by both {entries[first].name!r} and {entries[again].name!r}")
