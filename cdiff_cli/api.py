@@ -27,6 +27,8 @@ from cdiff_cli.registry import Entry, Registry
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from cdiff_cli.evaluation.results import EvalRun
+
 __all__ = ["Concept", "Trained", "Registry", "Entry", "train", "merge", "generate", "evaluate", "add", "export",
            "compress"]
 
@@ -197,11 +199,12 @@ def generate(
 
 def evaluate(names: list[str], *, out: str | Path | None = None, base: str | None = None, device: str = GEN.device,
              save: bool = True, registry: Registry | str | Path | None = None, progress: Progress = SILENT,
-             **settings) -> dict:
+             **settings) -> EvalRun:
     """Score concepts against their base, as `cdiff eval` does; `settings` are the fields of
     `cdiff_cli.evaluation.EvalSettings` (n, steps, guidance, seed, clip, dino, kid_samples...). Writes the
     images and report under `out` (default cdiff-eval/NAME[+NAME...]) and returns the run: per entry its
-    scores (and, on a nano-world base, what the oracle reads), the models and the report's paths."""
+    scores (and, on a nano-world base, what the oracle reads), the models and the report's paths; its keys
+    are those of `cdiff_cli.evaluation.results.EvalRun`."""
     from cdiff_cli.evaluation import EvalSettings, evaluate_entries
 
     unknown = set(settings) - set(EvalSettings.__dataclass_fields__)

@@ -22,6 +22,7 @@ from pathlib import Path
 from cdiff_cli import __version__
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.evaluation.plan import KID_FEATURES_NOTE, EvalSettings, Plan, plan_entry
+from cdiff_cli.evaluation.results import EvalRun
 from cdiff_cli.evaluation.scoring import Features, manifest_metrics, score_entry, settings_dict
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Registry
@@ -63,7 +64,7 @@ def evaluate_entries(
     device: str | None = "auto",
     store: bool = True,
     progress: Progress = SILENT,
-) -> dict:
+) -> EvalRun:
     """Evaluate registry entries; returns the run (settings, models, one result per entry).
 
     Writes OUT/NAME/{concept,base,class-concept,class-base}/*.png, OUT/report.html and OUT/report.json,

@@ -13,6 +13,14 @@ from cdiff_cli.core.prompts import class_prompt
 from cdiff_cli.evaluation import metrics as M
 from cdiff_cli.evaluation.plan import IMAGE_DIRS, EvalSettings, Plan
 from cdiff_cli.evaluation.prompts import to_dict
+from cdiff_cli.evaluation.results import (
+    ClassRow,
+    ConceptScores,
+    EntryResult,
+    EvalRun,
+    ManifestMetrics,
+    PromptRow,
+)
 from cdiff_cli.progress import Progress
 from cdiff_cli.training.images import open_rgb
 
@@ -81,7 +89,7 @@ def settings_dict(s: EvalSettings) -> dict:
     return d
 
 
-def manifest_metrics(run: dict, r: dict) -> dict:
+def manifest_metrics(run: EvalRun, r: EntryResult) -> ManifestMetrics:
     """The summary kept in an entry's manifest: scores, date, models and settings (no image paths)."""
     return {
         "date": run["date"],
@@ -123,7 +131,7 @@ def _world_scores(plan: Plan) -> dict:
     return scores.to_dict()
 
 
-def _saved_rows(plan: Plan, s: EvalSettings, base_ref: str, out_dir: Path) -> tuple[list[dict], list[dict]]:
+def _saved_rows(plan: Plan, s: EvalSettings, base_ref: str, out_dir: Path) -> tuple[list[PromptRow], list[ClassRow]]:
     """The PNGs (each carries its generation parameters; a re-run into the same folder replaces them), as the
     report's rows: one per prompt, one per class prompt."""
     entry, prompts, imgs, name = plan.entry, plan.prompts, plan.images, plan.entry.name
@@ -145,7 +153,7 @@ def _saved_rows(plan: Plan, s: EvalSettings, base_ref: str, out_dir: Path) -> tu
     return prompt_rows, class_rows
 
 
-def _image_alignment(sources, clip_g, clip_b, clip_tr: dict, dino) -> list[dict]:
+def _image_alignment(sources, clip_g, clip_b, clip_tr: dict, dino) -> list[ConceptScores]:
     """Image alignment per concept, each against its own training images (CLIP, and DINO when loaded)."""
     per_concept = []
     for src in sources:
@@ -214,7 +222,8 @@ def _forgetting(class_rows: list[dict], cls_clip: list) -> list[float]:
     return kids
 
 
-def score_entry(plan: Plan, base_ref: str, feats: Features, s: EvalSettings, out_dir: Path, progress: Progress) -> dict:
+def score_entry(plan: Plan, base_ref: str, feats: Features, s: EvalSettings, out_dir: Path,
+                progress: Progress) -> EntryResult:
     t0 = time.perf_counter()
     prompt_rows, class_rows = _saved_rows(plan, s, base_ref, out_dir)
     enc = _encode(plan, base_ref, feats, s, progress)
@@ -237,8 +246,8 @@ def score_entry(plan: Plan, base_ref: str, feats: Features, s: EvalSettings, out
                          round(plan.seconds + time.perf_counter() - t0, 2))
 
 
-def _entry_result(plan: Plan, base_ref: str, s: EvalSettings, sc: dict, per_concept, prompt_rows, class_rows,
-                  seconds: float) -> dict:
+def _entry_result(plan: Plan, base_ref: str, s: EvalSettings, sc: dict, per_concept: list[ConceptScores],
+                  prompt_rows: list[PromptRow], class_rows: list[ClassRow], seconds: float) -> EntryResult:
     """An entry's result, as `cdiff eval --json` prints it and the report reads it."""
     entry = plan.entry
     return {
