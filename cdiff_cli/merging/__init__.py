@@ -7,6 +7,7 @@ from __future__ import annotations
 from cdiff_cli.merging.closed_form import (
     DEFAULT_RIDGE,
     concept_prompts,
+    constrain_delta,
     constrained_merge,
     constraint_residual,
     dedupe_rows,
@@ -17,5 +18,5 @@ from cdiff_cli.merging.closed_form import (
     regulariser_gram,
 )
 
-__all__ = ["DEFAULT_RIDGE", "concept_prompts", "constrained_merge", "constraint_residual", "dedupe_rows",
+__all__ = ["DEFAULT_RIDGE", "concept_prompts", "constrain_delta", "constrained_merge", "constraint_residual", "dedupe_rows",
            "duplicate_groups", "gram", "merge_deltas", "prompt_features", "regulariser_gram"]

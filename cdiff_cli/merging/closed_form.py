@@ -153,10 +153,12 @@ def merge_deltas(
     progress: Progress = SILENT,
 ) -> tuple[Delta, list[str]]:
     """Merge several deltas of the same base. `pipe` must hold the base weights; its tokenizer and
-    text encoder get every concept's token. `captions`: per delta, per token, the target images' own
+    text encoder get every concept's token. With one delta, the result is that concept constrained: its k/v
+    outputs on its own prompts are kept exactly, and on everything else held as near the base as the
+    constraint allows (see `constrain_delta`). `captions`: per delta, per token, the target images' own
     captions it was trained on (constrained as well). Returns the merged delta and notes for the user."""
-    if len(deltas) < 2:
-        raise CdiffError("a merge needs at least two concepts")
+    if not deltas:
+        raise CdiffError("nothing to merge")
     if shared := shared_token([d.tokens for d in deltas]):
         raise CdiffError(f"token {shared[0]!r} is used by two of the concepts being merged; rename one (cdiff add --token)")
     tokens = [t for d in deltas for t in d.tokens]
@@ -195,6 +197,14 @@ def merge_deltas(
         notes.append("to_q/to_out weights (crossattn mode) were combined by summing their deltas")
     mode = "crossattn" if any(d.mode == "crossattn" for d in deltas) else "kv"
     return Delta(merged, tokens, embeddings, mode, embeddings_2=embeddings_2), notes
+
+
+def constrain_delta(pipe, delta: Delta, classes: list[str], *, G: torch.Tensor, ridge: float = DEFAULT_RIDGE,
+                    captions: list[list[str]] | None = None, progress: Progress = SILENT) -> Delta:
+    """One concept's delta, projected as the merge projects several: the k/v weights closest to the base on the
+    ordinary captions (`G`) whose outputs on the concept's own prompts are the trained ones. A measure of
+    how much of a concept's drift on ordinary prompts the closed form removes (benchmarks/quality_nano.py)."""
+    return merge_deltas(pipe, [delta], [classes], G=G, ridge=ridge, captions=[captions or []], progress=progress)[0]
 
 
 def constraint_residual(W: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> float:
