@@ -71,6 +71,7 @@ def parse_args():
     ap.add_argument("--methods", default="kv,crossattn,full,token")
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--class-images", type=int, default=8)
+    ap.add_argument("--ordinary-images", type=int, default=1, help="images per ordinary caption (12 captions)")
     ap.add_argument("--num-reg", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0, help="sampling guidance scale (the demo's)")
@@ -169,7 +170,7 @@ class Bench:
             cp = f"photo of a {c['class']}"
             out[cp] = self.gen(pipe, cp, k, 1000 * seed + 500)
         for i, p in enumerate(self.ordinary):
-            out[p] = self.gen(pipe, p, 1, 1000 * seed + 700 + 10 * i)
+            out[p] = self.gen(pipe, p, self.args.ordinary_images, 1000 * seed + 700 + 10 * i)
         return out
 
 
@@ -315,7 +316,7 @@ def _group(rows, *keys):
 def tables(results: dict, args) -> list[str]:
     lines = [f"Single concept: nano, {args.steps} steps, batch {args.batch_size}, seeds {args.seeds}; mean ± 95 % "
              f"interval across seeds; {args.images_per_prompt} images x 10 prompts, {args.class_images} class-prompt images, "
-             "12 ordinary captions x 1 image", "",
+             f"12 ordinary captions x {args.ordinary_images} image(s)", "",
              "| concept | method | reg | presence % | colour % | others % | class prompt: concept % | class prompt: colour % "
              "| ordinary captions: drop (points) | image alignment | text alignment |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
