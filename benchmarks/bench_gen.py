@@ -56,11 +56,11 @@ def main():
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.generation import sample, set_scheduler
     from cdiff_cli.merging import gram, merge_deltas, prompt_features
     from cdiff_cli.merging.captions import load_captions
+    from cdiff_cli.models.base import load_pipeline
 
     if not (args.model_dir / "model_index.json").is_file():
         from _sd15 import build_sd15

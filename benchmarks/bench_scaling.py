@@ -142,7 +142,7 @@ def bench_registry(args) -> list[dict]:
 def main():
     import torch
 
-    from cdiff_cli.base import load_pipeline
+    from cdiff_cli.models.base import load_pipeline
 
     args = parse_args()
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ def _setup(args, trainer: str):
     phases.phase("load")
     t0 = time.perf_counter()
     if trainer == "cdiff":  # as `cdiff train` loads a base: frozen weights in the run's precision
-        from cdiff_cli.base import load_pipeline
+        from cdiff_cli.models.base import load_pipeline
 
         pipe = load_pipeline(str(args.model_dir), dtype=dtype)
     else:  # as the diffusers example loads it: each model in fp32; the frozen ones are cast on the device later

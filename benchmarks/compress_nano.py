@@ -51,7 +51,6 @@ def main():
     from PIL import Image
 
     from cdiff_cli import world
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.compression import compress_delta, output_fidelity, ranks, stored_bytes
     from cdiff_cli.core.delta import apply_delta
     from cdiff_cli.core.layers import fingerprint
@@ -60,6 +59,7 @@ def main():
     from cdiff_cli.generation import sample, set_scheduler
     from cdiff_cli.merging import prompt_features
     from cdiff_cli.merging.captions import load_captions
+    from cdiff_cli.models.base import load_pipeline
     from cdiff_cli.training import Concept, TrainConfig, train
     from cdiff_cli.training.images import list_images
     from cdiff_cli.training.regularisation import generated_regularisation

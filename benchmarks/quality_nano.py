@@ -94,9 +94,9 @@ class Bench:
         from PIL import Image
 
         from cdiff_cli import world
-        from cdiff_cli.base import resolve_precision
         from cdiff_cli.core.layers import fingerprint
         from cdiff_cli.evaluation.features import load_clip
+        from cdiff_cli.models.base import resolve_precision
         from cdiff_cli.training.images import list_images
         from cdiff_cli.training.regularisation import generated_regularisation
         from cdiff_cli.world import oracle as O
@@ -129,8 +129,8 @@ class Bench:
         return [int(s) for s in self.args.seeds.split(",")]
 
     def fresh(self):
-        from cdiff_cli.base import load_pipeline
         from cdiff_cli.generation import set_scheduler
+        from cdiff_cli.models.base import load_pipeline
 
         pipe = load_pipeline(self.args.base)
         set_scheduler(pipe, "dpm")

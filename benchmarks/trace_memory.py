@@ -5,7 +5,7 @@ a batch of 8 at 512 px, which needs gigabytes, is traced on any machine in about
 PyTorch's `MemTracker` follows every tensor the step creates and reports the peak: frozen and
 trainable weights, saved activations, the backward's temporaries, gradients and AdamW state. The
 step is cdiff's own: only the k/v weights trainable (fp32), frozen layers that keep less
-(`cdiff_cli.frozen_ops`), autocast, gradient checkpointing and one image per pass for `--low-memory`.
+(`cdiff_cli.models.frozen_ops`), autocast, gradient checkpointing and one image per pass for `--low-memory`.
 In a separate pass, `FlopCounterMode` counts the step's FLOPs, and those of the VAE and text encoding
 that the diffusers example repeats on every step.
 
@@ -90,9 +90,9 @@ def _cdiff_step(resolution: int, images: int, precision: str, low_memory: bool, 
     from _sd15 import sd15_unet
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from cdiff_cli import frozen_ops
-    from cdiff_cli import offload as cdiff_offload
     from cdiff_cli.core.layers import trainable_names
+    from cdiff_cli.models import frozen_ops
+    from cdiff_cli.models import offload as cdiff_offload
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     with FakeTensorMode() if fake else contextlib.nullcontext():
@@ -146,7 +146,7 @@ def trace_step(resolution: int, batch: int, precision: str, low_memory: bool, fa
     tracker, unet, trainable = _cdiff_step(resolution, images, precision, low_memory, observe, fake, offload)
     snap = next(v for k, v in tracker.get_tracker_snapshot("peak").items() if torch.device(k).type == "cpu")
     kinds = {str(k).split(".")[-1].lower(): int(v) for k, v in snap.items()}
-    from cdiff_cli.offload import resident_params
+    from cdiff_cli.models.offload import resident_params
 
     unet_params = sum(p.numel() for p in unet.parameters())
     return {"peak_bytes": kinds.pop("total"), "by_kind": kinds, "images_per_pass": images, "offload": offload,
@@ -251,7 +251,7 @@ def text_encoder_params(training: bool = True, offload: bool = False) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import CLIPTextModel
 
-    from cdiff_cli.memory import text_params_in_training
+    from cdiff_cli.models.memory import text_params_in_training
 
     with FakeTensorMode():
         te = CLIPTextModel(sd15_text_config())
@@ -266,7 +266,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from cdiff_cli.memory import estimate_training_memory
+    from cdiff_cli.models.memory import estimate_training_memory
 
     rows = []
     for name, res, batch, precision, low, off, device in CONFIGS:

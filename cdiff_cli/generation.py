@@ -12,12 +12,12 @@ from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
-from cdiff_cli.base import load_base, pick_device
 from cdiff_cli.core.delta import Delta, apply_delta
 from cdiff_cli.core.tokens import angle_tokens, canonical, find_tokens
 from cdiff_cli.defaults import SCHEDULERS  # noqa: E402,F401  (re-exported)
 from cdiff_cli.errors import CdiffError, Message, NotFoundError
 from cdiff_cli.merging.entries import check_token_collisions, merge_loaded
+from cdiff_cli.models.base import load_base, pick_device
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry, base_record, check_same_base
 
@@ -174,7 +174,7 @@ def prepare_pipeline(
     spec, pipe, dev = load_base(ref, device, precision, in_cpu_memory=offload is not None)
     delta = _write_delta(registry, pipe, spec, entries, ridge, progress)
     if offload is not None:
-        from cdiff_cli.offload import enable_pipeline_offload
+        from cdiff_cli.models.offload import enable_pipeline_offload
 
         enable_pipeline_offload(pipe, dev, offload)
         pipe.vae.enable_slicing()

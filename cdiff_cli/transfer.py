@@ -9,11 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cdiff_cli.base import load_base
 from cdiff_cli.core.delta import check_content
 from cdiff_cli.core.tokens import validate_token
 from cdiff_cli.defaults import EXPORT_FORMATS
 from cdiff_cli.errors import CdiffError, Message, NotFoundError, already_exists, option_error, reason
+from cdiff_cli.models.base import load_base
 from cdiff_cli.registry import (
     Entry,
     Registry,

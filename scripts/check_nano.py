@@ -53,8 +53,8 @@ def check(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: 
 
 def main(argv=None) -> dict:
     from cdiff_cli import world as W
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.generation import set_scheduler
+    from cdiff_cli.models.base import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="nano")

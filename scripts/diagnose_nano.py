@@ -92,8 +92,8 @@ def noise_leak(pipe, captions: int, steps: int, guidance: float) -> dict[str, di
 
 
 def main(argv=None) -> dict:
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.generation import set_scheduler
+    from cdiff_cli.models.base import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="nano")

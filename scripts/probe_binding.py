@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.generation import sample, set_scheduler
+    from cdiff_cli.models.base import load_pipeline
     from cdiff_cli.world import oracle as O
 
     pipe = load_pipeline("nano")

@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdiff_cli import world as W  # noqa: E402
-from cdiff_cli.nano import write_word_tokenizer  # noqa: E402
+from cdiff_cli.models.packaged import write_word_tokenizer  # noqa: E402
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -791,7 +791,7 @@ def write_metadata(args, out: Path, folder: Path) -> None:
 
 
 def stage_sample(args, out: Path, folder: Path) -> None:
-    from cdiff_cli.base import load_pipeline
+    from cdiff_cli.models.base import load_pipeline
 
     pipe = load_pipeline(str(folder))  # fp32 on the CPU, as cdiff loads it
     t = time.time()

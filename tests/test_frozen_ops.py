@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers.models.activations import GEGLU
 
-from cdiff_cli import frozen_ops
 from cdiff_cli.core.layers import trainable_names
-from cdiff_cli.frozen_ops import saving_less
+from cdiff_cli.models import frozen_ops
+from cdiff_cli.models.frozen_ops import saving_less
 from cdiff_cli.testing.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
 

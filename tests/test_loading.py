@@ -1,4 +1,4 @@
-"""Loading a base in another precision tensor by tensor from its files (`cdiff_cli.loading`): the same
+"""Loading a base in another precision tensor by tensor from its files (`cdiff_cli.models.loading`): the same
 weights as diffusers' own cast, none of them left mapped from the file, and untrusted headers checked."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cdiff_cli.base import WEIGHTED_COMPONENTS, load_pipeline
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.loading import (
+from cdiff_cli.models.base import WEIGHTED_COMPONENTS, load_pipeline
+from cdiff_cli.models.loading import (
     UnreadableTensors,
     _floating_tensors,
     cast_from_files,
@@ -110,7 +110,7 @@ def test_a_damaged_weight_file_is_one_clear_error(tmp_path, sd1_base):
 
 
 def test_variant_files_beside_the_weights_are_not_read(tmp_path):
-    from cdiff_cli.loading import weight_files
+    from cdiff_cli.models.loading import weight_files
 
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "model-00001-of-00002.safetensors", "model.fp16-00001-of-00002.safetensors", "config.json"):

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from cdiff_cli.core.layers import trainable_names
-from cdiff_cli.memory import CUDA_CONTEXT_BYTES, Estimate, available_memory, estimate_training_memory, preflight_warning
+from cdiff_cli.models.memory import (
+    CUDA_CONTEXT_BYTES,
+    Estimate,
+    available_memory,
+    estimate_training_memory,
+    preflight_warning,
+)
 from cdiff_cli.testing.tiny import build_tiny_pipeline
 from cdiff_cli.training import Concept, TrainConfig, low_memory_config, train
 from cdiff_cli.training.images import list_images
@@ -81,8 +87,8 @@ def test_preflight_warns_only_when_short():
 
 
 def test_offload_estimate_counts_only_the_weights_left_on_the_device():
-    from cdiff_cli.memory import estimate_for_pipe
-    from cdiff_cli.offload import resident_params
+    from cdiff_cli.models.memory import estimate_for_pipe
+    from cdiff_cli.models.offload import resident_params
 
     pipe = build_tiny_pipeline("sd1")
     names = set(trainable_names(pipe.unet, "kv"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cdiff_cli import world as W
-from cdiff_cli.base import load_pipeline, resolve_base
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.nano import models_dir, packaged_model
+from cdiff_cli.models.base import load_pipeline, resolve_base
+from cdiff_cli.models.packaged import models_dir, packaged_model
 
 MAX_MB = 25
 

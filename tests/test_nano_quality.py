@@ -10,10 +10,10 @@ seeds and methods, is benchmarks/quality_nano.py."""
 import torch
 
 from cdiff_cli import world
-from cdiff_cli.base import load_pipeline
 from cdiff_cli.core.layers import fingerprint
 from cdiff_cli.evaluation.prompts import strip_tokens
 from cdiff_cli.generation import sample, set_scheduler
+from cdiff_cli.models.base import load_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.training.images import list_images
 from cdiff_cli.training.regularisation import generated_regularisation

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff_cli import offload
 from cdiff_cli.core.layers import trainable_names
+from cdiff_cli.models import offload
 from cdiff_cli.testing.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.training.images import list_images
@@ -245,8 +245,8 @@ def test_on_a_gpu_low_memory_and_offload_keep_the_base_in_cpu_memory_until_each_
     "onto" it stays on the CPU), and generation and training are spies (each is tested for what it does
     above and in test_train)."""
     import cdiff_cli.generation  # noqa: F401  (imported before base is patched: it binds pick_device)
-    from cdiff_cli import base as base_mod
     from cdiff_cli import training as train_mod
+    from cdiff_cli.models import base as base_mod
     from cdiff_cli.registry import Registry
     from cdiff_cli.training import entry as entry_mod
     from cdiff_cli.training import regularisation as regset
@@ -291,9 +291,9 @@ def test_gen_low_memory_on_a_gpu_loads_into_cpu_memory_with_the_delta_and_offloa
     On a CPU the flags change nothing and say so (`cdiff gen` runs there, below)."""
     from typer.testing import CliRunner
 
-    from cdiff_cli import base as base_mod
     from cdiff_cli import generation
     from cdiff_cli.cli import app
+    from cdiff_cli.models import base as base_mod
     from cdiff_cli.progress import Progress
     from cdiff_cli.registry import Registry
     from cdiff_cli.training.entry import ConceptSpec, RegOptions, train_entry

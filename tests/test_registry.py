@@ -108,8 +108,8 @@ def test_adding_a_token_of_the_wrong_width_changes_nothing():
 
 
 def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
-    from cdiff_cli.base import load_pipeline
     from cdiff_cli.core.layers import base_probe, same_base_probe
+    from cdiff_cli.models.base import load_pipeline
     from cdiff_cli.testing.tiny import build_tiny_pipeline
 
     probes = [base_probe(load_pipeline(str(sd1_base), dtype=d).unet) for d in (torch.float32, torch.bfloat16, torch.float16)]
@@ -118,7 +118,7 @@ def test_base_probe_is_stable_across_precisions_and_tells_bases_apart(sd1_base):
 
 
 def test_precision_resolution():
-    from cdiff_cli.base import resolve_precision
+    from cdiff_cli.models.base import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp16", cpu) == "fp32"  # half precision is not a CPU format

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cdiff_cli.base import load_pipeline
 from cdiff_cli.cli import app
 from cdiff_cli.errors import CdiffError
 from cdiff_cli.merging import concept_prompts, constraint_residual, gram, merge_deltas, prompt_features
+from cdiff_cli.models.base import load_pipeline
 from cdiff_cli.registry import Registry
 from cdiff_cli.training import Concept, TrainConfig, train
 from cdiff_cli.training.images import list_images
@@ -177,7 +177,7 @@ def test_single_file_sdxl_checkpoints_load_as_sdxl(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from cdiff_cli import base as base_mod
+    from cdiff_cli.models import base as base_mod
 
     xl, sd = tmp_path / "xl.safetensors", tmp_path / "sd.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2),

@@ -11,8 +11,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, con
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cdiff_cli.base import load_pipeline
 from cdiff_cli.errors import CdiffError
+from cdiff_cli.models.base import load_pipeline
 from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 from .conftest import RES

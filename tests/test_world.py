@@ -166,7 +166,7 @@ def test_concept_pairs_and_pair_scenes():
 def test_every_world_word_is_one_token(tmp_path):
     from transformers import CLIPTokenizer
 
-    from cdiff_cli.nano import write_word_tokenizer
+    from cdiff_cli.models.packaged import write_word_tokenizer
 
     tok = CLIPTokenizer.from_pretrained(str(write_word_tokenizer(tmp_path / "tok", W.WORDS)), model_max_length=32)
     for w in W.WORDS:

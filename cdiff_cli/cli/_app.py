@@ -120,7 +120,7 @@ def command(*args, loads_models: bool = False, **kwargs):
         def wrapper(*a, **k):
             try:
                 if loads_models:
-                    from cdiff_cli.base import quiet_libraries
+                    from cdiff_cli.models.base import quiet_libraries
 
                     quiet_libraries()
                 return fn(*a, **k)

@@ -23,7 +23,7 @@ FEATURE_BATCH = 32
 
 def _check_ref(ref: str, what: str) -> str:
     if what == "CLIP":
-        from cdiff_cli.nano import CLIP_NAMES, packaged_model
+        from cdiff_cli.models.packaged import CLIP_NAMES, packaged_model
 
         if ref in CLIP_NAMES:  # `--clip nano`: the CLIP shipped with cdiff, trained on the nano world
             folder = packaged_model(CLIP_NAMES[ref])

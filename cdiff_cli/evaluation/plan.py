@@ -151,7 +151,7 @@ def plan_entry(e: Entry, registry: Registry, settings: EvalSettings, base: str |
 
 def base_ref_of(ref: str | None) -> str | None:
     """The folder a base name stands for (`nano` -> the packaged model), or None when it is not local."""
-    from cdiff_cli.base import resolve_base
+    from cdiff_cli.models.base import resolve_base
 
     if not ref:
         return None

@@ -72,10 +72,10 @@ def evaluate_entries(
 
     Each entry's images come from `prepare_pipeline` (the base with the entry's delta written in, base
     checked); the baseline images from the plain base, loaded once per base for all its entries."""
-    from cdiff_cli.base import pick_device
     from cdiff_cli.evaluation.features import load_clip, load_dino
     from cdiff_cli.evaluation.report import write_report
     from cdiff_cli.generation import SCHEDULERS
+    from cdiff_cli.models.base import pick_device
 
     settings.check()
     registry.check_outside(out_dir)  # eval replaces the PNGs of its own subfolders there

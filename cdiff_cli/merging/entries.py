@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from cdiff_cli.base import load_base
 from cdiff_cli.core.tokens import shared_token
 from cdiff_cli.errors import CdiffError, already_exists, option_error
 from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.models.base import load_base
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import (
     Entry,

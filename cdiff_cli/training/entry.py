@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cdiff_cli.base import default_resolution, load_base, pick_device, resolve_precision
 from cdiff_cli.core.prompts import TOKEN_MARK, instance_prompt, own_caption
 from cdiff_cli.core.tokens import validate_token
 from cdiff_cli.errors import CdiffError, Message, NotFoundError, TrainingStopped, already_exists, option_error
 from cdiff_cli.hashing import file_sha256
+from cdiff_cli.models.base import default_resolution, load_base, pick_device, resolve_precision
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import (
     SAMPLES_FILE,
@@ -311,8 +311,8 @@ def _kept(ckpt) -> Message:
 
 
 def _preflight(pipe, cfg, device, progress: Progress) -> None:
-    """Warn before training when the memory estimate exceeds what is free (see cdiff_cli.memory)."""
-    from cdiff_cli.memory import available_memory, estimate_for_pipe, preflight_warning
+    """Warn before training when the memory estimate exceeds what is free (see cdiff_cli.models.memory)."""
+    from cdiff_cli.models.memory import available_memory, estimate_for_pipe, preflight_warning
 
     warning = preflight_warning(estimate_for_pipe(pipe, cfg, device), available_memory(device), cfg.low_memory,
                                 cfg.offload, gpu=device.type != "cpu")

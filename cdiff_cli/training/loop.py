@@ -11,12 +11,12 @@ from contextlib import nullcontext
 
 import torch
 
-from cdiff_cli import frozen_ops, offload
 from cdiff_cli.core import textcond
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.layers import read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
 from cdiff_cli.errors import CdiffError, option_error, reason
+from cdiff_cli.models import frozen_ops, offload
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.training.checkpoint import Checkpointer, StopRequested
 from cdiff_cli.training.config import (

@@ -57,7 +57,7 @@ def generated_regularisation(
     (traced, SD 1.x at 512 px: 1.5 GiB for four images against 0.5 GiB for the UNet)."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from cdiff_cli.offload import pipeline_offloaded
+    from cdiff_cli.models.offload import pipeline_offloaded
 
     prompt = class_prompt(class_word)
     folder = cache_root / _key(fingerprint, prompt, resolution, seed)

@@ -104,7 +104,7 @@ def text_params_in_training(text_encoder, offload: bool = False) -> int:
     """A text encoder's parameters on the device while training: its token table cut down to the rows
     the prompts use (`textcond.keep_rows_for`), and under `offload` only the parts outside its encoder
     layers plus one layer (`offload.resident_params`)."""
-    from cdiff_cli.offload import resident_params
+    from cdiff_cli.models.offload import resident_params
 
     vocab, width = text_encoder.get_input_embeddings().weight.shape
     total = resident_params(text_encoder, trainable=set()) if offload else sum(p.numel() for p in text_encoder.parameters())
@@ -117,7 +117,7 @@ def estimate_for_pipe(pipe, cfg, device: torch.device | None = None) -> Estimate
     (`offload.resident_params`), and checkpointing is on."""
     from cdiff_cli.core.layers import trainable_names
     from cdiff_cli.core.textcond import encoders
-    from cdiff_cli.offload import resident_params
+    from cdiff_cli.models.offload import resident_params
 
     unet = pipe.unet
     names = set(trainable_names(unet, cfg.mode))

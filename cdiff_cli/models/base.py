@@ -32,7 +32,7 @@ def resolve_base(spec: str | None) -> BaseSpec:
     """`nano` is the small model shipped with cdiff (cdiff_cli/models/nano; a local folder of that name is
     `./nano`); else a local diffusers folder, a .safetensors/.ckpt file, or a hub id."""
     spec = spec or default_base()
-    from cdiff_cli.nano import BASE_NAMES, packaged_model
+    from cdiff_cli.models.packaged import BASE_NAMES, packaged_model
 
     if spec in BASE_NAMES:
         folder = packaged_model(BASE_NAMES[spec])
@@ -200,9 +200,9 @@ WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 def _load_folder(cls, folder: Path, common: dict, device: torch.device):
-    """A diffusers folder loaded without holding its weights twice (see cdiff_cli.loading): each model in
+    """A diffusers folder loaded without holding its weights twice (see cdiff_cli.models.loading): each model in
     the dtype its files hold (mapped, unread), then cast (or moved to a GPU) tensor by tensor from the files."""
-    from cdiff_cli.loading import cast_from_files, stored_dtype
+    from cdiff_cli.models.loading import cast_from_files, stored_dtype
 
     dtype = common["dtype"]
     stored = {c: stored_dtype(folder / c) for c in WEIGHTED_COMPONENTS if (folder / c).is_dir()}
