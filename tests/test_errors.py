@@ -71,3 +71,14 @@ def test_engine_warnings_name_options_in_the_api_words(tmp_path, sd1_base, cat_i
                 resolution=RES, num_reg=0, reg="none", device="cpu", offload=True, samples=False, progress=p)
     (w,) = [m for m in p.warnings if "offload" in str(m)]
     assert str(w).startswith("offload does nothing on the CPU") and w.render(flag).startswith("--offload does nothing")
+
+
+def test_a_train_config_checks_itself():
+    from cdiff_cli.training import TrainConfig
+
+    TrainConfig().check()
+    for bad, option in ((dict(steps=0), "steps"), (dict(lr=float("nan")), "lr"), (dict(mode="qv"), "mode"),
+                        (dict(precision="fp8"), "precision")):
+        with pytest.raises(CdiffError) as info:
+            TrainConfig(**bad).check()
+        assert option in info.value.options

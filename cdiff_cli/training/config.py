@@ -9,6 +9,7 @@ import torch
 
 from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.prompts import class_prompt, instance_prompt
+from cdiff_cli.errors import CdiffError, option_error
 from cdiff_cli.training.images import FAR_PREFIXES, NEAR_PREFIXES, ImageItem
 
 
@@ -66,6 +67,22 @@ class TrainConfig:
 
     def effective_lr(self, processes: int = 1) -> float:
         return self.lr * self.batch_size * processes if self.scale_lr else self.lr
+
+    def check(self) -> None:
+        """Refuse settings no run can use, before an image is read or a model loaded (as EvalSettings.check)."""
+        from cdiff_cli.core.layers import BASELINE_MODES, MODES
+
+        if self.steps < 1 or self.batch_size < 1 or not (math.isfinite(self.lr) and self.lr > 0):
+            raise option_error("{steps}, {batch_size} and {lr} must be positive (and {lr} a finite number)", "steps",
+                               "batch_size", "lr")
+        if self.mode not in MODES + BASELINE_MODES:
+            raise option_error("{mode} must be one of {modes}, not {value}", "mode", modes=", ".join(MODES + BASELINE_MODES),
+                               value=repr(self.mode))
+        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
+            raise option_error("{precision} must be auto, fp32, fp16 or bf16, not {value}", "precision",
+                               value=repr(self.precision))
+        if self.micro_batch < 0 or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise CdiffError("micro_batch and weight_decay must be 0 or more")
 
 
 @dataclass

@@ -4,7 +4,6 @@ trains under the entry's lock with checkpoints and samples, and writes the entry
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -183,8 +182,7 @@ def _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every
         raise already_exists(name)
     if not specs:
         raise CdiffError("nothing to train: give IMAGES_DIR --class WORD, or --concept TOKEN:CLASS:DIR")
-    if cfg.steps < 1 or cfg.batch_size < 1 or not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise option_error("{steps}, {batch_size} and {lr} must be positive (and {lr} a finite number)", "steps", "batch_size", "lr")
+    cfg.check()
     if cfg.aug_pool < 0 or (cfg.resolution is not None and cfg.resolution < 8) or reg.count < 0:
         raise option_error("{aug_pool} and {num_reg} must be 0 or more, {resolution} at least 8", "aug_pool", "num_reg",
                            "resolution")

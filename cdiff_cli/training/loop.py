@@ -86,6 +86,7 @@ class Trainer:
                  keep_pipe: bool = True, sampler=None, stop=None):
         if not concepts:
             raise CdiffError("nothing to train: no concept given")
+        cfg.check()
         self.tokens = [c.token for c in concepts]
         if len({t.lower() for t in self.tokens}) != len(self.tokens):
             raise CdiffError(f"each concept needs its own token, got {self.tokens}")
