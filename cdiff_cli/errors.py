@@ -3,7 +3,8 @@
 The engine never speaks in command-line flags. A message about an option (a `Message`) names it by a
 placeholder, `{ridge}`, filled with the option's name in the Python API's words by default (`str(e)`:
 "ridge must be a positive number"); the CLI renders the same message with its own flags (`e.render(flag)`:
-"--ridge must be a positive number") and exits with the exception's `exit_code`. Warnings sent to a `Progress` may be `Message`s too.
+"--ridge must be a positive number") and exits with the exception's `exit_code`. Warnings sent to a
+`Progress` may be `Message`s too.
 """
 
 from __future__ import annotations

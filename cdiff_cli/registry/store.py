@@ -31,7 +31,7 @@ from cdiff_cli.errors import CdiffError, NotFoundError, already_exists, option_e
 from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import locks
-from cdiff_cli.registry.manifest import SCHEMA, Manifest, migrate
+from cdiff_cli.registry.manifest import SCHEMA, Manifest, as_str, as_str_list, migrate
 
 if TYPE_CHECKING:
     from cdiff_cli.core.delta import Delta
@@ -84,14 +84,6 @@ def check_delta_file(entry: Entry) -> None:
                          "or damaged since it was written; see `cdiff doctor`)")
 
 
-def _str(x) -> str:
-    return x if isinstance(x, str) else ""
-
-
-def _str_list(x) -> list[str]:
-    return [t for t in x if isinstance(t, str)] if isinstance(x, list) else []
-
-
 @dataclass
 class Entry:
     """One concept in the registry. `manifest` is its manifest.json brought to the current schema (a plain
@@ -109,17 +101,17 @@ class Entry:
 
     @property
     def tokens(self) -> list[str]:
-        return _str_list(self.manifest.get("tokens"))
+        return as_str_list(self.manifest.get("tokens"))
 
     @property
     def classes(self) -> list[str]:
-        return _str_list(self.manifest.get("classes"))
+        return as_str_list(self.manifest.get("classes"))
 
     @property
     def captions(self) -> list[list[str]]:
         """Per token, the target images' own captions it was trained on ([] for "photo of a TOKEN CLASS")."""
         raw = self.manifest.get("captions")
-        rows = [_str_list(x) for x in raw] if isinstance(raw, list) else []
+        rows = [as_str_list(x) for x in raw] if isinstance(raw, list) else []
         return (rows + [[] for _ in self.tokens])[: len(self.tokens)]
 
     @property
@@ -131,7 +123,7 @@ class Entry:
     # `list` fail for the whole registry (`doctor` names what is wrong with it).
     @property
     def id(self) -> str:
-        return _str(self.manifest.get("id"))
+        return as_str(self.manifest.get("id"))
 
     @property
     def kind(self) -> str:
@@ -145,7 +137,7 @@ class Entry:
 
     @property
     def created(self) -> str:
-        return _str(self.manifest.get("created"))
+        return as_str(self.manifest.get("created"))
 
     @property
     def parents(self) -> list[str]:
@@ -155,7 +147,7 @@ class Entry:
 
     @property
     def mode(self) -> str:
-        return _str(self.manifest.get("mode"))
+        return as_str(self.manifest.get("mode"))
 
     @property
     def delta_path(self) -> Path:
