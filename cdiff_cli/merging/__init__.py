@@ -1,5 +1,6 @@
 """Merging concepts: the paper's closed-form constrained merge of several deltas (`closed_form`), regularised
-by the text features of ordinary captions (`captions`, shipped in `data/captions.txt`).
+by the text features of ordinary captions (`captions`, shipped in `data/captions.txt`); `entries` merges
+registry entries into a new one (`cdiff merge`).
 """
 
 from __future__ import annotations

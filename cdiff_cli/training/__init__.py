@@ -19,7 +19,10 @@ Memory: while training, the frozen convolutions and GEGLU layers keep less for t
 (`frozen_ops.saving_less`; the gradients are bit-identical); for a caller that is done with the
 pipeline (`keep_pipe=False`), the token tables are cut down to the rows the run's prompts use. `offload`
 keeps the frozen UNet and text-encoder weights in CPU memory, one layer (one checkpointed block in the
-backward) on the device at a time (`offload.py`).
+backward) on the device at a time (`models/offload.py`).
+
+Modules: `config` (what a run is asked), `images`, `latents`, `regularisation`, `loop` (the `Trainer`),
+`checkpoint`, `distributed`, `samples`, and `entry` (`train_entry`: a run that becomes a registry entry).
 """
 
 from __future__ import annotations
