@@ -79,26 +79,26 @@ class Manifest:
         """A manifest read from a file (of any schema up to this one), each field as its type or neutral."""
         m = migrate(raw)
         known = {f.name for f in fields(cls)} - {"extra"}
-        tokens = as_str_list(m.get("tokens"))
+        tokens = _str_list(m.get("tokens"))
         n = len(tokens)
         kind = m.get("kind")
         size = m.get("size_bytes")
         return cls(
             kind=kind if isinstance(kind, str) else "trained",
-            classes=as_str_list(m.get("classes")),
+            classes=_str_list(m.get("classes")),
             base=_dict(m.get("base")) or {},
-            captions=(([as_str_list(x) for x in m["captions"]] if isinstance(m.get("captions"), list) else [])
+            captions=(([_str_list(x) for x in m["captions"]] if isinstance(m.get("captions"), list) else [])
                       + [[] for _ in range(n)])[:n],
-            parents=[Parent(p["name"], as_str(p.get("id"))) for p in m.get("parents") or []
+            parents=[Parent(p["name"], _str(p.get("id"))) for p in m.get("parents") or []
                      if isinstance(p, dict) and isinstance(p.get("name"), str)] if isinstance(m.get("parents"), list) else [],
             train=_dict(m.get("train")), concepts=m["concepts"] if isinstance(m.get("concepts"), list) else None,
             merge=_dict(m.get("merge")), source=_dict(m.get("source")), samples=_dict(m.get("samples")),
             storage=m["storage"] if isinstance(m.get("storage"), str) else None,
             compression=_dict(m.get("compression")), metrics=_dict(m.get("metrics")),
-            name=as_str(m.get("name")), id=as_str(m.get("id")), tokens=tokens, mode=as_str(m.get("mode")),
+            name=_str(m.get("name")), id=_str(m.get("id")), tokens=tokens, mode=_str(m.get("mode")),
             size_bytes=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else 0,
-            content_hash=as_str(m.get("content_hash")), created=as_str(m.get("created")),
-            cdiff_version=as_str(m.get("cdiff_version")),
+            content_hash=_str(m.get("content_hash")), created=_str(m.get("created")),
+            cdiff_version=_str(m.get("cdiff_version")),
             schema=m["schema"] if isinstance(m.get("schema"), int) else SCHEMA,
             extra={k: v for k, v in m.items() if k not in known},
         )
@@ -128,13 +128,13 @@ def imported(classes: list[str], base: dict, source: dict) -> Manifest:
 def _v1_to_v2(m: dict) -> dict:
     """Schema 1 -> 2: state the schema; default `kind`; one class and one caption list per token; parents
     as {"name", "id"} records (a bare name is kept as a record with an empty id)."""
-    tokens = as_str_list(m.get("tokens"))
+    tokens = _str_list(m.get("tokens"))
     out = dict(m)
     out["schema"] = 2
     out.setdefault("kind", "trained")
     classes = m.get("classes")
     if not isinstance(classes, list) or len(classes) != len(tokens):
-        known = as_str_list(classes)
+        known = _str_list(classes)
         out["classes"] = (known + ["" for _ in tokens])[: len(tokens)]
     if not isinstance(m.get("captions"), list):
         out["captions"] = [[] for _ in tokens]
@@ -163,12 +163,11 @@ def migrate(m: dict) -> dict:
     return m
 
 
-# Lenient readers of one field (also used by `store.Entry`'s accessors).
-def as_str(x) -> str:
+def _str(x) -> str:
     return x if isinstance(x, str) else ""
 
 
-def as_str_list(x) -> list[str]:
+def _str_list(x) -> list[str]:
     return [t for t in x if isinstance(t, str)] if isinstance(x, list) else []
 
 

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from cdiff_cli.errors import CdiffError, NotFoundError, already_exists, option_e
 from cdiff_cli.files import share_as_umask
 from cdiff_cli.hashing import file_sha256
 from cdiff_cli.registry import locks
-from cdiff_cli.registry.manifest import SCHEMA, Manifest, as_str, as_str_list, migrate
+from cdiff_cli.registry.manifest import SCHEMA, Manifest, migrate
 
 if TYPE_CHECKING:
     from cdiff_cli.core.delta import Delta
@@ -95,59 +96,53 @@ class Entry:
     manifest: dict
     registry: Registry | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @cached_property
     def info(self) -> Manifest:
+        """The manifest, typed. Every field is read as its type or a neutral value: a hand-edited manifest must
+        not make `list` fail for the whole registry (`doctor` names what is wrong with it)."""
         return Manifest.from_dict(self.manifest)
 
     @property
     def tokens(self) -> list[str]:
-        return as_str_list(self.manifest.get("tokens"))
+        return self.info.tokens
 
     @property
     def classes(self) -> list[str]:
-        return as_str_list(self.manifest.get("classes"))
+        return self.info.classes
 
     @property
     def captions(self) -> list[list[str]]:
         """Per token, the target images' own captions it was trained on ([] for "photo of a TOKEN CLASS")."""
-        raw = self.manifest.get("captions")
-        rows = [as_str_list(x) for x in raw] if isinstance(raw, list) else []
-        return (rows + [[] for _ in self.tokens])[: len(self.tokens)]
+        return self.info.captions
 
     @property
     def base(self) -> dict:
-        b = self.manifest.get("base")
-        return b if isinstance(b, dict) else {}
+        return self.info.base
 
-    # Every field below is read as its type or a neutral value: a hand-edited manifest must not make
-    # `list` fail for the whole registry (`doctor` names what is wrong with it).
     @property
     def id(self) -> str:
-        return as_str(self.manifest.get("id"))
+        return self.info.id
 
     @property
     def kind(self) -> str:
-        k = self.manifest.get("kind", "trained")
-        return k if isinstance(k, str) else "trained"
+        return self.info.kind
 
     @property
     def size_bytes(self) -> int:
-        n = self.manifest.get("size_bytes")
-        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else 0
+        return self.info.size_bytes
 
     @property
     def created(self) -> str:
-        return as_str(self.manifest.get("created"))
+        return self.info.created
 
     @property
     def parents(self) -> list[str]:
         """The names of the entries a merge was made from."""
-        raw = self.manifest.get("parents")
-        return [p["name"] for p in raw if isinstance(p, dict) and isinstance(p.get("name"), str)] if isinstance(raw, list) else []
+        return [p.name for p in self.info.parents]
 
     @property
     def mode(self) -> str:
-        return as_str(self.manifest.get("mode"))
+        return self.info.mode
 
     @property
     def delta_path(self) -> Path:
@@ -362,6 +357,7 @@ class Registry:
         with self.lock(name):
             entry = self.get(name)
             entry.manifest.update(fields)
+            entry.__dict__.pop("info", None)  # read again from the updated manifest
             tmp = entry.path / (MANIFEST_FILE + ".tmp")
             tmp.write_text(json.dumps(entry.manifest, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, entry.path / MANIFEST_FILE)
