@@ -15,7 +15,7 @@ plain sum of their deltas: share of pair-prompt images showing each concept and 
 Each configuration runs once per seed (--seeds; the seed sets training and sampling); the tables give the
 mean over seeds with a 95 % t-interval across seeds, and the findings compare intervals.
 
-    python benchmarks/quality_nano.py [--seeds 0,1,2] [--steps 300] [--concepts pinksquare,browncircle]
+    python benchmarks/quality_nano.py [--seeds 0,1,2] [--steps 600] [--concepts pinksquare,browncircle]
 
 Every method gets the same steps and batch; learning rates follow each method's usual practice (absolute):
 k/v and crossattn 6e-4 (the demo's), full fine-tuning 5e-5, token only 5e-3. The zoom augmentation is
@@ -61,7 +61,7 @@ def fmt(values: list[float], pct: bool = True) -> str:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600, help="per concept (the demo's); joint training gets twice")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=6e-4, help="k/v, crossattn and joint training (absolute, not scaled)")
     ap.add_argument("--lr-full", type=float, default=5e-5, help="full UNet fine-tuning")

@@ -11,13 +11,13 @@ import typer
 from cdiff_cli.cli._app import command
 from cdiff_cli.cli._options import Device, Json
 from cdiff_cli.cli._term import term
-from cdiff_cli.defaults import LIMITS
+from cdiff_cli.defaults import DEMO_STEPS, LIMITS
 
 
 @command("demo", loads_models=True)
 def demo_cmd(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (it gets its own registry).")] = Path("cdiff-demo"),
-    steps: Annotated[int, typer.Option(min=1, max=LIMITS.steps, help="Training steps per concept.")] = 300,
+    steps: Annotated[int, typer.Option(min=1, max=LIMITS.steps, help="Training steps per concept.")] = DEMO_STEPS,
     device: Device = "cpu",
     as_json: Json = False,
 ):

@@ -15,6 +15,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdiff_cli.defaults import DEMO_STEPS
 from cdiff_cli.progress import SILENT, Progress
 
 
@@ -44,11 +45,12 @@ def try_prompt() -> str:
 
 @dataclass
 class DemoSettings:
-    # Measured on the nano with a first cut of its retrained decoder (seed 0, 20 new-context images each):
-    # pinksquare appeared in 11 of 20 after 300 steps of lr 6e-4, 10 after 600 of 3e-4, 12 with batch 8
-    # (orangeheart: 12, 10 and 13). Seeds move these counts as much as the settings do, so the cheapest is
-    # kept; 1e-3 blurred the pictures; 8 or 10 photos instead of 6 did not help either (docs/nano-world.md).
-    steps: int = 300
+    # Five seeds on the run-4 base (docs/nano-world.md, "Training steps"): pinksquare appeared in 57 % of the
+    # new-context images after 600 steps of lr 6e-4, 48 % after 300 and 45 % after 1000 (four seeds), 50 %
+    # after 300 of 1.2e-3; the merged pair showed both in 32 % after 600, 25 % after 300. More steps also mean
+    # more regularisation images seen: "photo of a circle" gave the brown circle in 10 % (25 % after 300).
+    # 8 or 10 photos instead of 6 did not help.
+    steps: int = DEMO_STEPS
     batch_size: int = 4
     lr: float = 6e-4
     # The method's zoom augmentation is for photos whose object fills the frame. The world's 64 px scenes
