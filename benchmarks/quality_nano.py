@@ -58,7 +58,7 @@ def fmt(values: list[float], pct: bool = True) -> str:
     return f"{100 * m:.0f} ± {100 * h:.0f}" if pct else f"{m:.3f} ± {h:.3f}"
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=600, help="per concept (the demo's); joint training gets twice")
@@ -83,13 +83,13 @@ def parse_args():
                          "outputs on ordinary captions (merging.constrain_delta): no extra training")
     ap.add_argument("--no-pairs", dest="pairs", action="store_false", help="single concepts only")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")
-    return ap.parse_args()
+    return ap.parse_args(argv)
 
 
 class Bench:
     """Shared state: the base, its images, the concepts' photos and regularisation sets."""
 
-    def __init__(self, args):
+    def __init__(self, args, base_images: bool = True):
         import torch
         from PIL import Image
 
@@ -121,8 +121,17 @@ class Bench:
         self.reg = {c["class"]: generated_regularisation(base, class_word=c["class"], count=args.num_reg, seed=0,
                                                          resolution=64, fingerprint=fp, cache_root=self.work / "reg")
                     for c in self.concepts.values()}
-        self.base_images = {s: self.images(base, s) for s in self.seeds}
-        self.G = None  # the ordinary captions' Gram matrix, for --constrained
+        self.base_images = {s: self.images(base, s) for s in self.seeds} if base_images else {}
+        self._G = None
+
+    def gram(self):
+        """The ordinary captions' Gram matrix (the closed form's), computed once."""
+        from cdiff_cli.merging import gram, prompt_features
+        from cdiff_cli.merging.captions import load_captions
+
+        if self._G is None:
+            self._G = gram(prompt_features(self.fresh(), list(load_captions())))
+        return self._G
 
     @property
     def seeds(self) -> list[int]:
@@ -238,15 +247,12 @@ def run_single(b: Bench, results: dict) -> dict:
 def constrained_row(b: Bench, name: str, seed: int, delta, lr: float) -> dict:
     """The k/v delta of a run with regularisation, projected by the closed form (merging.constrain_delta)."""
     from cdiff_cli.core.delta import apply_delta
-    from cdiff_cli.merging import constrain_delta, gram, prompt_features
-    from cdiff_cli.merging.captions import load_captions
+    from cdiff_cli.merging import constrain_delta
 
     t0 = time.perf_counter()
     pipe = b.fresh()
-    if b.G is None:
-        b.G = gram(prompt_features(pipe, list(load_captions())))
     c = b.concepts[name]
-    apply_delta(pipe, constrain_delta(pipe, delta, [c["class"]], G=b.G))
+    apply_delta(pipe, constrain_delta(pipe, delta, [c["class"]], G=b.gram()))
     row = {"concept": name, "method": "custom diffusion (kv), constrained", "mode": "kv", "regularisation": True,
            "seed": seed, "lr": lr, **score_single(b, name, seed, b.images(pipe, seed, tokens=True, names=[name])),
            "seconds": round(time.perf_counter() - t0, 1)}
@@ -272,8 +278,7 @@ def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: 
 
 def run_pairs(b: Bench, kv: dict, results: dict) -> None:
     from cdiff_cli.core.delta import apply_delta
-    from cdiff_cli.merging import gram, merge_deltas, prompt_features
-    from cdiff_cli.merging.captions import load_captions
+    from cdiff_cli.merging import merge_deltas
     from cdiff_cli.training import Concept, TrainConfig, train
 
     names = list(b.concepts)
@@ -281,7 +286,7 @@ def run_pairs(b: Bench, kv: dict, results: dict) -> None:
         return
     a, c2 = names[:2]
     ca, cb = b.concepts[a], b.concepts[c2]
-    G = gram(prompt_features(b.fresh(), list(load_captions())))
+    G = b.gram()
     for seed in b.seeds:
         rows = [pair_row(b, b.fresh(), a, c2, seed, "base (tokens removed)", tokens=False)]
         pipe = b.fresh()
