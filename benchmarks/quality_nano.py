@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--images-per-prompt", type=int, default=2)
     ap.add_argument("--class-images", type=int, default=8)
     ap.add_argument("--ordinary-images", type=int, default=1, help="images per ordinary caption (12 captions)")
-    ap.add_argument("--num-reg", type=int, default=16)
+    ap.add_argument("--num-reg", type=int, default=64, help="generated regularisation images per class (the demo's)")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0, help="sampling guidance scale (the demo's)")
     ap.add_argument("--base", default="nano", help="the shipped nano model, or a folder")

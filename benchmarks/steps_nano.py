@@ -2,13 +2,13 @@
 model, at several (steps, lr) settings, several seeds, scored by the oracle.
 
 For each setting and seed it trains each of --concepts alone (the demo's batch, photos and regularisation
-set), then merges the first two with the closed form. Scores per run:
+set: 64 generated images, or --num-reg), then merges the first two with the closed form. Scores per run:
 - presence: share of the images of the new-context prompts (2 per prompt) in which the oracle reads the concept;
 - class: share of 8 "photo of a CLASS" images showing the concept (drift);
 - both: share of the 12 pair-prompt images of the merged entry showing both concepts.
 The ordinary-caption drop is left to quality_nano.py (it needs 48 images per run to resolve 5 points).
 
-    python benchmarks/steps_nano.py [--settings 300:6e-4,600:6e-4,1000:6e-4,300:1.2e-3] [--seeds 0,1,2,3,4]
+    python benchmarks/steps_nano.py [--settings 300:6e-4,600:6e-4,1000:6e-4,300:1.2e-3] [--seeds 0,1,2,3,4] [--num-reg 64]
 
 Prints a Markdown table (mean over seeds with a 95 % t-interval) and writes benchmarks/results/steps_nano.json.
 About 10 minutes per setting at five seeds on 2 CPU cores (1000 steps: 17).
@@ -35,14 +35,15 @@ def parse_args():
     ap.add_argument("--settings", default="300:6e-4,600:6e-4,1000:6e-4,300:1.2e-3", help="STEPS:LR,...")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--concepts", default="pinksquare,browncircle", help="the first two also make the pair")
-    ap.add_argument("--num-reg", type=int, default=16, help="generated regularisation images per class (the demo's)")
+    ap.add_argument("--num-reg", type=int, default=64, help="generated regularisation images per class (the demo's)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "steps_nano.json")
     return ap.parse_args()
 
 
 def bench(args) -> Q.Bench:
     """quality_nano's Bench without its base images (this benchmark compares settings, not against the base)."""
-    return Q.Bench(Q.parse_args(["--seeds", args.seeds, "--concepts", args.concepts, "--num-reg", str(args.num_reg)]), base_images=False)
+    qa = Q.parse_args(["--seeds", args.seeds, "--concepts", args.concepts, "--num-reg", str(args.num_reg)])
+    return Q.Bench(qa, base_images=False)
 
 
 def share(flags: list[bool]) -> float:

@@ -22,11 +22,11 @@ from cdiff_cli.world import scores as WE
 from cdiff_cli.world.demo import DemoSettings
 
 NAME, TOKEN = "pinksquare", "<pinksquare>"
-# Measured on the shipped model (run 4, the demo's 600 steps, seed 0, 20 images of 10 new-context prompts): the
-# concept in 11 of 20 (base 0 of 20); the rest of each prompt right in 19 of 20; "photo of a square" gave it in
-# 0 of 8; objects on ordinary captions right in 58 % against the base's 83 % (a drop of 25 points, on 24
-# images, where one image is 4 points). About 100 s on 2 cores.
-MIN_PRESENCE = 0.3  # share of images of new-context prompts in which the oracle reads the concept
+# Measured on the shipped model (run 4, the demo's 600 steps and 64 regularisation images, seed 0, 20 images of 10
+# new-context prompts): the concept in 14 of 20 (base 0 of 20); the rest of each prompt right in 20 of 20;
+# "photo of a square" gave it in 0 of 8; objects on ordinary captions right in 58 % against the base's 83 % (a
+# drop of 25 points, on 24 images, where one image is 4 points). About 100 s on 2 cores.
+MIN_PRESENCE = 0.45  # share of images of new-context prompts in which the oracle reads the concept
 MAX_BASE_PRESENCE = 0.1  # the base, same prompts without the token
 MAX_CLASS_PRESENCE = 0.25  # "photo of a square" gives the concept
 MAX_ORDINARY_DROP = 30  # points lost on ordinary world captions (24 images: one image is 4 points)
