@@ -59,7 +59,7 @@ class DemoSettings:
     aug: bool = False
     # 64 generated "photo of a CLASS" images rather than 16 (five seeds, 600 steps; benchmarks/steps_nano.py
     # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 %; the class
-    # prompt drift of browncircle 10 -> 20 % (within the intervals). About 20 s more.
+    # prompt drift of browncircle 10 -> 20 % (within the intervals). The demo takes 195 s against 192.
     num_reg: int = 64
     images: int = 6
     n: int = 2  # images per evaluation prompt
