@@ -10,7 +10,8 @@ The ordinary-caption drop is left to quality_nano.py (it needs 48 images per run
 
     python benchmarks/steps_nano.py [--settings 300:6e-4,600:6e-4,1000:6e-4,300:1.2e-3] [--seeds 0,1,2,3,4] [--num-reg 64]
 
-Prints a Markdown table (mean over seeds with a 95 % t-interval) and writes benchmarks/results/steps_nano.json.
+Prints a Markdown table (mean over seeds with a 95 % t-interval) and writes
+benchmarks/results/steps_nano_regN.json (N: --num-reg; --out overrides).
 About 8 minutes per setting of 300 steps at five seeds on 2 CPU cores, 12 at 600, 17 at 1000.
 """
 
@@ -36,7 +37,7 @@ def parse_args():
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--concepts", default="pinksquare,browncircle", help="the first two also make the pair")
     ap.add_argument("--num-reg", type=int, default=64, help="generated regularisation images per class (the demo's)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "steps_nano.json")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/steps_nano_reg{N}.json")
     return ap.parse_args()
 
 
@@ -102,6 +103,8 @@ def main():
                 print(json.dumps(row), file=sys.stderr, flush=True)
     lines = table(rows, settings, list(b.concepts))
     print("\n".join(lines))
+    # One file per regularisation-set size, so that a run with the defaults keeps the others' results.
+    args.out = args.out or HERE / "results" / f"steps_nano_reg{args.num_reg}.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": args.settings, "seeds": args.seeds, "concepts": args.concepts,
                                     "num_reg": args.num_reg,
