@@ -127,10 +127,11 @@ class Bench:
     def gram(self):
         """The ordinary captions' Gram matrix (the closed form's), computed once."""
         from cdiff_cli.merging import gram, prompt_features
-        from cdiff_cli.merging.captions import load_captions
+        from cdiff_cli.merging.captions import captions_for
+        from cdiff_cli.models.base import resolve_base
 
         if self._G is None:
-            self._G = gram(prompt_features(self.fresh(), list(load_captions())))
+            self._G = gram(prompt_features(self.fresh(), list(captions_for(resolve_base(self.args.base).ref))))
         return self._G
 
     @property
@@ -272,8 +273,20 @@ def pair_row(b: Bench, pipe, a: str, c2: str, seed: int, label: str, *, tokens: 
             for x in (a, c2):
                 each[x].append(seen[x])
             tints.append(all(any(o.colour == b.concepts[x]["look"].colour for o in r.objects) for x in (a, c2)))
-    return {"method": label, "seed": seed, "both": sum(both) / len(both), "both_colours": sum(tints) / len(tints),
-            **{f"presence_{x}": sum(v) / len(v) for x, v in each.items()}}
+    row = {"method": label, "seed": seed, "both": sum(both) / len(both), "both_colours": sum(tints) / len(tints),
+           **{f"presence_{x}": sum(v) / len(v) for x, v in each.items()}}
+    if tokens:
+        row["ordinary_drop_points"] = ordinary_drop(b, pipe, seed)
+    return row
+
+
+def ordinary_drop(b: Bench, pipe, seed: int) -> float:
+    """Points of prompt following (objects right) lost on the ordinary captions against the base, same seeds."""
+    from cdiff_cli.world import scores as WE
+
+    base = b.base_images[seed]
+    now = {p: b.gen(pipe, p, b.args.ordinary_images, 1000 * seed + 700 + 10 * i) for i, p in enumerate(b.ordinary)}
+    return 100 * (WE.ordinary_following({p: base[p] for p in b.ordinary})["object"] - WE.ordinary_following(now)["object"])
 
 
 def run_pairs(b: Bench, kv: dict, results: dict) -> None:
@@ -342,11 +355,13 @@ def tables(results: dict, args) -> list[str]:
     if results["pairs"]:
         a, c2 = args.concepts.split(",")[:2]
         lines += ["", f"Two concepts ({a} + {c2}), 6 pair prompts x {args.images_per_prompt} images, seeds {args.seeds}", "",
-                  f"| method | both present % | both colours % | {a} present % | {c2} present % |", "|---|---:|---:|---:|---:|"]
+                  f"| method | both present % | both colours % | {a} present % | {c2} present % "
+                  "| ordinary captions: drop (points) |", "|---|---:|---:|---:|---:|---:|"]
         for (method,), rs in _group(results["pairs"], "method").items():
+            drops = [r["ordinary_drop_points"] / 100 for r in rs if r.get("ordinary_drop_points") is not None]
             lines.append(f"| {method} | {fmt([r['both'] for r in rs])} | {fmt([r['both_colours'] for r in rs])} "
                          f"| {fmt([r['presence_' + a] for r in rs])} "
-                         f"| {fmt([r['presence_' + c2] for r in rs])} |")
+                         f"| {fmt([r['presence_' + c2] for r in rs])} | {fmt(drops) if drops else ''} |")
     return lines
 
 

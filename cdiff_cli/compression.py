@@ -14,7 +14,7 @@ from cdiff_cli.core.layers import is_kv
 from cdiff_cli.core.lowrank import factorize
 from cdiff_cli.defaults import DEFAULT_COMPRESS_ENERGY
 from cdiff_cli.errors import CdiffError
-from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.merging.captions import captions_for
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import Entry, Registry
 from cdiff_cli.transfer import check_rank_energy, load_entry_base
@@ -96,7 +96,7 @@ def compress_entry(
     base_w = {n: p for n, p in pipe.unet.named_parameters() if n in delta.weights}
     low = compress_delta(delta, base_w, rank=rank, energy=energy)
     with torch.no_grad():
-        X = torch.cat(prompt_features(pipe, list(load_captions())[:FIDELITY_CAPTIONS]))
+        X = torch.cat(prompt_features(pipe, list(captions_for(spec.ref))[:FIDELITY_CAPTIONS]))
     r = ranks(low)
     report = {
         "rank": rank,

@@ -16,6 +16,7 @@ from cdiff_cli.core.delta import Delta, apply_delta
 from cdiff_cli.core.tokens import angle_tokens, canonical, find_tokens
 from cdiff_cli.defaults import SCHEDULERS  # noqa: E402,F401  (re-exported)
 from cdiff_cli.errors import CdiffError, Message, NotFoundError
+from cdiff_cli.merging.captions import captions_for
 from cdiff_cli.merging.entries import check_token_collisions, merge_loaded
 from cdiff_cli.models.base import load_base, pick_device
 from cdiff_cli.progress import SILENT, Progress
@@ -194,13 +195,15 @@ def _write_delta(registry, pipe, spec, entries: list[Entry], ridge: float | None
         delta = entries[0].load_delta(pipe.unet)
     else:
         ridge = DEFAULT_RIDGE if ridge is None else ridge
-        key = hashlib.sha256(json.dumps([sorted(str(e.manifest.get("content_hash", e.id)) for e in entries), ridge]).encode())
+        captions = captions_for(spec.ref)
+        key = hashlib.sha256(json.dumps([sorted(str(e.manifest.get("content_hash", e.id)) for e in entries), ridge,
+                                         hashlib.sha256("\n".join(captions).encode()).hexdigest()]).encode())
         folder = registry.writable_cache_dir("merges")  # None on a read-only registry: merged in memory
         cached = folder / f"{key.hexdigest()[:20]}.safetensors" if folder is not None else None
         if cached is not None and cached.is_file():
             delta = Delta.load(cached)
         else:
-            delta, _ = merge_loaded(registry, pipe, fp, entries, ridge, progress)
+            delta, _ = merge_loaded(registry, pipe, fp, entries, ridge, progress, captions)
             if cached is not None:
                 _cache_merge(delta, cached)
     apply_delta(pipe, delta)

@@ -136,3 +136,32 @@ def test_merge_constrains_the_prompt_the_concept_was_trained_on():
     assert c.prompt == "photo of a <mycat> cat"
     assert c.prompt in concept_prompts("<mycat>", "cat")
     assert c.reg_caption is not None and class_prompt("cat") == "photo of a cat"
+
+
+def test_a_world_base_regularises_the_merge_with_its_own_captions():
+    """On nano the shipped English captions fall apart into letters; the merge keeps the world's captions
+    instead, and that holds held-out world captions nearer the base than the shipped captions do."""
+    from cdiff_cli.merging.captions import captions_for
+    from cdiff_cli.models.base import load_pipeline, resolve_base
+    from cdiff_cli.world.scores import ordinary_prompts
+
+    ref = resolve_base("nano").ref
+    world = captions_for(ref)
+    assert captions_for(None) == load_captions() and world != load_captions()
+    assert len(world) >= 990 and not set(world) & set(ordinary_prompts())  # the drift score's captions stay unseen
+    pipe = load_pipeline("nano")
+    vocab = pipe.tokenizer.get_vocab()
+    words = {w for c in world for w in c.replace(",", " ,").split()}
+    assert all(f"{w}</w>" in vocab for w in words)  # every word is one token of the base's own vocabulary
+    delta = _synthetic_delta(pipe, "<w1>", 3, scale=0.02)
+    held_out = torch.cat(prompt_features(pipe, ordinary_prompts(24))).double()
+    W0 = read_weights(pipe.unet, list(delta.weights))
+    drift = {}
+    for label, captions in (("world", world), ("shipped", load_captions())):
+        G = gram(prompt_features(pipe, list(captions)))
+        merged, _ = merge_deltas(load_pipeline("nano"), [delta], [["square"]], G=G)
+        drift[label] = sum(float(torch.linalg.matrix_norm(held_out @ (merged.weights[n] - W0[n]).double().T))
+                           for n in kv_names(merged.weights))
+    raw = sum(float(torch.linalg.matrix_norm(held_out @ (delta.weights[n] - W0[n]).double().T)) for n in kv_names(W0))
+    # measured: raw 856, shipped captions 354, the world's 180
+    assert drift["world"] < 0.6 * drift["shipped"] < 0.6 * raw, (drift, raw)

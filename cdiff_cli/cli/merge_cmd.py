@@ -23,7 +23,7 @@ def merge_cmd(
 ):
     """Merge concepts into one entry that keeps every concept's token.
 
-    Each k/v layer is the closest matrix to the base on the 1,353 shipped ordinary captions that still maps every concept's own prompt features exactly as that concept's fine-tuned layer does.
+    Each k/v layer is the closest matrix to the base on ordinary captions (the 1,353 shipped ones; on a nano-world base, 1,000 of the world's own) that still maps every concept's own prompt features exactly as that concept's fine-tuned layer does.
     """
     from cdiff_cli.merging.entries import merge_entries
 

@@ -6,7 +6,7 @@ import math
 
 from cdiff_cli.core.tokens import shared_token
 from cdiff_cli.errors import CdiffError, already_exists, option_error
-from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.merging.captions import captions_for
 from cdiff_cli.models.base import load_base
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.registry import (
@@ -20,16 +20,18 @@ from cdiff_cli.registry import manifest as manifests
 from cdiff_cli.registry.manifest import Parent
 
 
-def _gram(registry: Registry, pipe, fp: str):
+def _gram(registry: Registry, pipe, fp: str, captions: tuple[str, ...]):
     from cdiff_cli.merging import regulariser_gram
 
-    return regulariser_gram(pipe, list(load_captions()), registry.writable_cache_dir("gram"), fp)
+    return regulariser_gram(pipe, list(captions), registry.writable_cache_dir("gram"), fp)
 
 
-def merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress):
+def merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress,
+                 captions: tuple[str, ...]):
+    """`captions`: the regulariser's ordinary captions for this base (`captions_for`)."""
     from cdiff_cli.merging import merge_deltas
 
-    G = _gram(registry, pipe, fp)
+    G = _gram(registry, pipe, fp, captions)
     deltas = [e.load_delta(pipe.unet) for e in entries]
     classes = [e.classes or ["" for _ in e.tokens] for e in entries]
     return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, captions=[e.captions for e in entries],
@@ -67,12 +69,13 @@ def merge_entries(
     fp = base_rec["fingerprint"]
     check_same_base(entries, base_rec)
     ridge = DEFAULT_RIDGE if ridge is None else ridge
-    delta, notes = merge_loaded(registry, pipe, fp, entries, ridge, progress)
+    regulariser = captions_for(spec.ref)
+    delta, notes = merge_loaded(registry, pipe, fp, entries, ridge, progress, regulariser)
     manifest = manifests.merged(
         classes=[c for e in entries for c in (e.classes or ["" for _ in e.tokens])],
         captions=[c for e in entries for c in e.captions],
         base=base_rec,
-        merge={"method": "closed-form", "ridge": ridge, "regulariser_captions": len(load_captions())},
+        merge={"method": "closed-form", "ridge": ridge, "regulariser_captions": len(regulariser)},
         parents=[Parent(e.name, e.id) for e in entries],
     )
     return registry.create(out_name, delta, manifest, overwrite=force), notes

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from cdiff_cli.world import oracle as O
@@ -49,6 +50,8 @@ PAIR_TEMPLATES = (
 )
 OTHERS = ("size", "position", "relation", "background", "plain_object")
 ORDINARY_SEED = 20261204  # held-out captions: the training data uses seed 0
+REGULARISER_SEED = 1  # the merge's ordinary captions: the training distribution, apart from the held-out ones
+REGULARISER_CAPTIONS = 1000
 
 
 def is_world_base(ref: str | None) -> bool:
@@ -92,6 +95,14 @@ def ordinary_prompts(n: int = 12) -> list[str]:
     singles = W.dataset_specs(n - n // 3, seed=ORDINARY_SEED, n_objects=1, caption_variety=False)
     pairs = W.dataset_specs(n // 3, seed=ORDINARY_SEED + 1, n_objects=2, caption_variety=False)
     return [W.caption(s) for s in singles + pairs]
+
+
+@lru_cache(maxsize=1)
+def regulariser_captions(n: int = REGULARISER_CAPTIONS) -> tuple[str, ...]:
+    """World captions of the base's training distribution (one and two objects, varied wording), no concept: on a
+    world base, the closed-form merge keeps the k/v outputs on these as near the base as its constraints allow."""
+    held_out = set(ordinary_prompts())  # the drift score's captions stay unseen by the merge
+    return tuple(c for c in (W.caption(s) for s in W.dataset_specs(n, seed=REGULARISER_SEED)) if c not in held_out)
 
 
 # -- scores ------------------------------------------------------------------------------------------
@@ -200,6 +211,11 @@ def _tally(pairs) -> dict[str, float]:
     return t.shares()
 
 
+def ordinary_following(images: dict[str, list]) -> dict[str, float]:
+    """Prompt following on ordinary world captions: per attribute, the share of `images` (caption -> images) read right."""
+    return _tally((O.read(im), O.parse_prompt(p)) for p, ims in images.items() for im in ims)
+
+
 def score(*, tokens: list[str], looks: list, prompts: list[tuple[str, str]], concept_images: dict,
           base_images: dict, class_prompts: dict[str, str], class_concept: dict, class_base: dict,
           ordinary_concept: dict, ordinary_base: dict) -> WorldScores:
@@ -243,13 +259,12 @@ def score(*, tokens: list[str], looks: list, prompts: list[tuple[str, str]], con
             c.class_presence = _share(O.concept_present(r, lk) for r in readings(class_concept[cp]))
             c.baseline_class_presence = _share(O.concept_present(r, lk) for r in readings(class_base[cp]))
         concepts.append(c)
-    ordinary = [(p, O.parse_prompt(p)) for p in ordinary_concept]
     return WorldScores(
         concepts=concepts,
         all_present=_share(every) if len(looks_by_token) > 1 else None,
         following=_tally(concept_pairs),
         baseline_following=_tally(base_pairs),
         others=_share(others),
-        ordinary=_tally((r, want) for p, want in ordinary for r in readings(ordinary_concept[p])),
-        baseline_ordinary=_tally((r, want) for p, want in ordinary for r in readings(ordinary_base[p])),
+        ordinary=ordinary_following(ordinary_concept),
+        baseline_ordinary=ordinary_following(ordinary_base),
     )
