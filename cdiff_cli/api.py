@@ -151,7 +151,8 @@ def train(
 def merge(names: list[str], *, name: str | None = None, base: str | None = None, ridge: float = GEN.ridge,
           force: bool = False, registry: Registry | str | Path | None = None,
           progress: Progress = SILENT) -> Entry:
-    """Merge concepts into one entry with the closed-form constrained merge, as `cdiff merge` does."""
+    """Merge concepts into one entry with the closed-form constrained merge, as `cdiff merge` does (one concept
+    alone is constrained: its own prompts keep their outputs, the rest is held near the base)."""
     from cdiff_cli.merging.entries import merge_entries
 
     entry, notes = merge_entries(_registry(registry), list(names), name, base=base, ridge=ridge, force=force,

@@ -81,6 +81,34 @@ def test_full_loop(home, sd1_base, cat_images, chair_images, tmp_path):
     assert cdiff("path", "mycat").stdout.strip().endswith("concepts/mycat")
 
 
+def test_one_concept_merged_alone_is_constrained(home, sd1_base, cat_images):
+    """`cdiff merge NAME`: the concept's own prompts keep their trained k/v outputs; ordinary captions move less."""
+    import torch
+
+    from cdiff_cli.core.delta import apply_delta
+    from cdiff_cli.merging import prompt_features
+    from cdiff_cli.merging.captions import load_captions
+    from cdiff_cli.models.base import load_pipeline
+
+    cdiff("train", "mycat", cat_images, "--class", "cat", "--base", sd1_base, *TRAIN, "--reg", "none", "--lr", "1e-3")
+    r = out_json(cdiff("merge", "mycat", "--json"))
+    assert r["name"] == "mycat-constrained" and r["tokens"] == ["<mycat>"] and r["parents"] == ["mycat"]
+    reg = Registry(home)
+    pipe = load_pipeline(sd1_base)
+    W0 = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    raw, kept = reg.get("mycat").load_delta(pipe.unet), reg.get("mycat-constrained").load_delta(pipe.unet)
+    apply_delta(pipe, raw)  # adds the token, so the prompts below read it
+    own = torch.cat(prompt_features(pipe, ["<mycat> cat"]))
+    ordinary = torch.cat(prompt_features(pipe, list(load_captions())[-200:]))
+    moved = {"raw": 0.0, "kept": 0.0}
+    for n in raw.weights:
+        want = own @ raw.weights[n].T
+        assert (own @ kept.weights[n].T - want).abs().max() <= 1e-3 * want.abs().max(), n
+        for label, d in (("raw", raw), ("kept", kept)):
+            moved[label] += float(torch.linalg.matrix_norm(ordinary @ (d.weights[n] - W0[n]).T))
+    assert moved["kept"] < 0.5 * moved["raw"], moved
+
+
 def test_joint_training_makes_one_entry_with_every_token(home, sd1_base, cat_images, chair_images):
     r = cdiff("train", "pair", "--concept", f"<c1>:cat:{cat_images}", "--concept", f"<c2>:chair:{chair_images}",
               "--base", sd1_base, *TRAIN, "--reg", "none", "--json")
@@ -110,7 +138,7 @@ def test_offload_on_the_cpu_warns_and_trains_without_it(home, sd1_base, cat_imag
         (["gen", "a <nobody> here"], "<nobody>"),
         (["show", "ghost"], "no concept named"),
         (["rm", "ghost", "-y"], "no concept named"),
-        (["merge", "onlyone"], "at least two"),
+        (["merge", "ghost"], "no concept named"),
         (["add", "x", "/no/such/file.bin"], "not found"),
         (["export", "ghost", "-o", "OUT"], "no concept named"),
     ],

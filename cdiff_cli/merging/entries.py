@@ -38,6 +38,9 @@ def merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progres
                         progress=progress)
 
 
+CONSTRAINED_SUFFIX = "-constrained"  # the default name of one concept merged alone
+
+
 def merge_entries(
     registry: Registry,
     names: list[str],
@@ -49,15 +52,19 @@ def merge_entries(
     force: bool = False,
     progress: Progress = SILENT,
 ) -> tuple[Entry, list[str]]:
+    """Merge the entries `names` into a new entry. One entry alone is constrained: its outputs on its own
+    prompts stay the trained ones and everything else is held as near the base as that allows, which removes
+    most of its drift on ordinary captions (docs/nano-world.md measures it)."""
     from cdiff_cli.merging import DEFAULT_RIDGE
 
-    if len(names) < 2:
-        raise CdiffError("give at least two concepts to merge")
+    if not names:
+        raise CdiffError("give at least one concept to merge")
     if len(set(names)) != len(names):
         raise CdiffError("each concept may be named only once")
     if ridge is not None and not (math.isfinite(ridge) and ridge > 0):
         raise option_error("{ridge} must be a positive number, not {value}", "ridge", value=ridge)
-    out_name = "+".join(names) if out_name is None else out_name  # --name "" is refused, not the default
+    if out_name is None:  # --name "" is refused, not the default
+        out_name = "+".join(names) if len(names) > 1 else f"{names[0]}{CONSTRAINED_SUFFIX}"
     validate_name(out_name)
     if registry.exists(out_name) and not force:
         raise already_exists(out_name)
