@@ -47,3 +47,7 @@ def test_demo_cli_prints_the_overview_and_the_report(tmp_path, monkeypatch):
     data = json.loads(out.stdout)
     assert data["overview"].endswith("overview.png") and data["report_html"].endswith("report.html")
     assert set(data["sentences"]) == set(data["entries"])
+    # The demo's hint: one concept constrained in the demo's own registry (the world's captions regularise it).
+    merged = CliRunner().invoke(app, ["merge", data["entries"][0], "--json"], env={"CDIFF_HOME": data["registry"]})
+    assert merged.exit_code == 0, merged.output
+    assert json.loads(merged.stdout)["name"] == f"{data['entries'][0]}-constrained"

@@ -43,4 +43,6 @@ def demo_cmd(
     term.ok(f"demo finished in {result['seconds']} s")
     term.info(f"overview picture: {result['overview']}")
     term.info(f"try it: CDIFF_HOME={result['registry']} cdiff gen \"{try_prompt()}\" --guidance 3 -n 4")
+    term.info(f"less drift on ordinary captions: CDIFF_HOME={result['registry']} cdiff merge {result['entries'][0]} "
+              "(the concept alone, constrained by the closed form)")
     term.data(result["report_html"])
