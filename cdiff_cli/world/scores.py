@@ -102,7 +102,8 @@ def regulariser_captions(n: int = REGULARISER_CAPTIONS) -> tuple[str, ...]:
     """World captions of the base's training distribution (one and two objects, varied wording), no concept: on a
     world base, the closed-form merge keeps the k/v outputs on these as near the base as its constraints allow."""
     held_out = set(ordinary_prompts())  # the drift score's captions stay unseen by the merge
-    return tuple(c for c in (W.caption(s) for s in W.dataset_specs(n, seed=REGULARISER_SEED)) if c not in held_out)
+    drawn = (W.caption(s) for s in W.dataset_specs(n + len(held_out), seed=REGULARISER_SEED))
+    return tuple(c for c in drawn if c not in held_out)[:n]
 
 
 # -- scores ------------------------------------------------------------------------------------------
