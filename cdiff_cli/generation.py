@@ -140,8 +140,8 @@ def resolve_prompt(registry: Registry, prompt: str, concepts: list[str] | None =
     for t in used:
         if owners[t] not in entries:
             entries.append(owners[t])
-    # Prefer an explicit merge of exactly these entries, if the user made one.
-    if len(entries) > 1:
+    # Prefer an explicit merge of exactly these entries, if the user made one (for one entry: it constrained).
+    if entries:
         wanted = {e.name for e in entries}
         for e in registry.entries():
             if e.kind == "merged" and set(e.parents) == wanted:

@@ -81,7 +81,7 @@ def test_full_loop(home, sd1_base, cat_images, chair_images, tmp_path):
     assert cdiff("path", "mycat").stdout.strip().endswith("concepts/mycat")
 
 
-def test_one_concept_merged_alone_is_constrained(home, sd1_base, cat_images):
+def test_one_concept_merged_alone_is_constrained(home, sd1_base, cat_images, tmp_path):
     """`cdiff merge NAME`: the concept's own prompts keep their trained k/v outputs; ordinary captions move less."""
     import torch
 
@@ -107,6 +107,11 @@ def test_one_concept_merged_alone_is_constrained(home, sd1_base, cat_images):
         for label, d in (("raw", raw), ("kept", kept)):
             moved[label] += float(torch.linalg.matrix_norm(ordinary @ (d.weights[n] - W0[n]).T))
     assert moved["kept"] < 0.5 * moved["raw"], moved
+    # gen prefers the user's explicit merge of exactly the prompt's concepts; -c picks the trained entry.
+    g = out_json(cdiff("gen", "photo of a <mycat> cat", *GEN, "-o", tmp_path / "g", "--json"))
+    assert g["concepts"] == ["mycat-constrained"]
+    g = out_json(cdiff("gen", "photo of a <mycat> cat", *GEN, "-c", "mycat", "-o", tmp_path / "g", "--json"))
+    assert g["concepts"] == ["mycat"]
 
 
 def test_joint_training_makes_one_entry_with_every_token(home, sd1_base, cat_images, chair_images):

@@ -39,7 +39,7 @@ def gen_cmd(
     device: Device = GEN.device,
     as_json: Json = False,
 ):
-    """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached)."""
+    """Generate images. Several concepts in one prompt are merged on the fly (closed form, cached); an explicit `cdiff merge` of exactly the prompt's concepts (for one concept, its constrained entry) is used instead."""
     from cdiff_cli.core.tokens import tokens_past_limit
     from cdiff_cli.errors import CdiffError
     from cdiff_cli.generation import base_guidance, prepare_pipeline, resolve_prompt, sample, save_pngs, set_scheduler
