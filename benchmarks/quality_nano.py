@@ -126,12 +126,12 @@ class Bench:
 
     def gram(self):
         """The ordinary captions' Gram matrix (the closed form's), computed once."""
-        from cdiff_cli.merging import gram, prompt_features
+        from cdiff_cli.merging import regulariser_gram
         from cdiff_cli.merging.captions import captions_for
         from cdiff_cli.models.base import resolve_base
 
-        if self._G is None:
-            self._G = gram(prompt_features(self.fresh(), list(captions_for(resolve_base(self.args.base).ref))))
+        if self._G is None:  # as `cdiff merge` computes it, without its cache
+            self._G = regulariser_gram(self.fresh(), list(captions_for(resolve_base(self.args.base).ref)), None, "")
         return self._G
 
     @property

@@ -15,7 +15,7 @@ from cdiff_cli.core.delta import apply_delta
 from cdiff_cli.core.layers import fingerprint
 from cdiff_cli.evaluation.prompts import strip_tokens
 from cdiff_cli.generation import sample, set_scheduler
-from cdiff_cli.merging import constrain_delta, gram, prompt_features
+from cdiff_cli.merging import constrain_delta, regulariser_gram
 from cdiff_cli.merging.captions import captions_for
 from cdiff_cli.models.base import load_pipeline, resolve_base
 from cdiff_cli.training import Concept, TrainConfig, train
@@ -90,7 +90,7 @@ def test_one_concept_is_learned_and_its_class_kept(tmp_path):
 
     # Constrained, the concept keeps most of its presence and gives back the drift on ordinary captions.
     kept = load_pipeline("nano")
-    G = gram(prompt_features(kept, list(captions_for(resolve_base("nano").ref))))
+    G = regulariser_gram(kept, list(captions_for(resolve_base("nano").ref)), None, "")  # what `cdiff merge` uses
     apply_delta(kept, constrain_delta(kept, delta, [c.class_word], G=G))
     set_scheduler(kept, "dpm")
     kept_imgs = {**_images(kept, prompts), **_images(kept, ordinary, n=1, seed=700)}

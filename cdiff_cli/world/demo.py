@@ -46,10 +46,10 @@ def try_prompt() -> str:
 @dataclass
 class DemoSettings:
     # Five seeds on the run-4 base (docs/nano-world.md, "Training steps"): pinksquare appeared in 57 % of the
-    # new-context images after 600 steps of lr 6e-4, 48 % after 300 and 45 % after 1000 (four seeds), 50 %
-    # after 300 of 1.2e-3; the merged pair showed both in 32 % after 600, 25 % after 300. More steps also mean
-    # more regularisation images seen: "photo of a circle" gave the brown circle in 10 % (25 % after 300).
-    # 8 or 10 photos instead of 6 did not help.
+    # new-context images after 600 steps of lr 6e-4, 48 % after 300 and 42 % after 1000 (four seeds), 50 %
+    # after 300 of 1.2e-3; the merged pair showed both in 32 % after 600, 25 % after 300 (English-caption
+    # regulariser, as below). More steps also mean more regularisation images seen: "photo of a circle" gave
+    # the brown circle in 10 % (25 % after 300). 8 or 10 photos instead of 6 did not help.
     steps: int = DEMO_STEPS
     batch_size: int = 4
     lr: float = 6e-4
@@ -58,8 +58,9 @@ class DemoSettings:
     # anything the nano model knows.
     aug: bool = False
     # 64 generated "photo of a CLASS" images rather than 16 (five seeds, 600 steps; benchmarks/steps_nano.py
-    # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 %; the class
-    # prompt drift of browncircle 10 -> 20 % (within the intervals). The demo takes 195 s against 192.
+    # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 % (merges then
+    # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
+    # 10 -> 20 % (within the intervals). The demo takes about 210 s.
     num_reg: int = 64
     images: int = 6
     n: int = 2  # images per evaluation prompt
