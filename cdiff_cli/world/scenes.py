@@ -349,14 +349,18 @@ def _check_concept(name: str) -> Concept:
 
 
 def concept_specs(name: str, n: int, seed: int = 0) -> list[SceneSpec]:
-    """`n` photos of the concept `name` alone, cycling through positions, sizes and backgrounds."""
+    """`n` photos of the concept `name` alone, cycling through positions, sizes and backgrounds.
+
+    Each photo has the next background, so that six photos show every background the concept can be seen on.
+    (Until 2026-12-05 the backgrounds went in pairs, and six photos of pinksquare never showed green: on green
+    the concept showed in 5 of 20 images on green, mostly as red with white stripes; 57 of 80 on the others.)"""
     _check_concept(name)
     rng = np.random.default_rng([seed, sorted(CONCEPTS).index(name)])
     c = CONCEPTS[name]
     backgrounds = [b for b in BACKGROUNDS if b not in (c.colour, c.second)]
     specs = []
     for i in range(n):
-        bg = backgrounds[(i // 2 + seed) % len(backgrounds)]
+        bg = backgrounds[(i + seed) % len(backgrounds)]
         spec = sample_scene(rng, n_objects=1, concepts=(name,), caption_variety=False, background=bg)
         obj = sample_object(rng, c.kind, position=POSITIONS[(i + seed) % len(POSITIONS)],
                             size=SIZES[(i + seed) % 2] if n > 1 else None, background=bg, concept=name)
