@@ -62,6 +62,9 @@ class DemoSettings:
     # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
     # 10 -> 20 % (within the intervals). The demo takes about 210 s.
     num_reg: int = 64
+    # Six photos, each on the next background (world.concept_specs), so they show every background the prompts
+    # use: pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its
+    # pink turned red there (docs/nano-world.md, "Photos on every background").
     images: int = 6
     n: int = 2  # images per evaluation prompt
     sample_steps: int = 20
