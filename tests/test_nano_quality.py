@@ -30,7 +30,7 @@ NAME, TOKEN = "pinksquare", "<pinksquare>"
 # new-context prompts, photos on every background): the concept in 17 of 20 (base 0 of 20); the rest of each
 # prompt right in 19 of 20; "photo of a square" gave it in 0 of 8; objects on ordinary captions right in 50 %
 # against the base's 83 % (a drop of 33 points on 12 images, where one image is 8 points; seed 0 drifts most:
-# the five-seed mean is 16 ± 8 on 48 images per seed). About 100 s on 2 cores.
+# the five-seed mean is 16 ± 8 on 48 images per seed). About 120 s on 2 cores.
 MIN_PRESENCE = 0.6  # share of images of new-context prompts in which the oracle reads the concept
 MAX_BASE_PRESENCE = 0.1  # the base, same prompts without the token
 MAX_CLASS_PRESENCE = 0.25  # "photo of a square" gives the concept

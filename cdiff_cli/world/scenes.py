@@ -352,8 +352,8 @@ def concept_specs(name: str, n: int, seed: int = 0) -> list[SceneSpec]:
     """`n` photos of the concept `name` alone, cycling through positions, sizes and backgrounds.
 
     Each photo has the next background, so that six photos show every background the concept can be seen on.
-    (Until 2026-12-05 the backgrounds went in pairs, and six photos of pinksquare never showed green: on green
-    the concept showed in 5 of 20 images on green, mostly as red with white stripes; 57 of 80 on the others.)"""
+    (Until 2026-12-05 the backgrounds went in pairs, and six photos of pinksquare never showed green: the trained
+    concept then showed in 5 of 20 images on green, mostly as red with white stripes, and 57 of 80 elsewhere.)"""
     _check_concept(name)
     rng = np.random.default_rng([seed, sorted(CONCEPTS).index(name)])
     c = CONCEPTS[name]
