@@ -1,16 +1,16 @@
-"""Pinning the class prompt in the one-concept projection, on nano (an experiment, not shipped).
+"""Pinning the class prompt in the one-concept projection, on nano.
 
 For each seed: train a concept as the demo does (k/v, 600 steps, 64 generated regularisation images), then
-score it as trained, constrained as `cdiff merge NAME` does (`merging.constrain_delta`), and constrained with
-"photo of a CLASS" added to the constraints with the base's k/v outputs as targets, on the class prompt's rows
-that the concept's own prompts do not share ("photo of a" has the same states in both). Scores are
-`quality_nano.py`'s, with 24 class-prompt images per seed.
+score it as trained, constrained as `cdiff merge NAME` does (`merging.constrain_delta`: since 2026-12-05 with the
+class prompt softly pinned), and constrained with a hard pin: "photo of a CLASS" added to the constraints with
+the base's k/v outputs as targets, on the class prompt's rows that the concept's own prompts do not share
+("photo of a" has the same states in both). Scores are `quality_nano.py`'s, with 24 class-prompt images per seed.
 
     python benchmarks/class_pin_nano.py [--concept browncircle] [--seeds 0,1,2,3,4]
 
 About 4 minutes per seed on one CPU thread. Prints a Markdown table (mean ± 95 % t-interval across seeds) and
-writes benchmarks/results/class_pin_nano.json. docs/nano-world.md ("Pinning the class prompt") says why the
-hard pin is not shipped.
+writes benchmarks/results/class_pin_nano.json (measured before the soft pin: its "constrained" rows are
+unpinned). docs/nano-world.md ("Pinning the class prompt") says why the hard pin is not shipped.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import quality_nano as Q  # noqa: E402
 
-METHODS = ("as trained", "constrained", "constrained, class prompt pinned")
+METHODS = ("as trained", "constrained (cdiff merge NAME)", "constrained, hard pin")
 
 
 def pinned_delta(b, delta, class_word: str):

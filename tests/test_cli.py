@@ -106,7 +106,10 @@ def test_one_concept_merged_alone_is_constrained(home, sd1_base, cat_images, tmp
         assert (own @ kept.weights[n].T - want).abs().max() <= 1e-3 * want.abs().max(), n
         for label, d in (("raw", raw), ("kept", kept)):
             moved[label] += float(torch.linalg.matrix_norm(ordinary @ (d.weights[n] - W0[n]).T))
-    assert moved["kept"] < 0.5 * moved["raw"], moved
+    assert moved["kept"] < 0.6 * moved["raw"], moved  # 0.50x with the class prompt pinned, 0.40x without
+    cls = prompt_features(pipe, ["photo of a cat"])[0]  # pinned near the base: moved less than by the raw delta
+    assert sum(float(torch.linalg.matrix_norm(cls @ (kept.weights[n] - W0[n]).T)) for n in raw.weights) < \
+        sum(float(torch.linalg.matrix_norm(cls @ (raw.weights[n] - W0[n]).T)) for n in raw.weights)
     # gen prefers the user's explicit merge of exactly the prompt's concepts; -c picks the trained entry.
     g = out_json(cdiff("gen", "photo of a <mycat> cat", *GEN, "-o", tmp_path / "g", "--json"))
     assert g["concepts"] == ["mycat-constrained"]

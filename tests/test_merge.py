@@ -17,6 +17,7 @@ from cdiff_cli.merging import (
     prompt_features,
 )
 from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.merging.closed_form import constrain_delta
 from cdiff_cli.testing.tiny import build_tiny_pipeline
 
 
@@ -94,6 +95,26 @@ def test_merge_deltas_on_a_tiny_pipeline():
         drift_merge = torch.linalg.matrix_norm(held_out @ (merged.weights[name] - W0[name]).T)
         drift_sum = torch.linalg.matrix_norm(held_out @ (W_sum - W0[name]).T)
         assert drift_merge < drift_sum, name
+
+
+def test_one_concept_constrained_keeps_its_prompts_and_pins_its_class_prompt():
+    """`constrain_delta`: the trained outputs on the concept's own prompts exactly; "photo of a cat" moved less than
+    without the pin (its "photo of a" rows are shared with the concept's prompt, so it cannot reach the base)."""
+    pipe = build_tiny_pipeline("sd1")
+    W0 = read_weights(pipe.unet, trainable_names(pipe.unet, "kv"))
+    G = gram(prompt_features(pipe, list(load_captions())[:600]))
+    d = _synthetic_delta(pipe, "<a1>", 1)
+    pinned = constrain_delta(pipe, d, ["cat"], G=G, ridge=1e-5)
+    plain, _ = merge_deltas(pipe, [d], [["cat"]], G=G, ridge=1e-5)
+    own = torch.cat(prompt_features(pipe, concept_prompts("<a1>", "cat")))
+    cls = prompt_features(pipe, ["photo of a cat"])[0]
+    moved = {"pinned": 0.0, "plain": 0.0}
+    for name in kv_names(pinned.weights):
+        want = own @ d.weights[name].T
+        assert (own @ pinned.weights[name].T - want).abs().max() < 1e-3 * want.abs().max(), name
+        for label, k in (("pinned", pinned), ("plain", plain)):
+            moved[label] += float(torch.linalg.matrix_norm(cls @ (k.weights[name] - W0[name]).T))
+    assert moved["pinned"] < 0.95 * moved["plain"], moved
 
 
 def test_merge_refuses_token_collisions():
