@@ -219,7 +219,8 @@ def pinned_gram(G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     constrained one, the constraint wins (a hard pin there moved ordinary captions more than the raw delta did)."""
     R = rows.to(G.dtype)
     P = R.T @ R
-    return G + (torch.trace(G) / torch.trace(P)) * P
+    weight = torch.trace(P)
+    return G + (torch.trace(G) / weight) * P if weight > 0 else G
 
 
 def constraint_residual(W: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> float:
