@@ -105,7 +105,7 @@ def test_one_concept_constrained_keeps_its_prompts_and_pins_its_class_prompt():
     G = gram(prompt_features(pipe, list(load_captions())[:600]))
     d = _synthetic_delta(pipe, "<a1>", 1)
     pinned = constrain_delta(pipe, d, ["cat"], G=G, ridge=1e-5)
-    plain, _ = merge_deltas(pipe, [d], [["cat"]], G=G, ridge=1e-5)
+    plain, _ = merge_deltas(pipe, [d], [["cat"]], G=G, ridge=1e-5, pin=[])
     own = torch.cat(prompt_features(pipe, concept_prompts("<a1>", "cat")))
     cls = prompt_features(pipe, ["photo of a cat"])[0]
     moved = {"pinned": 0.0, "plain": 0.0}

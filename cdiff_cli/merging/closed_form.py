@@ -150,7 +150,7 @@ def merge_deltas(
     G: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
     captions: list[list[list[str]]] | None = None,
-    pin: list[str] = (),
+    pin: list[str] | None = None,
     progress: Progress = SILENT,
 ) -> tuple[Delta, list[str]]:
     """Merge several deltas of the same base. `pipe` must hold the base weights; its tokenizer and
@@ -158,7 +158,7 @@ def merge_deltas(
     outputs on its own prompts are kept exactly, and on everything else held as near the base as the
     constraint allows (see `constrain_delta`). `captions`: per delta, per token, the target images' own
     captions it was trained on (constrained as well). `pin`: prompts held near the base with the weight of
-    all the ordinary captions together (`pinned_gram`). Returns the merged delta and notes for the user."""
+    all the ordinary captions together (`pinned_gram`); by default, with one delta, its class prompts. Returns the merged delta and notes for the user."""
     if not deltas:
         raise CdiffError("nothing to merge")
     if shared := shared_token([d.tokens for d in deltas]):
@@ -182,6 +182,8 @@ def merge_deltas(
     params = dict(pipe.unet.named_parameters())
     base = {n: params[n].detach().cpu().float() for n in names}  # only the merged layers, not all 860 M
     C = torch.cat(C_parts)
+    if pin is None:  # one concept alone: its class prompt too is held near the base (constrain_delta)
+        pin = [class_prompt(c) for c in classes[0] if c] if len(deltas) == 1 else []
     if pin:
         G = pinned_gram(G, torch.cat(prompt_features(pipe, list(pin))))
     system = MergeSystem(C, G, ridge)
@@ -209,8 +211,7 @@ def constrain_delta(pipe, delta: Delta, classes: list[str], *, G: torch.Tensor, 
     ordinary captions (`G`) whose outputs on the concept's own prompts are the trained ones, with the plain class
     prompt ("photo of a cat") pinned near the base: the ordinary captions hold it only on average (on nano,
     browncircle's "photo of a circle" gave the concept in 16 % of images unpinned, 8 % pinned, the base 8 %)."""
-    return merge_deltas(pipe, [delta], [classes], G=G, ridge=ridge, captions=[captions or []],
-                        pin=[class_prompt(c) for c in classes if c], progress=progress)[0]
+    return merge_deltas(pipe, [delta], [classes], G=G, ridge=ridge, captions=[captions or []], progress=progress)[0]
 
 
 def pinned_gram(G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

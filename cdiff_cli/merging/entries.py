@@ -29,15 +29,12 @@ def _gram(registry: Registry, pipe, fp: str, captions: tuple[str, ...]):
 def merge_loaded(registry, pipe, fp, entries: list[Entry], ridge: float, progress: Progress,
                  captions: tuple[str, ...]):
     """`captions`: the regulariser's ordinary captions for this base (`captions_for`)."""
-    from cdiff_cli.core.prompts import class_prompt
     from cdiff_cli.merging import merge_deltas
 
     G = _gram(registry, pipe, fp, captions)
     deltas = [e.load_delta(pipe.unet) for e in entries]
     classes = [e.classes or ["" for _ in e.tokens] for e in entries]
-    # One entry alone is constrained as `constrain_delta` does it, its class prompts pinned near the base.
-    pin = [class_prompt(c) for c in classes[0] if c] if len(entries) == 1 else []
-    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, captions=[e.captions for e in entries], pin=pin,
+    return merge_deltas(pipe, deltas, classes, G=G, ridge=ridge, captions=[e.captions for e in entries],
                         progress=progress)
 
 
