@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--constrained", action="store_true",
                     help="also score each k/v delta (with regularisation) projected by the closed form onto the base's "
                          "outputs on ordinary captions (merging.constrain_delta): no extra training")
+    ap.add_argument("--anchor", type=float, default=0.0,
+                    help="the anchor on ordinary text for every trained run (cdiff train --anchor, training.anchor; "
+                         "0: off, the paper's method)")
     ap.add_argument("--no-pairs", dest="pairs", action="store_false", help="single concepts only")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")
     return ap.parse_args(argv)
@@ -133,6 +136,13 @@ class Bench:
         if self._G is None:  # as `cdiff merge` computes it, without its cache
             self._G = regulariser_gram(self.fresh(), list(captions_for(resolve_base(self.args.base).ref)), None, "")
         return self._G
+
+    def anchor_gram(self, classes: list[str]):
+        """The anchor's Gram matrix (`training.anchor.anchor_gram`: `gram()` with the class prompts pinned), or None
+        when the runs have no anchor."""
+        from cdiff_cli.training.anchor import pin_class_prompts
+
+        return pin_class_prompts(self.fresh(), self.gram(), classes) if self.args.anchor else None
 
     @property
     def seeds(self) -> list[int]:
@@ -231,8 +241,9 @@ def run_single(b: Bench, results: dict) -> dict:
                     pipe = b.fresh()
                     lr = {"full": a.lr_full, "token": a.lr_token}.get(mode, a.lr)
                     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, scale_lr=False, mode=mode,
-                                      resolution=64, seed=seed, precision=a.precision, aug=False)
-                    res = train(pipe, [Concept(c["token"], c["class"], c["images"], b.reg[c["class"]] if with_reg else [])], cfg)
+                                      resolution=64, seed=seed, precision=a.precision, aug=False, anchor=a.anchor)
+                    res = train(pipe, [Concept(c["token"], c["class"], c["images"], b.reg[c["class"]] if with_reg else [])], cfg,
+                                anchor_gram=b.anchor_gram([c["class"]]))
                     row = {"concept": name, "method": label, "mode": mode, "regularisation": with_reg, "seed": seed,
                            "lr": lr, **score_single(b, name, seed, b.images(pipe, seed, tokens=True, names=[name])),
                            "seconds": round(time.perf_counter() - t0, 1)}
@@ -304,9 +315,10 @@ def run_pairs(b: Bench, kv: dict, results: dict) -> None:
         rows = [pair_row(b, b.fresh(), a, c2, seed, "base (tokens removed)", tokens=False)]
         pipe = b.fresh()
         cfg = TrainConfig(steps=2 * b.args.steps, batch_size=b.args.batch_size, lr=b.args.lr, scale_lr=False,
-                          resolution=64, seed=seed, precision=b.args.precision, aug=False)
+                          resolution=64, seed=seed, precision=b.args.precision, aug=False, anchor=b.args.anchor)
         train(pipe, [Concept(ca["token"], ca["class"], ca["images"], b.reg[ca["class"]]),
-                     Concept(cb["token"], cb["class"], cb["images"], b.reg[cb["class"]])], cfg)
+                     Concept(cb["token"], cb["class"], cb["images"], b.reg[cb["class"]])], cfg,
+              anchor_gram=b.anchor_gram([ca["class"], cb["class"]]))
         rows.append(pair_row(b, pipe, a, c2, seed, "joint training"))
         pipe = b.fresh()
         da, db = kv[(a, seed)], kv[(c2, seed)]

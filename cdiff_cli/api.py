@@ -94,6 +94,7 @@ def train(
     low_memory: bool = False,
     offload: bool = False,
     aug_pool: int = TRAIN.aug_pool,
+    anchor: float = TRAIN.anchor,
     device: str = TRAIN.device,
     resume: bool = False,
     checkpoint_every: int | None = None,
@@ -108,7 +109,8 @@ def train(
     """Train one concept (`images`, `class_word`, optional `token`, default "<NAME>") or several jointly
     (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
     samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
-    steps; `Trained.samples` is the last one's path in the entry.
+    steps; `Trained.samples` is the last one's path in the entry. `anchor`: the weight of the anchor on ordinary
+    text (`training.anchor`; 0: off, the paper's method).
 
     `stop`: anything with a `requested` flag; once it is set, the run saves a checkpoint after the current
     step and raises `TrainingStopped` (`resume=True` continues it). cdiff installs no signal handler
@@ -134,7 +136,7 @@ def train(
         reg_opts = RegOptions(reg, None, num_reg if reg == "generated" else 0)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, scale_lr=scale_lr, mode=mode, resolution=resolution,
                       seed=seed, aug=aug, hflip=hflip, precision=precision,
-                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload)
+                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor)
     if low_memory:
         cfg = low_memory_config(cfg)
     if not samples and (sample_prompts or sample_every):

@@ -71,7 +71,7 @@ def test_api_and_cli_share_their_defaults():
     from cdiff_cli.cli.train_cmd import train_cmd
 
     train = inspect.signature(cdiff.train).parameters
-    for field in ("steps", "batch_size", "lr", "num_reg", "seed", "aug_pool", "device", "sample_every"):
+    for field in ("steps", "batch_size", "lr", "num_reg", "seed", "aug_pool", "device", "sample_every", "anchor"):
         assert train[field].default == getattr(TRAIN, field) == _cli_default(train_cmd, field), field
     assert train["samples"].default is True and _cli_default(train_cmd, "no_samples") is False
     assert _cli_default(train_cmd, "mode").value == train["mode"].default == TRAIN.mode

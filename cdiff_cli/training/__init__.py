@@ -61,6 +61,7 @@ def train(
     keep_pipe: bool = True,
     sampler=None,
     stop=None,
+    anchor_gram: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train the concepts jointly into one delta. `pipe` is modified in place (weights and tokenizer).
 
@@ -79,6 +80,10 @@ def train(
     (fp32) and by 80 MB for the table (bf16).
 
     A `sampler` (`samples.TrainingSampler`) makes a grid of samples after the steps it asks for, on the main
-    process, with the weights and tokens as they are then; the VAE and its prompts' rows are kept for it."""
+    process, with the weights and tokens as they are then; the VAE and its prompts' rows are kept for it.
+
+    With `cfg.anchor` > 0 the loss also holds the k/v outputs on ordinary text near the base (`training.anchor`);
+    `anchor_gram` is its Gram matrix (`anchor.anchor_gram`), by default over the shipped English captions."""
     return Trainer(pipe, concepts, cfg, device=device, progress=progress, accelerator=accelerator,
-                   checkpointer=checkpointer, keep_pipe=keep_pipe, sampler=sampler, stop=stop).run(resume)
+                   checkpointer=checkpointer, keep_pipe=keep_pipe, sampler=sampler, stop=stop,
+                   anchor_gram=anchor_gram).run(resume)

@@ -58,6 +58,9 @@ class TrainConfig:
     hflip: bool = True
     precision: str = "fp32"
     prior_weight: float = 1.0
+    # Weight of the anchor on ordinary text (0: off, the paper's method): a penalty on how far the k/v outputs on the
+    # base's ordinary captions and the concepts' class prompts move, relative to their size (`training.anchor`).
+    anchor: float = 0.0
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
     aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
@@ -81,6 +84,8 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "fp16", "bf16"):
             raise option_error("{precision} must be auto, fp32, fp16 or bf16, not {value}", "precision",
                                value=repr(self.precision))
+        if not (math.isfinite(self.anchor) and self.anchor >= 0):
+            raise option_error("{anchor} must be 0 or a positive number, not {value}", "anchor", value=self.anchor)
         if self.micro_batch < 0 or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise CdiffError("micro_batch and weight_decay must be 0 or more")
 
@@ -125,4 +130,7 @@ def low_memory_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
+    d = asdict(cfg)
+    if not d["anchor"]:  # runs without the anchor describe themselves as before it existed (their checkpoints resume)
+        del d["anchor"]
+    return d

@@ -132,6 +132,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
             raise option_error("concept {token}: {class_word} must not be empty", "class_word", token=s.token)
     registry.check_tokens_free([s.token for s in specs], replacing=name if force else None)
     base_rec = base_record(spec.ref, pipe.unet)
+    gram = _anchor_gram(registry, pipe, spec.ref, base_rec["fingerprint"], cfg, specs)
     if accelerator is not None and not main:
         accelerator.wait_for_everyone()  # the main process generates (and caches) regularisation images
     concepts = _concepts(registry, pipe, specs, images, reg, cfg, base_rec["fingerprint"], dev, staged, progress)
@@ -143,7 +144,7 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
     sampler = _sampler(registry, name, samples, specs, spec.ref, cfg.resolution, resume, progress) if main else None
     try:
         result = train(pipe, concepts, cfg, device=dev, progress=progress, accelerator=accelerator,
-                       checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler, stop=stop)
+                       checkpointer=ckpt, resume=resume, keep_pipe=False, sampler=sampler, stop=stop, anchor_gram=gram)
     except StopRequested as e:
         if not e.saved:
             raise TrainingStopped(Message("stopped at step {step}/{steps}; the checkpoint could not be saved",
@@ -165,6 +166,18 @@ def _train_entry(registry, name, specs, cfg, *, base, reg, device, force, resume
         raise
     ckpt.clear()  # only now: if writing the entry failed, the last checkpoint is still there
     return entry, result
+
+
+def _anchor_gram(registry, pipe, base_ref: str, fp: str, cfg, specs):
+    """The anchor's Gram matrix (None when the run has no anchor): over the base's ordinary captions, as the merge's
+    regulariser (sharing its cache), with the class prompts pinned."""
+    from cdiff_cli.merging.captions import captions_for
+    from cdiff_cli.training.anchor import anchor_gram
+
+    if not cfg.anchor:
+        return None
+    return anchor_gram(pipe, list(captions_for(base_ref)), [s.class_word for s in specs],
+                       cache_dir=registry.writable_cache_dir("gram"), fingerprint=fp)
 
 
 def _check_train_request(registry, name, specs, cfg, reg, ckpt, checkpoint_every, resume, force, samples) -> None:

@@ -13,11 +13,13 @@ import torch
 
 from cdiff_cli.core import textcond
 from cdiff_cli.core.delta import Delta
-from cdiff_cli.core.layers import read_weights, trainable_names
+from cdiff_cli.core.layers import kv_names, read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
 from cdiff_cli.errors import CdiffError, option_error, reason
+from cdiff_cli.merging.captions import load_captions
 from cdiff_cli.models import frozen_ops, offload
 from cdiff_cli.progress import SILENT, Progress
+from cdiff_cli.training.anchor import Anchor, anchor_gram
 from cdiff_cli.training.checkpoint import Checkpointer, StopRequested
 from cdiff_cli.training.config import (
     Concept,
@@ -83,7 +85,9 @@ class Trainer:
 
     def __init__(self, pipe, concepts: list[Concept], cfg: TrainConfig, *, device: torch.device | str = "cpu",
                  progress: Progress = SILENT, accelerator=None, checkpointer: Checkpointer | None = None,
-                 keep_pipe: bool = True, sampler=None, stop=None):
+                 keep_pipe: bool = True, sampler=None, stop=None, anchor_gram: torch.Tensor | None = None):
+        # anchor_gram: the anchor's G (training.anchor.anchor_gram); None with cfg.anchor > 0: over the shipped
+        # English captions (callers on a nano-world base pass the world's: merging.captions_for)
         if not concepts:
             raise CdiffError("nothing to train: no concept given")
         cfg.check()
@@ -107,6 +111,7 @@ class Trainer:
         if self.res % self.factor:
             raise option_error("{resolution} must be a multiple of {factor}", "resolution", factor=self.factor)
         self.losses: list[float] = []
+        self.anchor_gram, self.anchor = anchor_gram, None
 
     @property
     def text_encoders(self) -> list:
@@ -135,6 +140,10 @@ class Trainer:
             self.params[n].requires_grad_(True)
         self.row_params = [r.rows for _, _, r in self.rows_of]
         self.trainable = [self.params[n] for n in self.names] + self.row_params
+        if self.cfg.anchor and kv_names(self.names):  # (textual inversion trains no k/v weight to anchor)
+            G = self.anchor_gram if self.anchor_gram is not None else anchor_gram(
+                self.pipe, list(load_captions()), [c.class_word for c in self.concepts])
+            self.anchor = Anchor(self.params, G)
         # The pipeline may wait in CPU memory (training.entry loads it there for --low-memory and --offload on a
         # GPU): each phase brings to the device what it runs, so the whole base is never there at once.
         self.homes = {m: next(m.parameters()).device for m in (self.unet, self.vae, *self.text_encoders)}
@@ -264,6 +273,9 @@ class Trainer:
             loss = self._loss(samples[s : s + micro])
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             value += float(loss.detach())
+        if self.anchor is not None:  # not in the reported loss, which stays the diffusion loss
+            pen = self.cfg.anchor * self.anchor.penalty(self.params)
+            (self.scaler.scale(pen) if self.scaler is not None else pen).backward()
         return value
 
     def _optimizer_step(self) -> None:
