@@ -3,9 +3,10 @@ that is not the concept's.
 
 Prior preservation (the regularisation images) holds the class prompt's *images*; it says nothing about the
 base's other captions, and the k/v weights are shared by every caption. On the nano world, after training
-`<browncircle>` the circles of ordinary captions ("a big red circle at the top") turned brown or lost their
-colour. The closed-form merge measures drift as ||(W - W0) C_reg^T||^2 over the text features C_reg of
-ordinary captions; the anchor adds that same quantity to the training loss, so the optimiser looks for
+`<pinksquare>` (pink with black stripes) "dotted" objects of ordinary captions came out striped, and after
+`<browncircle>` "cross" came out as a star (docs/nano-world.md, "The anchor on ordinary text"). The
+closed-form merge measures drift as ||(W - W0) C_reg^T||^2 over the text features C_reg of ordinary captions;
+the anchor adds that same quantity to the training loss, so the optimiser looks for
 weights that draw the concept while changing little for everything else, instead of projecting afterwards:
 
     anchor x sum_l tr(D_l G D_l^T) / sum_l tr(W0_l G W0_l^T),   D_l = W_l - W0_l,   G = C_reg^T C_reg
@@ -60,4 +61,3 @@ class Anchor:
 
     def penalty(self, params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
         return anchor_penalty([params[n] - self.base[n] for n in self.names], self.G, self.scale)
-
