@@ -85,3 +85,17 @@ def test_cdiff_train_records_the_anchor_and_caches_its_gram(home, sd1_base, cat_
     assert len(list((home / "cache" / "gram").glob("*.safetensors"))) == 1  # shared with cdiff merge's regulariser
     r = cdiff("train", "bad", cat_images, "--class", "cat", "--base", sd1_base, *TRAIN, "--anchor", "-1", ok=False)
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_sdxl_anchors_both_text_encoders_features(tmp_path):
+    """SDXL's k/v layers read both encoders' states side by side: G must be as wide as they are."""
+    from cdiff_cli.testing.tiny import build_tiny_sdxl_pipeline
+
+    imgs = list_images(make_images(tmp_path / "a"))
+    pipe = build_tiny_sdxl_pipeline()
+    G = anchor_gram(pipe, list(load_captions())[:20], ["cat"])
+    width = next(p for n, p in pipe.unet.named_parameters() if n.endswith("attn2.to_k.weight")).shape[1]
+    assert G.shape == (width, width)
+    res = train(pipe, [Concept("<a1>", "cat", imgs)], TrainConfig(steps=2, batch_size=2, lr=1e-3, resolution=RES,
+                                                                   anchor=1.0), anchor_gram=G)
+    assert all(map(torch.isfinite, map(torch.tensor, res.losses)))
