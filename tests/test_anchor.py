@@ -99,3 +99,23 @@ def test_sdxl_anchors_both_text_encoders_features(tmp_path):
     res = train(pipe, [Concept("<a1>", "cat", imgs)], TrainConfig(steps=2, batch_size=2, lr=1e-3, resolution=RES,
                                                                    anchor=1.0), anchor_gram=G)
     assert all(map(torch.isfinite, map(torch.tensor, res.losses)))
+
+
+def test_on_nano_the_default_gram_is_over_the_worlds_captions(tmp_path):
+    """A bare `train` computes G itself from the captions of the base it was loaded from: on nano the world's (the
+    shipped English sentences fall apart into letters in its vocabulary)."""
+    from cdiff_cli import world
+    from cdiff_cli.models.base import load_pipeline
+    from cdiff_cli.world.scores import regulariser_captions
+
+    world.save_concept_images("browncircle", tmp_path / "bc", n=2, seed=0)
+    imgs = list_images(tmp_path / "bc")
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-3, scale_lr=False, resolution=64, aug=False, anchor=100.0)
+    pipe = load_pipeline("nano")
+    G = anchor_gram(pipe, list(regulariser_captions()), ["circle"])
+    explicit = train(pipe, [Concept("<bc>", "circle", imgs)], cfg, anchor_gram=G).delta
+    default = train(load_pipeline("nano"), [Concept("<bc>", "circle", imgs)], cfg).delta
+    english = train(load_pipeline("nano"), [Concept("<bc>", "circle", imgs)], cfg,
+                    anchor_gram=anchor_gram(load_pipeline("nano"), list(load_captions()), ["circle"])).delta
+    assert all(torch.equal(default.weights[n], explicit.weights[n]) for n in explicit.weights)
+    assert not all(torch.equal(english.weights[n], explicit.weights[n]) for n in explicit.weights)

@@ -184,8 +184,7 @@ def merge_deltas(
     C = torch.cat(C_parts)
     if pin is None:  # one concept alone: its class prompt too is held near the base (constrain_delta)
         pin = [class_prompt(c) for c in classes[0] if c] if len(deltas) == 1 else []
-    if pin:
-        G = pinned_gram(G, torch.cat(prompt_features(pipe, list(pin))))
+    G = pin_prompts(pipe, G, pin)
     system = MergeSystem(C, G, ridge)
     notes: list[str] = []
     merged: dict[str, torch.Tensor] = {}
@@ -222,6 +221,11 @@ def pinned_gram(G: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     P = R.T @ R
     weight = torch.trace(P)
     return G + (torch.trace(G) / weight) * P if weight > 0 else G
+
+
+def pin_prompts(pipe, G: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """G with `prompts` pinned (`pinned_gram` of their features); G itself when there are none."""
+    return pinned_gram(G, torch.cat(prompt_features(pipe, list(prompts)))) if prompts else G
 
 
 def constraint_residual(W: torch.Tensor, C: torch.Tensor, V: torch.Tensor) -> float:

@@ -83,7 +83,8 @@ def train(
     process, with the weights and tokens as they are then; the VAE and its prompts' rows are kept for it.
 
     With `cfg.anchor` > 0 the loss also holds the k/v outputs on ordinary text near the base (`training.anchor`);
-    `anchor_gram` is its Gram matrix (`anchor.anchor_gram`), by default over the shipped English captions."""
+    `anchor_gram` is its Gram matrix (`anchor.anchor_gram`); by default it is computed over the ordinary captions of
+    the base `pipe` was loaded from (`merging.captions_for`: the world's on nano, else the shipped English ones)."""
     return Trainer(pipe, concepts, cfg, device=device, progress=progress, accelerator=accelerator,
                    checkpointer=checkpointer, keep_pipe=keep_pipe, sampler=sampler, stop=stop,
                    anchor_gram=anchor_gram).run(resume)

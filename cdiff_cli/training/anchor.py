@@ -36,11 +36,10 @@ def anchor_gram(pipe, captions: list[str], class_words: list[str], *, cache_dir:
 
 
 def pin_class_prompts(pipe, G: torch.Tensor, class_words: list[str]) -> torch.Tensor:
-    """G with each class word's "photo of a CLASS" pinned (`pinned_gram`), each class once."""
-    from cdiff_cli.merging.closed_form import pinned_gram, prompt_features
+    """G with each class word's "photo of a CLASS" pinned (`merging.closed_form.pin_prompts`), each class once."""
+    from cdiff_cli.merging.closed_form import pin_prompts
 
-    pins = [class_prompt(c) for c in dict.fromkeys(class_words) if c]
-    return pinned_gram(G, torch.cat(prompt_features(pipe, pins))) if pins else G
+    return pin_prompts(pipe, G, [class_prompt(c) for c in dict.fromkeys(class_words) if c])
 
 
 def anchor_penalty(deltas: list[torch.Tensor], G: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,8 +53,7 @@ class Anchor:
     def __init__(self, params: dict[str, torch.nn.Parameter], G: torch.Tensor):
         self.names = kv_names(list(params))
         self.base = {n: params[n].detach().clone() for n in self.names}
-        first = params[self.names[0]] if self.names else None
-        self.G = G.to(first.device if first is not None else "cpu", torch.float32)
+        self.G = G.to(params[self.names[0]].device if self.names else "cpu", torch.float32)
         size = sum(float(((W @ self.G) * W).sum()) for W in self.base.values())
         self.scale = 1.0 / size if size > 0 else 0.0
 

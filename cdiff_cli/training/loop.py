@@ -16,7 +16,7 @@ from cdiff_cli.core.delta import Delta
 from cdiff_cli.core.layers import kv_names, read_weights, trainable_names
 from cdiff_cli.core.tokens import add_tokens, initial_embedding
 from cdiff_cli.errors import CdiffError, option_error, reason
-from cdiff_cli.merging.captions import load_captions
+from cdiff_cli.merging.captions import captions_for
 from cdiff_cli.models import frozen_ops, offload
 from cdiff_cli.progress import SILENT, Progress
 from cdiff_cli.training.anchor import Anchor, anchor_gram
@@ -86,8 +86,8 @@ class Trainer:
     def __init__(self, pipe, concepts: list[Concept], cfg: TrainConfig, *, device: torch.device | str = "cpu",
                  progress: Progress = SILENT, accelerator=None, checkpointer: Checkpointer | None = None,
                  keep_pipe: bool = True, sampler=None, stop=None, anchor_gram: torch.Tensor | None = None):
-        # anchor_gram: the anchor's G (training.anchor.anchor_gram); None with cfg.anchor > 0: over the shipped
-        # English captions (callers on a nano-world base pass the world's: merging.captions_for)
+        # anchor_gram: the anchor's G (training.anchor.anchor_gram); None with cfg.anchor > 0: computed here over the
+        # ordinary captions of the folder the pipeline was loaded from (merging.captions_for), uncached
         if not concepts:
             raise CdiffError("nothing to train: no concept given")
         cfg.check()
@@ -142,7 +142,8 @@ class Trainer:
         self.trainable = [self.params[n] for n in self.names] + self.row_params
         if self.cfg.anchor and kv_names(self.names):  # (textual inversion trains no k/v weight to anchor)
             G = self.anchor_gram if self.anchor_gram is not None else anchor_gram(
-                self.pipe, list(load_captions()), [c.class_word for c in self.concepts])
+                self.pipe, list(captions_for(getattr(self.pipe, "name_or_path", None))),
+                [c.class_word for c in self.concepts])
             self.anchor = Anchor(self.params, G)
         # The pipeline may wait in CPU memory (training.entry loads it there for --low-memory and --offload on a
         # GPU): each phase brings to the device what it runs, so the whole base is never there at once.
