@@ -84,9 +84,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--anchor", type=float, default=0.0,
                     help="the anchor on ordinary text for every trained run (cdiff train --anchor, training.anchor; "
                          "0: off, the paper's method)")
-    ap.add_argument("--distill", type=float, default=0.0,
-                    help="distillation on ordinary text for every trained run (cdiff train --distill, training.distill; "
-                         "0: off)")
+    ap.add_argument("--prior-weight", type=float, default=1.0,
+                    help="weight of the regularisation images' loss (TrainConfig.prior_weight; the paper's 1)")
     ap.add_argument("--no-pairs", dest="pairs", action="store_false", help="single concepts only")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")
     return ap.parse_args(argv)
@@ -245,7 +244,7 @@ def run_single(b: Bench, results: dict) -> dict:
                     lr = {"full": a.lr_full, "token": a.lr_token}.get(mode, a.lr)
                     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, scale_lr=False, mode=mode,
                                       resolution=64, seed=seed, precision=a.precision, aug=False, anchor=a.anchor,
-                                      distill=a.distill)
+                                      prior_weight=a.prior_weight)
                     res = train(pipe, [Concept(c["token"], c["class"], c["images"], b.reg[c["class"]] if with_reg else [])], cfg,
                                 anchor_gram=b.anchor_gram([c["class"]]))
                     row = {"concept": name, "method": label, "mode": mode, "regularisation": with_reg, "seed": seed,
@@ -320,7 +319,7 @@ def run_pairs(b: Bench, kv: dict, results: dict) -> None:
         pipe = b.fresh()
         cfg = TrainConfig(steps=2 * b.args.steps, batch_size=b.args.batch_size, lr=b.args.lr, scale_lr=False,
                           resolution=64, seed=seed, precision=b.args.precision, aug=False, anchor=b.args.anchor,
-                          distill=b.args.distill)
+                          prior_weight=b.args.prior_weight)
         train(pipe, [Concept(ca["token"], ca["class"], ca["images"], b.reg[ca["class"]]),
                      Concept(cb["token"], cb["class"], cb["images"], b.reg[cb["class"]])], cfg,
               anchor_gram=b.anchor_gram([ca["class"], cb["class"]]))

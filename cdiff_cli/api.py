@@ -95,7 +95,6 @@ def train(
     offload: bool = False,
     aug_pool: int = TRAIN.aug_pool,
     anchor: float = TRAIN.anchor,
-    distill: float = TRAIN.distill,
     device: str = TRAIN.device,
     resume: bool = False,
     checkpoint_every: int | None = None,
@@ -111,8 +110,7 @@ def train(
     (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
     samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
     steps; `Trained.samples` is the last one's path in the entry. `anchor`: the weight of the anchor on ordinary
-    text (`training.anchor`; 0: off, the paper's method); `distill`: the weight of distillation on ordinary text
-    (`training.distill`; 0: off).
+    text (`training.anchor`; 0: off, the paper's method).
 
     `stop`: anything with a `requested` flag; once it is set, the run saves a checkpoint after the current
     step and raises `TrainingStopped` (`resume=True` continues it). cdiff installs no signal handler
@@ -138,8 +136,7 @@ def train(
         reg_opts = RegOptions(reg, None, num_reg if reg == "generated" else 0)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, scale_lr=scale_lr, mode=mode, resolution=resolution,
                       seed=seed, aug=aug, hflip=hflip, precision=precision,
-                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor,
-                      distill=distill)
+                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor)
     if low_memory:
         cfg = low_memory_config(cfg)
     if not samples and (sample_prompts or sample_every):

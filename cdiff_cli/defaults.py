@@ -53,7 +53,6 @@ class TrainDefaults:
     device: str = "auto"
     sample_every: int = 0  # samples only at the end of training
     anchor: float = 0.0  # off: the paper's method (training.anchor; measured on nano in docs/nano-world.md)
-    distill: float = 0.0  # off: the paper's method (training.distill; measured on nano in docs/nano-world.md)
 
 
 DEFAULT_GUIDANCE = 6.0  # classifier-free guidance for Stable Diffusion bases

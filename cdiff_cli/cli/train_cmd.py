@@ -51,7 +51,6 @@ def train_cmd(
     reg_dir: Annotated[Optional[Path], typer.Option("--reg-dir", help="Real regularisation images instead (NAME.txt beside an image is its caption).", show_default=False)] = None,
     num_reg: Annotated[int, typer.Option("--num-reg", min=0, max=LIMITS.num_reg, help="Number of regularisation images per class.")] = TRAIN.num_reg,
     anchor: Annotated[float, typer.Option(min=0.0, help="Anchor on ordinary text: add to the loss, with this weight, how far the k/v outputs on the base's ordinary captions and the class prompt move (0: off, the paper's method). On nano, 0.3 took the drift on ordinary captions from 18 to 1 point for one concept and from 16 to 11 for another, which lost 8 points of presence; see the guide.")] = TRAIN.anchor,
-    distill: Annotated[float, typer.Option(min=0.0, help="Distillation on ordinary text: add to the loss, with this weight, how far the UNet's predictions on the base's ordinary captions and the class prompt move from the base's (0: off, the paper's method). Costs half a batch more per step; see the guide.")] = TRAIN.distill,
     resolution: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Training resolution. Default: the base's native size (512 for SD 1.x).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, max=LIMITS.seed, help="Random seed (data order, augmentation, noise, generated regularisation).")] = TRAIN.seed,
     no_aug: Annotated[bool, typer.Option("--no-aug", help="Turn off the zoom-in/zoom-out augmentation (e.g. for faces).")] = False,
@@ -95,7 +94,6 @@ def train_cmd(
         steps=steps, batch_size=batch_size, lr=lr, scale_lr=not no_scale_lr, mode=mode.value,
         resolution=resolution, seed=seed, aug=not no_aug, hflip=not no_hflip, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor,
-        distill=distill,
     )
     if low_memory:
         cfg = low_memory_config(cfg)

@@ -61,9 +61,6 @@ class TrainConfig:
     # Weight of the anchor on ordinary text (0: off, the paper's method): a penalty on how far the k/v outputs on the
     # base's ordinary captions and the concepts' class prompts move, relative to their size (`training.anchor`).
     anchor: float = 0.0
-    # Weight of distillation on ordinary text (0: off): the UNet's predictions on the base's ordinary captions held
-    # at the base's (`training.distill`).
-    distill: float = 0.0
     weight_decay: float = 1e-2
     gradient_checkpointing: bool = False
     aug_pool: int = 16  # augmented variants encoded once per target image; 0 = encode fresh draws every step
@@ -89,8 +86,6 @@ class TrainConfig:
                                value=repr(self.precision))
         if not (math.isfinite(self.anchor) and self.anchor >= 0):
             raise option_error("{anchor} must be 0 or a positive number, not {value}", "anchor", value=self.anchor)
-        if not (math.isfinite(self.distill) and self.distill >= 0):
-            raise option_error("{distill} must be 0 or a positive number, not {value}", "distill", value=self.distill)
         if self.micro_batch < 0 or not math.isfinite(self.weight_decay) or self.weight_decay < 0:
             raise CdiffError("micro_batch and weight_decay must be 0 or more")
 
@@ -136,7 +131,6 @@ def low_memory_config(cfg: TrainConfig) -> TrainConfig:
 
 def config_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
-    for extra in ("anchor", "distill"):  # runs without them describe themselves as before they existed (checkpoints resume)
-        if not d[extra]:
-            del d[extra]
+    if not d["anchor"]:  # runs without the anchor describe themselves as before it existed (their checkpoints resume)
+        del d["anchor"]
     return d

@@ -29,7 +29,6 @@ from cdiff_cli.training.config import (
     base_waits_in_cpu_memory,
     split_batch,
 )
-from cdiff_cli.training.distill import BANK_SIZE, bank_captions, make_bank
 from cdiff_cli.training.distributed import all_reduce_mean, distributed, gather_objects, load_everywhere, save_on_main
 from cdiff_cli.training.images import masked_mse_per_sample
 from cdiff_cli.training.latents import (
@@ -113,7 +112,6 @@ class Trainer:
             raise option_error("{resolution} must be a multiple of {factor}", "resolution", factor=self.factor)
         self.losses: list[float] = []
         self.anchor_gram, self.anchor = anchor_gram, None
-        self.bank, self.bank_captions = None, []
 
     @property
     def text_encoders(self) -> list:
@@ -147,9 +145,6 @@ class Trainer:
                 self.pipe, list(captions_for(getattr(self.pipe, "name_or_path", None))),
                 [c.class_word for c in self.concepts])
             self.anchor = Anchor(self.params, G)
-        if self.cfg.distill:
-            self.bank_captions = bank_captions(list(captions_for(getattr(self.pipe, "name_or_path", None))),
-                                               [c.class_word for c in self.concepts], BANK_SIZE, self.cfg.seed)
         # The pipeline may wait in CPU memory (training.entry loads it there for --low-memory and --offload on a
         # GPU): each phase brings to the device what it runs, so the whole base is never there at once.
         self.homes = {m: next(m.parameters()).device for m in (self.unet, self.vae, *self.text_encoders)}
@@ -171,7 +166,7 @@ class Trainer:
             elif not self.keep_pipe and self.sampler is None:
                 self.vae.to("meta")  # frees the weights; only its config (the latent scaling factor) is read below
         if not self.keep_pipe:
-            extra = (self.sampler.prompts + [""] if self.sampler else []) + self.bank_captions
+            extra = self.sampler.prompts + [""] if self.sampler else []
             textcond.keep_rows_for(self.pipe, [p for c in self.concepts for p in c.prompts()] + extra)
 
     # -- place the models, the optimizer, the data order -----------------------------------------
@@ -200,20 +195,6 @@ class Trainer:
         self.reg_text: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.unet_dtype = self.unet.conv_in.weight.dtype
 
-    def _make_bank(self) -> None:
-        """Distillation's bank (`training.distill`), made by the UNet as loaded (the base's weights: before a
-        resumed run restores its own), on the regularisation latents, else the targets'."""
-        flat = [[lt for concept in pools for image in concept for lt in image] for pools in (self.source.reg, self.source.pools)]
-        latents = flat[0] or flat[1]
-        if not latents:  # aug_pool=0: nothing cached; encode a few images now
-            rng = random.Random(self.cfg.seed)
-            latents = [self.source.fresh_reg(it.path, rng) for c in self.concepts for it in (c.reg or c.images)[:16]]
-        with (offload.frozen_parts_offloaded(self.unet, self.text_encoders, self.device) if self.cfg.offload
-              else nullcontext()):
-            self.bank = make_bank(self.pipe, self.unet, self.noise_sched, latents, self.bank_captions, seed=self.cfg.seed,
-                                  device=self.device, autocast=self.autocast, resolution=self.res)
-        self.n_distill = self.n_reg or self.n_target
-
     # -- one step -----------------------------------------------------------------------------------
     def _encode_text(self, prompts: list[str], grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k/v input features, SDXL's pooled output or None)."""
@@ -237,8 +218,7 @@ class Trainer:
         return self.source.fresh_reg(self.concepts[ci].reg[j].path, self.rng), caption
 
     def _conditioning(self, part) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text features of a micro-batch (targets first, with gradients; regularisation captions cached;
-        distillation's from its bank)."""
+        """Text features of a micro-batch (targets first, with gradients; regularisation captions cached)."""
         text, pooled = [], []
         prompts = [p for _, (kind, p), _ in part if kind == "target"]
         if prompts:
@@ -252,75 +232,48 @@ class Trainer:
                     self.reg_text[caption] = (h.detach(), pl.detach() if pl is not None else None)
                 text.append(self.reg_text[caption][0])
                 pooled.append(self.reg_text[caption][1])
-            elif kind == "distill":
-                text.append(self.bank.text[caption : caption + 1])
-                pooled.append(self.bank.pooled[caption : caption + 1] if self.bank.pooled is not None else None)
         enc = torch.cat([x.to(text[0].dtype) for x in text])
         return enc, (torch.cat([x.to(enc.dtype) for x in pooled]) if pooled[0] is not None else None)
 
-    def _inputs(self, part) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(noisy latents, timesteps, regression targets) of a micro-batch: fresh noise on the drawn latents;
-        distillation's entries (last) as its bank holds them."""
-        sched, fresh = self.noise_sched, [lt for lt, (kind, _), _ in part if kind != "distill"]
-        noisy, ts, targets = [], [], []
-        if fresh:
-            latents = torch.stack([lt.sample() for lt in fresh]) * self.vae.config.scaling_factor
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=self.device)
-            noisy.append(sched.add_noise(latents, noise, t))
-            ts.append(t)
-            targets.append(noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t))
-        kept = [i for _, (kind, i), _ in part if kind == "distill"]
-        if kept:
-            idx = torch.tensor(kept, device=self.bank.t.device)
-            noisy.append(self.bank.noisy[idx])
-            ts.append(self.bank.t[idx])
-            targets.append(self.bank.target[idx])
-        return torch.cat(noisy), torch.cat(ts), torch.cat([x.float() for x in targets])
-
-    def _loss(self, part) -> tuple[torch.Tensor, torch.Tensor]:
-        """This micro-batch's share of the step loss: mean masked MSE over the step's target images, plus
-        prior_weight x mean MSE over its regularisation images, plus distill x mean MSE to the base's predictions
-        over its distillation entries (`training.distill`). Returns (that, the same without distillation's term:
-        the loss reported, comparable between runs with and without it)."""
-        noisy, t, target = self._inputs(part)
+    def _loss(self, part) -> torch.Tensor:
+        """This micro-batch's share of the step loss: mean masked MSE over the step's target images
+        plus prior_weight x mean MSE over its regularisation images."""
+        device, sched = self.device, self.noise_sched
+        latents = torch.stack([lt.sample() for lt, _, _ in part]) * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         with self.autocast:
             enc, pooled = self._conditioning(part)
             added = textcond.added_conditioning(self.pipe, pooled, self.res) if pooled is not None else None  # SDXL
             pred = self.unet(noisy.to(self.unet_dtype), t, enc, added_cond_kwargs=added).sample
-        kinds = [kind for _, (kind, _), _ in part]
-        k, r = kinds.count("target"), kinds.count("reg")
         loss = pred.new_zeros((), dtype=torch.float32)
+        k = sum(kind == "target" for _, (kind, _), _ in part)
         if k:
             mask = torch.stack([m for _, _, m in part[:k]])
             loss = loss + masked_mse_per_sample(pred[:k], target[:k], mask).sum() / self.n_target
-        if r:
-            per = ((pred[k : k + r].float() - target[k : k + r]) ** 2).mean(dim=(1, 2, 3))
+        if len(part) > k:
+            per = ((pred[k:].float() - target[k:].float()) ** 2).mean(dim=(1, 2, 3))
             loss = loss + self.cfg.prior_weight * per.sum() / self.n_reg
-        if len(part) == k + r:
-            return loss, loss
-        per = ((pred[k + r :].float() - target[k + r :]) ** 2).mean(dim=(1, 2, 3))
-        return loss + self.cfg.distill * per.sum() / self.n_distill, loss
+        return loss
 
     def _forward_backward(self, step: int) -> float:
-        """Draw the step's batch and accumulate its gradients; returns its loss (this process's, without the
-        anchor's and distillation's terms)."""
+        """Draw the step's batch and accumulate its gradients; returns its loss (this process's)."""
         targets = [self._draw_target(ci) for ci in balanced_slots(step, self.n_target, len(self.concepts))]
         regs = ([self._draw_reg(self.reg_concepts[s]) for s in balanced_slots(step, self.n_reg, len(self.reg_concepts))]
                 if self.n_reg else [])
-        # One sample per image: (latent, text source, mask or None). Targets first, then regs, then distillation's.
+        # One sample per image: (latent, text source, mask or None). Targets first, then regs.
         samples = [(lt, ("target", caption), lt.mask) for lt, caption in targets]
         samples += [(lt, ("reg", caption), None) for lt, caption in regs]
-        if self.bank is not None:
-            samples += [(None, ("distill", self.rng.randrange(len(self.bank))), None) for _ in range(self.n_distill)]
         micro = self.cfg.micro_batch or len(samples)
         self.optimizer.zero_grad(set_to_none=True)
         value = 0.0
         # Micro-batches accumulate gradients: the same update as one big batch, less memory.
         for s in range(0, len(samples), micro):
-            loss, reported = self._loss(samples[s : s + micro])
+            loss = self._loss(samples[s : s + micro])
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            value += float(reported.detach())
+            value += float(loss.detach())
         if self.anchor is not None:  # not in the reported loss, which stays the diffusion loss
             pen = self.cfg.anchor * self.anchor.penalty(self.params)
             (self.scaler.scale(pen) if self.scaler is not None else pen).backward()
@@ -458,8 +411,6 @@ class Trainer:
         self._open_trainables()
         self._cache()
         self._place()
-        if self.cfg.distill:
-            self._make_bank()
         start = self._restore(load_everywhere(self.checkpointer, self.rank, self.processes)) if resume else 0
         if start >= self.cfg.steps:
             raise CdiffError(f"the checkpoint is at step {start}, and this run has only {self.cfg.steps} steps")
