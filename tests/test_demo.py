@@ -7,19 +7,24 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
+from cdiff_cli.registry import Registry
 from cdiff_cli.world.demo import DEMO_CONCEPTS, THUMB, DemoSettings, run_demo
 
 
 def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
     res = run_demo(tmp_path / "demo", DemoSettings(steps=6, num_reg=2, images=4, n=1, sample_steps=4))
     names = [c.entry for c in DEMO_CONCEPTS]
-    assert res.entries == names + ["+".join(names)]
-    assert sorted(p.name for p in (res.registry / "concepts").iterdir()) == sorted(res.entries)
+    # each concept as trained, the same constrained (what the demo shows), and the merge of the trained two
+    assert res.trained == names and res.entries == [f"{n}-constrained" for n in names] + ["+".join(names)]
+    assert sorted(p.name for p in (res.registry / "concepts").iterdir()) == sorted(res.entries + names)
+    reg = Registry(res.registry)
+    for n in names:
+        assert reg.get(f"{n}-constrained").parents == [n]
     report = json.loads(res.report_json.read_text())
     for r in report["entries"]:
         assert r["prompt_set"] == "built-in: nano world"
         assert r["world"]["sentences"] == res.sentences[r["name"]]
-    single = res.sentences[names[0]][0]
+    single = res.sentences[res.entries[0]][0]
     assert single.startswith("<pinksquare> (a pink striped square) appears in ") and " of 10 images" in single
     assert any(s.startswith("Both concepts appear together in ") for s in res.sentences[res.entries[-1]])
     assert "What the pictures show" in res.report_html.read_text()
@@ -47,7 +52,7 @@ def test_demo_cli_prints_the_overview_and_the_report(tmp_path, monkeypatch):
     data = json.loads(out.stdout)
     assert data["overview"].endswith("overview.png") and data["report_html"].endswith("report.html")
     assert set(data["sentences"]) == set(data["entries"])
-    # The demo's hint: one concept constrained in the demo's own registry (the world's captions regularise it).
-    merged = CliRunner().invoke(app, ["merge", data["entries"][0], "--json"], env={"CDIFF_HOME": data["registry"]})
-    assert merged.exit_code == 0, merged.output
-    assert json.loads(merged.stdout)["name"] == f"{data['entries'][0]}-constrained"
+    # The demo's hint: the concepts as trained, in the demo's own registry, for `cdiff eval`.
+    assert data["trained"] == [c.entry for c in DEMO_CONCEPTS]
+    listed = CliRunner().invoke(app, ["list", "--json"], env={"CDIFF_HOME": data["registry"]})
+    assert listed.exit_code == 0 and set(data["trained"]) <= {e["name"] for e in json.loads(listed.stdout)}

@@ -23,7 +23,7 @@ def demo_cmd(
 ):
     """Show the method end to end, offline, in a few minutes on a CPU.
 
-    Two particular objects of classes the nano model already draws (a pink square with black stripes and a brown circle: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
+    Two particular objects of classes the nano model already draws (a pink square with black stripes and a brown circle: colourings no caption word names) are photographed by cdiff's procedural world, learned as concepts, each constrained by the closed form (its drift on ordinary captions taken back), merged, composed in new scenes and evaluated against the base. An oracle reads the pictures and says how often each concept appears; overview.png shows them.
     """
     from cdiff_cli.world.demo import DemoSettings, run_demo, try_prompt
 
@@ -43,6 +43,6 @@ def demo_cmd(
     term.ok(f"demo finished in {result['seconds']} s")
     term.info(f"overview picture: {result['overview']}")
     term.info(f"try it: CDIFF_HOME={result['registry']} cdiff gen \"{try_prompt()}\" --guidance 3 -n 4")
-    term.info(f"less drift on ordinary captions: CDIFF_HOME={result['registry']} cdiff merge {result['entries'][0]} "
-              "(the concept alone, constrained by the closed form)")
+    term.info(f"each concept as trained, before the closed form constrained it: CDIFF_HOME={result['registry']} "
+              f"cdiff eval {' '.join(result['trained'])}")
     term.data(result["report_html"])
