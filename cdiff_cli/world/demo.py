@@ -61,7 +61,7 @@ class DemoSettings:
     # 64 generated "photo of a CLASS" images rather than 16 (five seeds, 600 steps; benchmarks/steps_nano.py
     # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 % (merges then
     # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
-    # 10 -> 20 % (within the intervals). The demo takes about 256 s (231 s before each concept was constrained).
+    # 10 -> 20 % (within the intervals). The demo took 256 s alone on 2026-12-06 (231 s in an earlier run that day).
     num_reg: int = 64
     # Six photos, each on the next background (world.concept_specs), so they show every background the prompts
     # use: pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its
@@ -120,8 +120,9 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
                     device=device, force=True, progress=progress)
 
     # Each concept alone, constrained by the closed form (`cdiff merge NAME`): its outputs on its own prompts kept,
-    # everything else held near the base. Five seeds (docs/nano-world.md, "The demo's concepts, constrained"):
-    # over nine seeds pinksquare's drop on ordinary captions goes from 14 points to -2, its presence from 77 to 72 %.
+    # everything else held near the base. Over nine seeds (docs/nano-world.md, "The demo's concepts, constrained")
+    # pinksquare's drop on ordinary captions goes from 14 points to -2, its presence from 77 to 72 %. Each solve
+    # takes under a second on nano (the Gram matrix of the world's captions is computed once and cached).
     progress.note("constraining each concept (closed form): its drift on ordinary captions taken back")
     shown = [merge_entries(registry, [c.entry], base="nano", force=True, progress=progress)[0].name
              for c in DEMO_CONCEPTS]
