@@ -86,6 +86,10 @@ def parse_args(argv: list[str] | None = None):
                          "0: off, the paper's method)")
     ap.add_argument("--prior-weight", type=float, default=1.0,
                     help="weight of the regularisation images' loss (TrainConfig.prior_weight; the paper's 1)")
+    ap.add_argument("--masks", action="store_true",
+                    help="write each concept photo's object mask beside it (NAME.mask.png), which training then reads")
+    ap.add_argument("--background-weight", type=float, default=0.3,
+                    help="loss weight of a masked photo's background (cdiff train --background-weight)")
     ap.add_argument("--no-pairs", dest="pairs", action="store_false", help="single concepts only")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")
     return ap.parse_args(argv)
@@ -115,9 +119,9 @@ class Bench:
         self.concepts = {}
         for name in args.concepts.split(","):
             folder = self.work / "images" / name
-            world.save_concept_images(name, folder, n=6, seed=0)
+            world.save_concept_images(name, folder, n=6, seed=0, masks=args.masks)
             c = world.CONCEPTS[name]
-            images = list_images(folder)
+            images = list_images(folder, with_masks=True)
             pils = [Image.open(p.path).convert("RGB") for p in images]
             self.concepts[name] = {"token": f"<{name}>", "class": c.class_word, "images": images,
                                    "look": O.Look.of(c), "train_feats": self.clip.images(pils)}
@@ -244,7 +248,7 @@ def run_single(b: Bench, results: dict) -> dict:
                     lr = {"full": a.lr_full, "token": a.lr_token}.get(mode, a.lr)
                     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=lr, scale_lr=False, mode=mode,
                                       resolution=64, seed=seed, precision=a.precision, aug=False, anchor=a.anchor,
-                                      prior_weight=a.prior_weight)
+                                      prior_weight=a.prior_weight, background_weight=a.background_weight)
                     res = train(pipe, [Concept(c["token"], c["class"], c["images"], b.reg[c["class"]] if with_reg else [])], cfg,
                                 anchor_gram=b.anchor_gram([c["class"]]))
                     row = {"concept": name, "method": label, "mode": mode, "regularisation": with_reg, "seed": seed,
@@ -319,7 +323,7 @@ def run_pairs(b: Bench, kv: dict, results: dict) -> None:
         pipe = b.fresh()
         cfg = TrainConfig(steps=2 * b.args.steps, batch_size=b.args.batch_size, lr=b.args.lr, scale_lr=False,
                           resolution=64, seed=seed, precision=b.args.precision, aug=False, anchor=b.args.anchor,
-                          prior_weight=b.args.prior_weight)
+                          prior_weight=b.args.prior_weight, background_weight=b.args.background_weight)
         train(pipe, [Concept(ca["token"], ca["class"], ca["images"], b.reg[ca["class"]]),
                      Concept(cb["token"], cb["class"], cb["images"], b.reg[cb["class"]])], cfg,
               anchor_gram=b.anchor_gram([ca["class"], cb["class"]]))

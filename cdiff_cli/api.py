@@ -95,6 +95,7 @@ def train(
     offload: bool = False,
     aug_pool: int = TRAIN.aug_pool,
     anchor: float = TRAIN.anchor,
+    background_weight: float = TRAIN.background_weight,
     device: str = TRAIN.device,
     resume: bool = False,
     checkpoint_every: int | None = None,
@@ -110,7 +111,8 @@ def train(
     (`concepts`) into a new registry entry, as `cdiff train` does. Unless `samples` is False, a grid of
     samples of `sample_prompts` (default "photo of a TOKEN CLASS") is made at the end, and every `sample_every`
     steps; `Trained.samples` is the last one's path in the entry. `anchor`: the weight of the anchor on ordinary
-    text (`training.anchor`; 0: off, the paper's method).
+    text (`training.anchor`; 0: off, the paper's method). `background_weight`: the loss weight of the background of
+    photos with a mask beside them (`NAME.mask.png`, white on the concept; 1: masks ignored).
 
     `stop`: anything with a `requested` flag; once it is set, the run saves a checkpoint after the current
     step and raises `TrainingStopped` (`resume=True` continues it). cdiff installs no signal handler
@@ -136,7 +138,8 @@ def train(
         reg_opts = RegOptions(reg, None, num_reg if reg == "generated" else 0)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, scale_lr=scale_lr, mode=mode, resolution=resolution,
                       seed=seed, aug=aug, hflip=hflip, precision=precision,
-                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor)
+                      gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor,
+                      background_weight=background_weight)
     if low_memory:
         cfg = low_memory_config(cfg)
     if not samples and (sample_prompts or sample_every):

@@ -53,6 +53,7 @@ class TrainDefaults:
     device: str = "auto"
     sample_every: int = 0  # samples only at the end of training
     anchor: float = 0.0  # off: the paper's method (training.anchor; measured on nano in docs/nano-world.md)
+    background_weight: float = 0.3  # of masked photos' backgrounds (NAME.mask.png); photos without masks: no effect
 
 
 DEFAULT_GUIDANCE = 6.0  # classifier-free guidance for Stable Diffusion bases

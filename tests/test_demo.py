@@ -20,6 +20,10 @@ def test_demo_trains_merges_evaluates_and_draws_the_overview(tmp_path):
     reg = Registry(res.registry)
     for n in names:
         assert reg.get(f"{n}-constrained").parents == [n]
+        trained = reg.get(n).manifest  # the world's masks beside the photos, which training weighed by
+        assert len(trained["concepts"][0]["images"]) == 4
+        assert all(len(p["mask_sha256"]) == 64 for p in trained["concepts"][0]["images"])
+        assert trained["train"]["background_weight"] == DemoSettings().background_weight
     report = json.loads(res.report_json.read_text())
     for r in report["entries"]:
         assert r["prompt_set"] == "built-in: nano world"

@@ -58,7 +58,7 @@ def test_one_concept_is_learned_and_its_class_kept(tmp_path):
     s = DemoSettings()
     c = world.CONCEPTS[NAME]
     folder = tmp_path / NAME
-    world.save_concept_images(NAME, folder, n=s.images, seed=s.seed)
+    world.save_concept_images(NAME, folder, n=s.images, seed=s.seed, masks=s.masks)
     look = O.learn_look(world.concept_images(NAME, s.images, seed=s.seed))
     assert look == O.Look.of(c)
     prompts = WE.concept_prompts([f"{TOKEN} {c.class_word}"], [look])
@@ -73,8 +73,10 @@ def test_one_concept_is_learned_and_its_class_kept(tmp_path):
                                    fingerprint=fingerprint(base.unet), cache_root=tmp_path / "reg")
     pipe = load_pipeline("nano")
     cfg = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, scale_lr=False, resolution=64, seed=s.seed,
-                      precision="fp32", aug=s.aug)
-    delta = train(pipe, [Concept(TOKEN, c.class_word, list_images(folder), reg)], cfg).delta
+                      precision="fp32", aug=s.aug, background_weight=s.background_weight)
+    photos = list_images(folder, with_masks=True)
+    assert all(p.mask is not None for p in photos) == s.masks
+    delta = train(pipe, [Concept(TOKEN, c.class_word, photos, reg)], cfg).delta
     set_scheduler(pipe, "dpm")
     imgs = _all_images(pipe, prompts, class_prompt, ordinary)
 

@@ -28,7 +28,7 @@ class Reg(str, Enum):
 @command("train", loads_models=True)
 def train_cmd(
     name: Annotated[str, typer.Argument(help="Name of the new concept entry.")],
-    images_dir: Annotated[Optional[Path], typer.Argument(help="Folder of 4-20 photos of the concept. NAME.txt beside a photo is its caption; {token} marks where the token goes.", show_default=False)] = None,
+    images_dir: Annotated[Optional[Path], typer.Argument(help="Folder of 4-20 photos of the concept. NAME.txt beside a photo is its caption; {token} marks where the token goes. NAME.mask.png (white on the concept) weighs its background by --background-weight.", show_default=False)] = None,
     class_word: Annotated[Optional[str], typer.Option("--class", help="Class word of the concept (cat, chair, person...).", show_default=False)] = None,
     token: Annotated[Optional[str], typer.Option("--token", help="Modifier token to use in prompts. Default: <NAME>.", show_default=False)] = None,
     concept: Annotated[
@@ -51,6 +51,7 @@ def train_cmd(
     reg_dir: Annotated[Optional[Path], typer.Option("--reg-dir", help="Real regularisation images instead (NAME.txt beside an image is its caption).", show_default=False)] = None,
     num_reg: Annotated[int, typer.Option("--num-reg", min=0, max=LIMITS.num_reg, help="Number of regularisation images per class.")] = TRAIN.num_reg,
     anchor: Annotated[float, typer.Option(min=0.0, help="Anchor on ordinary text: add to the loss, with this weight, how far the k/v outputs on the base's ordinary captions and the class prompt move (0: off, the paper's method). On nano, 0.3 took the drift on ordinary captions from 18 to 1 point for one concept and from 16 to 11 for another, which lost 8 points of presence; see the guide.")] = TRAIN.anchor,
+    background_weight: Annotated[float, typer.Option("--background-weight", min=0.0, max=1.0, help="Photos with a mask beside them (NAME.mask.png: white where the concept is, black elsewhere): the weight of their background in the loss, the concept's pixels weighing 1 (1: masks ignored). Keeps the photos' backgrounds out of the token; see the guide.")] = TRAIN.background_weight,
     resolution: Annotated[Optional[int], typer.Option(min=8, max=LIMITS.resolution, help="Training resolution. Default: the base's native size (512 for SD 1.x).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(min=0, max=LIMITS.seed, help="Random seed (data order, augmentation, noise, generated regularisation).")] = TRAIN.seed,
     no_aug: Annotated[bool, typer.Option("--no-aug", help="Turn off the zoom-in/zoom-out augmentation (e.g. for faces).")] = False,
@@ -94,6 +95,7 @@ def train_cmd(
         steps=steps, batch_size=batch_size, lr=lr, scale_lr=not no_scale_lr, mode=mode.value,
         resolution=resolution, seed=seed, aug=not no_aug, hflip=not no_hflip, precision=precision.value,
         gradient_checkpointing=gradient_checkpointing, aug_pool=aug_pool, offload=offload, anchor=anchor,
+        background_weight=background_weight,
     )
     if low_memory:
         cfg = low_memory_config(cfg)

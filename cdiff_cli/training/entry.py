@@ -248,6 +248,8 @@ def _run_description(cfg, fp: str, dev, concepts, digests, reg, accelerator) -> 
         "device": dev.type,  # random numbers (and rounding) differ between devices
         # Images by file name, so that a refusal names the file that changed.
         "concepts": [{"token": c.token, "class": c.class_word, "images": {i.path.name: digests[i.path] for i in c.images},
+                      **({"masks": {i.path.name: digests[i.mask] for i in c.images if i.mask},
+                          "background_weight": cfg.background_weight} if _masked(c.images) else {}),
                       **({"captions": {i.path.name: i.caption for i in c.images}} if own_captions(c) else {}),
                       "reg images": {i.path.name: {"sha256": file_sha256(i.path), "caption": i.caption} for i in c.reg}} for c in concepts],
         "regularisation": {"kind": reg.kind, "count": reg.count, "folder": str(reg.folder) if reg.folder else None},
@@ -268,19 +270,27 @@ def _trained_manifest(specs, concepts, base_rec: dict, cfg, result, reg, images,
                            "folder": str(reg.folder) if reg.folder else None},
         "seconds": round(result.seconds, 2),
         "final_loss": result.losses[-1] if result.losses else None,
+        # With masks the weight is recorded even at its default (config_dict leaves the default out).
+        **({"background_weight": cfg.background_weight} if any(_masked(c.images) for c in concepts) else {}),
     }
     photos = [{"token": s.token, "class": s.class_word, "images_dir": str(Path(s.images_dir).resolve()),
-               "images": [{"file": it.path.name, "sha256": digests[it.path]} for it in images[s.token]]}
+               "images": [{"file": it.path.name, "sha256": digests[it.path],
+                           **({"mask_sha256": digests[it.mask]} if it.mask else {})} for it in images[s.token]]}
               for s in specs]
     return manifests.trained([s.class_word for s in specs], [own_captions(c) for c in concepts], base_rec, train,
                              photos)
 
 
+def _masked(items: list[ImageItem]) -> bool:
+    return any(it.mask is not None for it in items)
+
+
 def target_images(spec: ConceptSpec) -> list[ImageItem]:
     """A concept's photos, each with its own caption where `NAME.txt` lies beside it (`{token}` or the token
-    marks where the token goes); the others are captioned "photo of a TOKEN CLASS"."""
+    marks where the token goes); the others are captioned "photo of a TOKEN CLASS". Where `NAME.mask.png` lies
+    beside a photo, training weighs its background by `TrainConfig.background_weight`."""
     items = []
-    for it in list_images(spec.images_dir, with_captions=True):
+    for it in list_images(spec.images_dir, with_captions=True, with_masks=True):
         caption = it.caption and own_caption(it.caption, spec.token)
         if it.caption and caption is None:
             raise CdiffError(f"the caption {it.path.with_suffix('.txt')} does not say where the token goes: write "

@@ -14,7 +14,17 @@ from pathlib import Path
 import torch
 
 from cdiff_cli.progress import Progress
-from cdiff_cli.training.images import apply_augmentation, latent_mask, open_rgb, sample_augmentation, to_tensor
+from cdiff_cli.training.images import (
+    Augmentation,
+    ImageItem,
+    apply_augmentation,
+    latent_mask,
+    mask_tensor,
+    object_weight,
+    open_rgb,
+    sample_augmentation,
+    to_tensor,
+)
 
 # Images per VAE encoding while caching latents. Batching the VAE buys little speed, and its
 # activations grow with the batch: at 512 px 0.3 GiB per image in half precision (traced), so at batch 8
@@ -58,12 +68,21 @@ class PixelCache:
     """Decoded, square-cropped, resized images in memory (decoding a JPEG every step is wasteful)."""
 
     def __init__(self, size: int):
-        self.size, self.items = size, {}
+        self.size, self.items, self.masks = size, {}, {}
 
     def get(self, path: Path) -> torch.Tensor:
         if path not in self.items:
             self.items[path] = to_tensor(open_rgb(path), self.size)
         return self.items[path]
+
+    def mask(self, item: ImageItem) -> torch.Tensor | None:
+        """The photo's mask cropped and sized as the photo ([1, size, size]), or None when it has none."""
+        if item.mask is None:
+            return None
+        if item.path not in self.masks:
+            with open_rgb(item.path) as im:  # its size (upright) is what the mask must match
+                self.masks[item.path] = mask_tensor(item.mask, im.size, self.size)
+        return self.masks[item.path]
 
 
 @dataclass
@@ -80,11 +99,20 @@ class LatentSource:
     hflip: bool
     pools: list[list[list[Latent]]]
     reg: list[list[list[Latent]]]
+    background: float = 1.0  # loss weight of a masked photo's background (TrainConfig.background_weight)
 
-    def fresh_target(self, path: Path, rng: random.Random) -> Latent:
+    def fresh_target(self, item: ImageItem, rng: random.Random) -> Latent:
         a = sample_augmentation(rng, self.res, aug=self.aug, hflip=self.hflip)
-        (m, sd), = self.encode([apply_augmentation(self.pixels.get(path), a)])
-        return Latent(m, sd, latent_mask(a, self.res, self.factor).to(self.device), a.prefix)
+        (m, sd), = self.encode([apply_augmentation(self.pixels.get(item.path), a)])
+        return Latent(m, sd, self.loss_mask(item, a), a.prefix)
+
+    def loss_mask(self, item: ImageItem, a: Augmentation) -> torch.Tensor:
+        """The method's mask (the pasted box), times the object weight where the photo has a mask."""
+        mask = latent_mask(a, self.res, self.factor)
+        obj = self.pixels.mask(item) if self.background < 1.0 else None
+        if obj is not None:
+            mask = mask * object_weight(obj, a, self.factor, self.background)
+        return mask.to(self.device)
 
     def fresh_reg(self, path: Path, rng: random.Random) -> Latent:
         img = self.pixels.get(path)
@@ -96,7 +124,7 @@ class LatentSource:
 def cache_latents(concepts, source: LatentSource, pool_size: int, rng: random.Random, progress: Progress) -> None:
     """Fill `source.pools` with `pool_size` augmented latents of every target image and `source.reg` with
     every regularisation image (both flips when flipping), in encoder-sized batches."""
-    res, factor = source.res, source.factor
+    res = source.res
     jobs = []  # (concept, image, augmentation)
     for ci, c in enumerate(concepts):
         for ii, _ in enumerate(c.images):
@@ -112,7 +140,7 @@ def cache_latents(concepts, source: LatentSource, pool_size: int, rng: random.Ra
             chunk = jobs[s : s + batch]
             imgs = [apply_augmentation(source.pixels.get(concepts[ci].images[ii].path), a) for ci, ii, a in chunk]
             for (ci, ii, a), (m, sd) in zip(chunk, source.encode(imgs)):
-                source.pools[ci][ii].append(Latent(m, sd, latent_mask(a, res, factor).to(source.device), a.prefix))
+                source.pools[ci][ii].append(Latent(m, sd, source.loss_mask(concepts[ci].images[ii], a), a.prefix))
             bar.advance(len(chunk))
         for s in range(0, len(reg_jobs), batch):
             chunk = reg_jobs[s : s + batch]
@@ -124,3 +152,4 @@ def cache_latents(concepts, source: LatentSource, pool_size: int, rng: random.Ra
                 source.reg[ci][j].append(Latent(m, sd))
             bar.advance(len(chunk))
     source.pixels.items.clear()
+    source.pixels.masks.clear()

@@ -157,7 +157,7 @@ class Trainer:
         self.vae.to(device)
         batch = ENCODE_BATCH_LOW_MEMORY if base_waits_in_cpu_memory(cfg, device) else ENCODE_BATCH
         self.source = LatentSource(Encoder(self.vae, device, batch=batch), PixelCache(self.res), self.res, self.factor,
-                                   device, cfg.aug, cfg.hflip, [], [])
+                                   device, cfg.aug, cfg.hflip, [], [], cfg.background_weight)
         pool_size = cfg.aug_pool if (cfg.aug or cfg.hflip) else 1
         if pool_size > 0:
             cache_latents(self.concepts, self.source, pool_size, self.rng, self.progress)
@@ -207,7 +207,7 @@ class Trainer:
         ii = self.target_cycles[ci].next()
         caption = self.concepts[ci].target_caption(ii)
         lt = (self.rng.choice(self.source.pools[ci][ii]) if self.source.pools
-              else self.source.fresh_target(self.concepts[ci].images[ii].path, self.rng))
+              else self.source.fresh_target(self.concepts[ci].images[ii], self.rng))
         return lt, lt.prefix + caption
 
     def _draw_reg(self, ci: int) -> tuple[Latent, str]:

@@ -130,14 +130,19 @@ def concept_images(name: str, n: int = 6, seed: int = 0, size: int = 64) -> list
     return [render(s, size) for s in concept_specs(name, n, seed)]
 
 
-def save_concept_images(name: str, folder, n: int = 6, seed: int = 0) -> list[Path]:
-    """Write `concept_images(name, n, seed)` as PNG files into `folder`; returns their paths."""
+def save_concept_images(name: str, folder, n: int = 6, seed: int = 0, *, masks: bool = False) -> list[Path]:
+    """Write `concept_images(name, n, seed)` as PNG files into `folder`; returns their paths. With `masks`, each
+    photo's object mask too, as `NAME_i.mask.png` beside it (white on the concept), which training reads."""
+    from cdiff_cli.training.images import mask_path
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, im in enumerate(concept_images(name, n, seed)):
+    for i, spec in enumerate(concept_specs(name, n, seed)):
         p = folder / f"{name}_{i}.png"
-        im.save(p)
+        render(spec).save(p)
+        if masks:
+            object_mask(spec).point(lambda v: 255 if v >= 128 else 0).save(mask_path(p))
         paths.append(p)
     return paths
 
