@@ -61,7 +61,7 @@ class DemoSettings:
     # 64 generated "photo of a CLASS" images rather than 16 (five seeds, 600 steps; benchmarks/steps_nano.py
     # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 % (merges then
     # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
-    # 10 -> 20 % (within the intervals). The demo took 256 s alone on 2026-12-06 (231 s in an earlier run that day).
+    # 10 -> 20 % (within the intervals). The demo took 250 s alone on 2026-12-06, with masks (256 s and 231 s before them).
     num_reg: int = 64
     # Six photos, each on the next background (world.concept_specs), so they show every background the prompts
     # use: pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its
