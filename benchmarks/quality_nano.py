@@ -88,7 +88,9 @@ def parse_args(argv: list[str] | None = None):
                     help="weight of the regularisation images' loss (TrainConfig.prior_weight; the paper's 1)")
     ap.add_argument("--masks", action="store_true",
                     help="write each concept photo's object mask beside it (NAME.mask.png), which training then reads")
-    ap.add_argument("--background-weight", type=float, default=0.3,
+    from cdiff_cli.defaults import TRAIN
+
+    ap.add_argument("--background-weight", type=float, default=TRAIN.background_weight,
                     help="loss weight of a masked photo's background (cdiff train --background-weight)")
     ap.add_argument("--no-pairs", dest="pairs", action="store_false", help="single concepts only")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "quality_nano.json")

@@ -68,11 +68,13 @@ class PixelCache:
     """Decoded, square-cropped, resized images in memory (decoding a JPEG every step is wasteful)."""
 
     def __init__(self, size: int):
-        self.size, self.items, self.masks = size, {}, {}
+        self.size, self.items, self.masks, self.sizes = size, {}, {}, {}
 
     def get(self, path: Path) -> torch.Tensor:
         if path not in self.items:
-            self.items[path] = to_tensor(open_rgb(path), self.size)
+            img = open_rgb(path)
+            self.sizes[path] = img.size  # upright: what a mask must match
+            self.items[path] = to_tensor(img, self.size)
         return self.items[path]
 
     def mask(self, item: ImageItem) -> torch.Tensor | None:
@@ -80,8 +82,8 @@ class PixelCache:
         if item.mask is None:
             return None
         if item.path not in self.masks:
-            with open_rgb(item.path) as im:  # its size (upright) is what the mask must match
-                self.masks[item.path] = mask_tensor(item.mask, im.size, self.size)
+            self.get(item.path)  # decoded once either way: the training needs the photo too
+            self.masks[item.path] = mask_tensor(item.mask, self.sizes[item.path], self.size)
         return self.masks[item.path]
 
 
@@ -153,3 +155,4 @@ def cache_latents(concepts, source: LatentSource, pool_size: int, rng: random.Ra
             bar.advance(len(chunk))
     source.pixels.items.clear()
     source.pixels.masks.clear()
+    source.pixels.sizes.clear()

@@ -126,8 +126,8 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
                     device=device, force=True, progress=progress)
 
     # Each concept alone, constrained by the closed form (`cdiff merge NAME`): its outputs on its own prompts kept,
-    # everything else held near the base. Over nine seeds (docs/nano-world.md, "The demo's concepts, constrained")
-    # pinksquare's drop on ordinary captions goes from 14 points to -2, its presence from 77 to 72 %. Each solve
+    # everything else held near the base. Over 13 seeds with the masks (docs/nano-world.md, "Masks on the photos")
+    # pinksquare's drop on ordinary captions goes from 16 points to -2, its presence from 77 to 73 %. Each solve
     # takes under a second on nano (the Gram matrix of the world's captions is computed once and cached).
     progress.note("constraining each concept (closed form): its drift on ordinary captions taken back")
     shown = [merge_entries(registry, [c.entry], base="nano", force=True, progress=progress)[0].name
