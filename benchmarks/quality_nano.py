@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None):
                          "0: off, the paper's method)")
     ap.add_argument("--prior-weight", type=float, default=1.0,
                     help="weight of the regularisation images' loss (TrainConfig.prior_weight; the paper's 1)")
+    from cdiff_cli.world.demo import DemoSettings
+
+    ap.add_argument("--photos", type=int, default=DemoSettings.images, help="training photos per concept (the demo's)")
     ap.add_argument("--masks", action="store_true",
                     help="write each concept photo's object mask beside it (NAME.mask.png), which training then reads")
     from cdiff_cli.defaults import TRAIN
@@ -121,7 +124,7 @@ class Bench:
         self.concepts = {}
         for name in args.concepts.split(","):
             folder = self.work / "images" / name
-            world.save_concept_images(name, folder, n=6, seed=0, masks=args.masks)
+            world.save_concept_images(name, folder, n=args.photos, seed=0, masks=args.masks)
             c = world.CONCEPTS[name]
             images = list_images(folder, with_masks=True)
             pils = [Image.open(p.path).convert("RGB") for p in images]

@@ -94,6 +94,22 @@ def test_two_object_scenes_are_paired_in_either_order():
     assert scores["object"] and not scores["relation"]
 
 
+
+def test_scenes_for_a_prompt_show_what_it_asks():
+    """The ceiling benchmark's scenes: each holds the concepts and everything the prompt states, read back right."""
+    looks = {"<pinksquare>": O.Look.of(W.CONCEPTS["pinksquare"]), "<browncircle>": O.Look.of(W.CONCEPTS["browncircle"])}
+    for prompt, names in (("a yellow square above a <pinksquare> square, on a white background", ("pinksquare",)),
+                          ("a small <pinksquare> square on the right of a big <browncircle> circle, on a gray background",
+                           ("pinksquare", "browncircle"))):
+        want = O.parse_prompt(prompt, looks)
+        specs = O.scenes_for(want, names, 5, seed=1)
+        assert len(specs) == 5 and len({s.objects for s in specs}) == 5
+        for spec in specs:
+            assert {o.concept for o in spec.objects} >= set(names) and spec.background == want.background
+            assert all(O.score_sample(O.read(P.render(spec)), want).values())
+    with pytest.raises(ValueError, match="match the prompt"):  # a white striped object is never drawn
+        O.scenes_for(O.parse_prompt("a white striped square"), (), 1, tries=50)
+
 def test_parse_prompt():
     look = O.Look("star", "teal", "solid")
     p = O.parse_prompt("a photo of a big red striped square on the left, on a gray background")

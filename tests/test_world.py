@@ -150,6 +150,10 @@ def test_concept_images_vary_and_show_the_concept(name):
             assert (np.abs(a - np.array(W.PALETTE[colour])).sum(-1) < 60).sum() >= 3, (name, colour)
     assert W.concept_images(name, 4, seed=1) != ims[:4]
     assert len(W.concept_images(name, 8, seed=2)) == 8
+    # Size and background vary apart: twice as many photos as backgrounds show each background at both sizes.
+    for seed in (0, 3):
+        pairs = [(s.background, s.objects[0].size) for s in W.concept_specs(name, 2 * len(shown), seed=seed)]
+        assert set(pairs) == {(b, z) for b in shown for z in W.SIZES}, pairs
 
 
 def test_concept_pairs_and_pair_scenes():

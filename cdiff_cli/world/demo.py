@@ -63,10 +63,12 @@ class DemoSettings:
     # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
     # 10 -> 20 % (within the intervals). The demo took 250 s alone on 2026-12-06, with masks (256 s and 231 s before them).
     num_reg: int = 64
-    # Six photos, each on the next background (world.concept_specs), so they show every background the prompts
-    # use: pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its
-    # pink turned red there (docs/nano-world.md, "Photos on every background").
-    images: int = 6
+    # Photos each on the next background (world.concept_specs), so they show every background the prompts use:
+    # pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its pink
+    # turned red there (docs/nano-world.md, "Photos on every background"). Eight, so that pinksquare's four
+    # backgrounds each come at both sizes (six showed it small only on gray and blue; docs/nano-world.md, "Eight
+    # photos"); training time does not depend on it.
+    images: int = 8
     # Each photo's object mask beside it (NAME.mask.png, written by the world), so training weighs the photos'
     # backgrounds by 0.3: without them the token took in the backgrounds (pinksquare drew green stripes after its
     # photo on green). Over 13 seeds (docs/nano-world.md, "Masks on the photos") pinksquare constrained appears in
@@ -154,7 +156,7 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, device: s
 # -- the overview picture -----------------------------------------------------------------------------
 
 THUMB = 128
-_COLS = 6
+_COLS = 8  # the eight training photos; the first eight prompts
 _PAD = 8
 _TEXT = (30, 30, 30)
 

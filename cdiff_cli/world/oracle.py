@@ -223,6 +223,22 @@ def validate(n: int = 1000, seed: int = 12345, per_concept: int = 25, blur: floa
     return {"scenes": t.shares(), "concepts": concepts, "pairs": pairs}
 
 
+def scenes_for(prompt: Prompt, concepts: tuple[str, ...], n: int, seed: int = 0, tries: int = 200_000) -> list[W.SceneSpec]:
+    """`n` scenes the world itself draws for `prompt`: random scenes with the prompt's object count and background
+    that hold `concepts` (world names), kept when their truth shows everything the prompt asks (what a perfect
+    generator could draw). `ValueError` when `tries` scenes yield fewer than `n`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(tries):
+        spec = W.sample_scene(rng, n_objects=len(prompt.objects), concepts=concepts, caption_variety=False,
+                              background=prompt.background)
+        if all(score_sample(truth(spec), prompt).values()):
+            out.append(spec)
+            if len(out) == n:
+                return out
+    raise ValueError(f"only {len(out)} of {n} scenes in {tries} tries match the prompt")
+
+
 def _order(got: Reading, want: Reading) -> tuple[int, int]:
     w0 = want.objects[0]
     d = [(s.x - w0.x) ** 2 + (s.y - w0.y) ** 2 for s in got.objects[:2]]

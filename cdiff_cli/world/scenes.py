@@ -353,7 +353,10 @@ def concept_specs(name: str, n: int, seed: int = 0) -> list[SceneSpec]:
 
     Each photo has the next background, so that six photos show every background the concept can be seen on.
     (Until 2026-12-05 the backgrounds went in pairs, and six photos of pinksquare never showed green: the trained
-    concept then showed in 5 of 20 images on green, mostly as red with white stripes, and 57 of 80 elsewhere.)"""
+    concept then showed in 5 of 20 images on green, mostly as red with white stripes, and 57 of 80 elsewhere.)
+    A background's next photo has the other size, so that size and background vary apart: until 2026-12-06 the
+    sizes simply alternated, and with four backgrounds each background came at one size only (pinksquare: small
+    only on gray and blue, big only on white and green; its small squares on green then came out brown)."""
     _check_concept(name)
     rng = np.random.default_rng([seed, sorted(CONCEPTS).index(name)])
     c = CONCEPTS[name]
@@ -363,9 +366,15 @@ def concept_specs(name: str, n: int, seed: int = 0) -> list[SceneSpec]:
         bg = backgrounds[(i + seed) % len(backgrounds)]
         spec = sample_scene(rng, n_objects=1, concepts=(name,), caption_variety=False, background=bg)
         obj = sample_object(rng, c.kind, position=POSITIONS[(i + seed) % len(POSITIONS)],
-                            size=SIZES[(i + seed) % 2] if n > 1 else None, background=bg, concept=name)
+                            size=_photo_size(i + seed, len(backgrounds)) if n > 1 else None, background=bg, concept=name)
         specs.append(replace(spec, objects=(obj,)))
     return specs
+
+
+def _photo_size(i: int, n_backgrounds: int) -> str:
+    """Photo i's size: alternating, and flipped on each round of the backgrounds (photo i and i + n_backgrounds
+    differ), so that every background comes at both sizes."""
+    return SIZES[(i % n_backgrounds + i // n_backgrounds) % 2]
 
 
 def concept_pair_specs(a: str, b: str, n: int, seed: int = 0) -> list[SceneSpec]:
