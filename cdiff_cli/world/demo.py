@@ -61,18 +61,20 @@ class DemoSettings:
     # 64 generated "photo of a CLASS" images rather than 16 (five seeds, 600 steps; benchmarks/steps_nano.py
     # --num-reg): pinksquare 57 -> 62 %, browncircle 78 -> 88 %, the merged pair both 32 -> 48 % (merges then
     # regularised by the English captions; with the world's own, 40 %); the class prompt drift of browncircle
-    # 10 -> 20 % (within the intervals). The demo took 250 s alone on 2026-12-06, with masks (256 s and 231 s before them).
+    # 10 -> 20 % (within the intervals). The demo took 253 s alone on 2026-12-06 with eight photos and masks (250 s with
+    # six, 256 s and 231 s before masks).
     num_reg: int = 64
     # Photos each on the next background (world.concept_specs), so they show every background the prompts use:
     # pinksquare 62 -> 79 % over five seeds, where photos in pairs of backgrounds never showed green and its pink
     # turned red there (docs/nano-world.md, "Photos on every background"). Eight, so that pinksquare's four
-    # backgrounds each come at both sizes (six showed it small only on gray and blue; docs/nano-world.md, "Eight
-    # photos"); training time does not depend on it.
+    # backgrounds each come at both sizes: six showed it small only on gray and blue, and constrained it appeared in
+    # 73 ± 5 % of new-context images over 13 seeds, with eight in 80 ± 4 % (docs/nano-world.md, "Eight photos, size
+    # apart from background"). Training time does not depend on it.
     images: int = 8
     # Each photo's object mask beside it (NAME.mask.png, written by the world), so training weighs the photos'
     # backgrounds by 0.3: without them the token took in the backgrounds (pinksquare drew green stripes after its
-    # photo on green). Over 13 seeds (docs/nano-world.md, "Masks on the photos") pinksquare constrained appears in
-    # 73 ± 5 % of new-context images (68 ± 9 without), every seed but one at 70-80 %; browncircle 88 % (six seeds).
+    # photo on green). Over 13 seeds with six photos (docs/nano-world.md, "Masks on the photos") pinksquare
+    # constrained appeared in 73 ± 5 % of new-context images (68 ± 9 without), every seed but one at 70-80 %.
     masks: bool = True
     background_weight: float = TRAIN.background_weight
     n: int = 2  # images per evaluation prompt
