@@ -94,7 +94,6 @@ def test_two_object_scenes_are_paired_in_either_order():
     assert scores["object"] and not scores["relation"]
 
 
-
 def test_scenes_for_a_prompt_show_what_it_asks():
     """The ceiling benchmark's scenes: each holds the concepts and everything the prompt states, read back right."""
     looks = {"<pinksquare>": O.Look.of(W.CONCEPTS["pinksquare"]), "<browncircle>": O.Look.of(W.CONCEPTS["browncircle"])}
@@ -109,6 +108,7 @@ def test_scenes_for_a_prompt_show_what_it_asks():
             assert all(O.score_sample(O.read(P.render(spec)), want).values())
     with pytest.raises(ValueError, match="match the prompt"):  # a white striped object is never drawn
         O.scenes_for(O.parse_prompt("a white striped square"), (), 1, tries=50)
+
 
 def test_parse_prompt():
     look = O.Look("star", "teal", "solid")
